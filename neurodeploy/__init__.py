@@ -1,0 +1,62 @@
+"""neurodeploy: exact ReLU-to-TTFS conversion and deployment onto neuromorphic hardware models.
+
+Pipeline (one direction): load_model -> convert -> simulate (reference) ->
+deploy/run on hardware -> crosscheck -> sweep/report.
+"""
+
+from . import datasets
+from .errors import (
+    ConversionError,
+    DataError,
+    ModelError,
+    NeurodeployError,
+    UsageError,
+)
+from .modelio import from_sklearn, load_model, save_model
+from .network import (
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    MaxPool2d,
+    Network,
+    ReLU,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AvgPool2d",
+    "BatchNorm",
+    "ConversionError",
+    "Conv2d",
+    "DataError",
+    "Dense",
+    "Flatten",
+    "MaxPool2d",
+    "ModelError",
+    "Network",
+    "NeurodeployError",
+    "ReLU",
+    "UsageError",
+    "datasets",
+    "from_sklearn",
+    "load_model",
+    "save_model",
+]
+
+from .convert import convert  # noqa: E402
+from .simulate import simulate  # noqa: E402
+from .trace import Trace  # noqa: E402
+from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork  # noqa: E402
+
+__all__ += [
+    "OutputLayer",
+    "SpikingLayer",
+    "TTFSNetwork",
+    "TimePool",
+    "Trace",
+    "convert",
+    "simulate",
+]

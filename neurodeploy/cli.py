@@ -1,0 +1,253 @@
+"""Command-line interface: ``neurodeploy convert|simulate MODEL ...``.
+
+User errors (any :class:`NeurodeployError`, bad arguments) print one line on
+stderr and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import datasets
+from .convert import convert
+from .errors import DataError, ModelError, NeurodeployError, UsageError
+from .evaluate import compare_with_relu, layer_table
+from .modelio import load_model
+from .network import Network
+from .simulate import simulate
+from .ttfs import NEURON_MODELS
+
+PROJECT_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, via main()
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def resolve_model_path(model: str) -> Path:
+    """MODEL as given, or the name of a model shipped in the project's models/."""
+    path = Path(model)
+    if path.exists():
+        return path
+    shipped = PROJECT_MODELS / model
+    if shipped.exists():
+        return shipped
+    raise ModelError(f"{model}: model path does not exist")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def load_data(net: Network, data_file: str | None):
+    """(x_calib, x_eval, y_eval, description) for a model.
+
+    From ``--data FILE.npz`` (arrays x, optional y and x_calib; x_calib defaults
+    to x) or from the data set the model names (``dataset:`` in network.yaml):
+    calibration on its train split, evaluation on its test split.
+    """
+    if data_file is not None:
+        path = Path(data_file)
+        if not path.is_file():
+            raise DataError(f"{path}: data file does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        if "x" not in arrays:
+            raise DataError(f"{path}: missing array 'x'")
+        x = _shaped(net, arrays["x"], f"{path}: x")
+        x_cal = _shaped(net, arrays.get("x_calib", arrays["x"]), f"{path}: x_calib")
+        y = arrays.get("y")
+        if y is not None and (y.ndim != 1 or len(y) != len(x)):
+            raise DataError(f"{path}: y must be a vector of {len(x)} labels")
+        return x_cal, x, y, str(path)
+    if net.dataset not in datasets.DATASETS:
+        raise DataError(
+            f"model '{net.name}' names no known data set (dataset: {net.dataset!r}); "
+            "pass --data FILE.npz with arrays x, y and optionally x_calib"
+        )
+    load = datasets.DATASETS[net.dataset]
+    x_tr, _ = load("train")
+    x_te, y_te = load("test")
+    return (
+        _shaped(net, x_tr, "train split"),
+        _shaped(net, x_te, "test split"),
+        y_te,
+        f"{net.dataset} test split",
+    )
+
+
+def _shaped(net: Network, x: np.ndarray, what: str) -> np.ndarray:
+    """x reshaped to (N, *net.input_shape) when only its layout differs (e.g. 8x8 vs 64)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim >= 1 and x[0].size == int(np.prod(net.input_shape)) and x.ndim > 1:
+        x = x.reshape(len(x), *net.input_shape)
+    return net.check_input(x, what=what)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _percent(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: Path) -> None:
+    print(f"model            {summary['model']}  ({model_path})")
+    print(
+        f"neuron           {summary['neuron']}, zeta {summary['zeta']}, "
+        f"windows calibrated on {summary['calibration_size']} samples"
+    )
+    print(f"samples          {summary['samples']}  ({data_desc})")
+    print(
+        f"accuracy         ReLU {_percent(summary['accuracy_relu'])}   "
+        f"SNN {_percent(summary['accuracy_snn'])}"
+    )
+    print(f"agreement        {_percent(summary['agreement'])}")
+    print(
+        f"logit error      max {summary['max_abs_error']:.3g}  "
+        f"(relative {summary['relative_error']:.3g})"
+    )
+    print(f"spikes/neuron    {summary['spikes_per_neuron']:.3f}")
+    print(f"latency          {summary['latency']:.4g} time units (input window = 1)")
+    print(f"saturated        {summary['saturated']}")
+    print()
+    print(
+        f"{'stage':<10} {'kind':<12} {'neurons':>7} {'window [t_min, t_max]':>24} "
+        f"{'X_n':>8} {'spikes/n':>8} {'sat':>5}"
+    )
+    for r in rows:
+        if "t_read" in r:
+            window = f"read at {r['t_read']:.4g}"
+        else:
+            window = f"[{r['t_min']:.4g}, {r['t_max']:.4g}]"
+        x_max = f"{r['x_max']:.4g}" if "x_max" in r else ""
+        spn = f"{r['spikes_per_neuron']:.3f}" if "spikes_per_neuron" in r else ""
+        sat = str(r["saturated"]) if "saturated" in r else ""
+        print(
+            f"{r['name']:<10} {r['kind']:<12} {r['neurons']:>7} {window:>24} {x_max:>8} "
+            f"{spn:>8} {sat:>5}"
+        )
+
+
+def _cmd_reference(args, command: str) -> int:
+    model_path = resolve_model_path(args.model)
+    net = load_model(model_path)
+    x_cal, x, y, data_desc = load_data(net, args.data)
+    if args.calibration_size is not None:
+        x_cal = x_cal[: args.calibration_size]
+    samples = getattr(args, "samples", None)
+    if samples is not None:
+        x = x[:samples]
+        y = None if y is None else y[:samples]
+    snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
+    trace = simulate(snn, x)
+    summary = compare_with_relu(net, snn, trace, x, y)
+    rows = layer_table(snn, trace)
+    payload = {**summary, "command": command, "data": data_desc, "layers": rows}
+    if args.out is not None:
+        _write_json_atomic(Path(args.out) / f"{command}.json", payload)
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        _print_summary(summary, rows, data_desc, model_path)
+        if args.out is not None:
+            print(f"\nwrote {Path(args.out) / f'{command}.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="neurodeploy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p):
+        p.add_argument("model", help="model directory, or the name of a shipped model")
+        p.add_argument(
+            "--neuron", choices=NEURON_MODELS, default="b1", help="TTFS neuron model (default b1)"
+        )
+        p.add_argument(
+            "--zeta",
+            type=_non_negative_float,
+            default=0.5,
+            help="window safety margin: B_n = (1 + zeta) X_n (default 0.5)",
+        )
+        p.add_argument(
+            "--calibration-size",
+            type=_positive_int,
+            default=None,
+            help="calibrate windows on the first N calibration samples (default all)",
+        )
+        p.add_argument(
+            "--data",
+            default=None,
+            help="FILE.npz with x, y and optionally x_calib, instead of the model's data set",
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--out", default=None, help="also write the results to DIR/<command>.json")
+
+    conv = sub.add_parser("convert", help="convert a ReLU model to TTFS and verify it exactly")
+    common(conv)
+    sim = sub.add_parser("simulate", help="convert, then run the reference SNN simulator")
+    common(sim)
+    sim.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="evaluate the first N samples (default all)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _cmd_reference(args, args.command)
+    except NeurodeployError as exc:
+        print(f"neurodeploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neurodeploy: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Exact conversion of a ReLU :class:`Network` into a :class:`TTFSNetwork`.
+
+The mapping follows Stanojevic et al., "An exact mapping from ReLU networks to
+spiking neural networks" (2023; alpha1 neuron) and "High-performance deep
+spiking neural networks with 0.3 spikes per neuron" (Nature Communications
+2024; B1 neuron). Steps:
+
+1. Fold everything affine into the dense/conv layers: the input rescaling
+   [p, q] -> [0, 1], batch norm before a ReLU (into the layer before it) and
+   after a ReLU (into the next dense/conv layer, through pooling and
+   flattening). A shift folded forward through a zero-padded convolution
+   gives every output position its own bias (the border effects); max pooling
+   in front of a negative batch-norm scale becomes a min pooling.
+2. alpha1 only: rescale each layer so every neuron's input weight sum lies in
+   [-10, 0.99] (the bounds of the exact-mapping paper's code), compensated in
+   the next layer (ReLU and max pooling commute with positive scales).
+3. Calibrate: the largest ReLU output X_n of every layer on the calibration
+   set sets its window B_n = (1 + zeta) X_n.
+4. Thresholds of the chosen neuron model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import ops
+from .errors import ConversionError, UsageError
+from .network import (
+    AFFINE_TYPES,
+    AvgPool2d,
+    BatchNorm,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    Network,
+    ReLU,
+    Shape,
+)
+from .ttfs import (
+    INPUT_WINDOW,
+    NEURON_MODELS,
+    OutputLayer,
+    SpikingLayer,
+    TimePool,
+    TTFSNetwork,
+    apply_synapses,
+)
+
+# Bounds on every neuron's input weight sum for the alpha1 neuron; the neuron
+# needs sum_j W_ij < 1 (J = alpha W / (1 - sum W)). Values of the exact-mapping
+# paper's code (IBM/exact-mapping-ReLUnetwork-SNN, set_params_ReLU).
+ALPHA1_WEIGHT_SUM_MAX = 0.99
+ALPHA1_WEIGHT_SUM_MIN = -10.0
+# The alpha1 neuron's constant input current (alpha = 1 in the paper's code).
+ALPHA1_ALPHA = 1.0
+# Window used for a layer that never fires on the calibration set (X_n = 0):
+# as if X_n were 1, so such a layer still has a window to fire in.
+DEAD_LAYER_X_MAX = 1.0
+
+
+@dataclass
+class _Block:
+    """One dense/conv layer after folding, with what feeds it from the previous block."""
+
+    name: str
+    pools: list[tuple[MaxPool2d, np.ndarray, Shape, Shape]]  # (pool, sign, in, out shape)
+    linear: list[Layer]  # AvgPool2d / Flatten in front of the affine map
+    affine: Dense | Conv2d  # folded weights, zero bias
+    bias: np.ndarray  # (output_shape) per-neuron bias
+    input_shape: Shape  # shape entering ``linear``
+    output_shape: Shape
+    relu: bool = False
+    source_layers: list[str] = field(default_factory=list)
+
+    @property
+    def synapses(self) -> tuple[Layer, ...]:
+        return (*self.linear, self.affine)
+
+
+def _per_channel(values: np.ndarray, shape: Shape) -> np.ndarray:
+    """Broadcast per-channel values (C,) over one sample of ``shape``."""
+    return values.reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+def _zero_bias(layer: Dense | Conv2d, weight: np.ndarray) -> Dense | Conv2d:
+    return replace(layer, weight=weight, bias=np.zeros(weight.shape[0]))
+
+
+def _fold_input_transform(
+    layer: Dense | Conv2d, in_shape: Shape, scale: np.ndarray, shift: np.ndarray
+) -> tuple[Dense | Conv2d, np.ndarray]:
+    """Fold y = W (scale * x + shift) + b into W' x + b_full (b_full per output neuron).
+
+    scale, shift: per input channel (conv) or feature (dense). The shift goes
+    through the layer's own linear map on a constant input, so zero padding
+    gives the border neurons their own bias.
+    """
+    if isinstance(layer, Dense):
+        weight = layer.weight * scale[None, :]
+    else:
+        weight = layer.weight * scale[None, :, None, None]
+    folded = _zero_bias(layer, weight)
+    const = np.broadcast_to(_per_channel(shift, in_shape), in_shape)[None]
+    bias = layer.linear(const)[0] + _per_channel(layer.bias, layer.output_shape(in_shape))
+    return folded, bias
+
+
+def _fold(net: Network) -> list[_Block]:
+    """Fold input rescaling and batch norms; split the network into affine blocks."""
+    p, q = net.input_range
+    shape: Shape = net.input_shape
+    # Pending per-channel transform on the current tensor: original = scale * v + shift.
+    scale = np.full(shape[0], q - p)
+    shift = np.full(shape[0], p)
+    state = "relu"  # the input behaves like a ReLU output: it can be pooled and normalised
+    pools: list = []
+    linear: list[Layer] = []
+    linear_in: Shape = shape
+    blocks: list[_Block] = []
+    for layer in net.layers:
+        out_shape = layer.output_shape(shape)
+        if isinstance(layer, AFFINE_TYPES):
+            if state == "affine":
+                raise ConversionError(
+                    f"layer '{layer.name}': no ReLU between it and the previous layer "
+                    f"'{blocks[-1].name}'; hidden dense/conv2d layers must be followed by a ReLU"
+                )
+            folded, bias = _fold_input_transform(layer, shape, scale, shift)
+            blocks.append(
+                _Block(
+                    name=layer.name,
+                    pools=pools,
+                    linear=linear,
+                    affine=folded,
+                    bias=bias,
+                    input_shape=linear_in if linear else shape,
+                    output_shape=out_shape,
+                    source_layers=[layer.name],
+                )
+            )
+            pools, linear, state = [], [], "affine"
+            scale = shift = None
+        elif isinstance(layer, ReLU):
+            if state != "affine":
+                raise ConversionError(
+                    f"layer '{layer.name}' (relu) does not follow a dense or conv2d layer"
+                )
+            blocks[-1].relu = True
+            blocks[-1].source_layers.append(layer.name)
+            state = "relu"
+            scale, shift = np.ones(shape[0]), np.zeros(shape[0])
+        elif isinstance(layer, BatchNorm):
+            if state == "affine":
+                if linear:
+                    raise ConversionError(
+                        f"layer '{layer.name}' (batchnorm): cannot fold into '{blocks[-1].name}' "
+                        f"across {[lin.name for lin in linear]}"
+                    )
+                _fold_backward(blocks[-1], layer, pools)
+            else:
+                scale, shift = layer.scale * scale, layer.scale * shift + layer.shift
+        elif isinstance(layer, MaxPool2d):
+            if linear:
+                raise ConversionError(
+                    f"layer '{layer.name}' (maxpool2d) follows {[lin.name for lin in linear]}: "
+                    "max pooling must come before average pooling and flattening"
+                )
+            sign = np.ones(shape[0]) if state == "affine" else np.where(scale < 0, -1.0, 1.0)
+            pools.append((layer, sign, shape, out_shape))
+        elif isinstance(layer, (AvgPool2d, Flatten)):
+            if isinstance(layer, AvgPool2d) and state == "affine":
+                raise ConversionError(
+                    f"layer '{layer.name}' (avgpool2d) lies between '{blocks[-1].name}' and its "
+                    "ReLU: average pooling must follow the ReLU"
+                )
+            if isinstance(layer, Flatten) and len(shape) == 1:
+                pass  # identity on feature vectors
+            else:
+                if not linear:
+                    linear_in = shape
+                linear.append(layer)
+                if isinstance(layer, Flatten) and state != "affine":
+                    hw = int(np.prod(shape[1:]))
+                    scale, shift = np.repeat(scale, hw), np.repeat(shift, hw)
+        else:  # pragma: no cover - Network validation admits no other type
+            raise ConversionError(f"layer '{layer.name}': unsupported type {layer.type}")
+        if state == "affine" and not isinstance(layer, AFFINE_TYPES):
+            blocks[-1].source_layers.append(layer.name)
+        shape = out_shape
+    if pools or linear:
+        names = [entry[0].name for entry in pools] + [lin.name for lin in linear]
+        raise ConversionError(f"layers {names} follow the output layer '{blocks[-1].name}'")
+    if blocks[-1].relu:  # pragma: no cover - Network validation forbids it
+        raise ConversionError(f"the output layer '{blocks[-1].name}' must not have a ReLU")
+    return blocks
+
+
+def _fold_backward(block: _Block, bn: BatchNorm, pools: list) -> None:
+    """Fold a batch norm that directly follows ``block`` (before its ReLU) into it.
+
+    Pools already seen since the block's dense/conv commute with a positive
+    scale and turn into min pools for a negative one.
+    """
+    s, t = bn.scale, bn.shift
+    w = block.affine.weight
+    w = w * (s[:, None] if w.ndim == 2 else s[:, None, None, None])
+    block.affine = _zero_bias(block.affine, w)
+    shape = block.output_shape
+    block.bias = block.bias * _per_channel(s, shape) + _per_channel(t, shape)
+    for i, (pool, sign, in_shape, out_shape) in enumerate(pools):
+        pools[i] = (pool, sign * np.where(s < 0, -1.0, 1.0), in_shape, out_shape)
+
+
+def _scale_block_inputs(block: _Block, per_channel: np.ndarray) -> None:
+    """Multiply the block's synaptic weights by a factor per channel of its input."""
+    factors = per_channel
+    shape = block.input_shape
+    for lin in block.linear:
+        if isinstance(lin, Flatten):
+            factors = np.repeat(factors, int(np.prod(shape[1:])))
+        shape = lin.output_shape(shape)
+    w = block.affine.weight
+    w = w * (factors[None, :] if w.ndim == 2 else factors[None, :, None, None])
+    block.affine = _zero_bias(block.affine, w)
+
+
+def _rescale_for_alpha1(blocks: list[_Block]) -> None:
+    """Scale each hidden block so every neuron's weight sum lies in the alpha1 bounds.
+
+    A positive factor per output channel (conv) or neuron (dense) keeps the
+    network's function: it commutes with ReLU and max pooling and is undone in
+    the next block's input weights.
+    """
+    for block, nxt in zip(blocks[:-1], blocks[1:], strict=False):
+        sums = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
+        per_channel = sums.reshape(sums.shape[0], -1)
+        high = np.maximum(per_channel.max(axis=1), 0.0)
+        low = np.maximum(-per_channel.min(axis=1), 0.0)
+        with np.errstate(divide="ignore"):
+            factor = np.minimum.reduce(
+                [np.ones_like(high), ALPHA1_WEIGHT_SUM_MAX / high, -ALPHA1_WEIGHT_SUM_MIN / low]
+            )
+        w = block.affine.weight
+        w = w * (factor[:, None] if w.ndim == 2 else factor[:, None, None, None])
+        block.affine = _zero_bias(block.affine, w)
+        block.bias = block.bias * _per_channel(factor, block.output_shape)
+        _scale_block_inputs(nxt, 1.0 / factor)
+
+
+def _pool_values(values: np.ndarray, pool: MaxPool2d, sign: np.ndarray) -> np.ndarray:
+    """Max pooling of non-negative values, min pooling for channels with sign -1."""
+    s = sign[None, :, None, None]
+    return ops.maxpool2d(values * s, pool.kernel, pool.stride) * s
+
+
+def _calibrate(blocks: list[_Block], x01: np.ndarray) -> list[float]:
+    """Largest ReLU output of every hidden block on the rescaled calibration inputs."""
+    x_max = []
+    v = x01
+    for block in blocks[:-1]:
+        for pool, sign, _, _ in block.pools:
+            v = _pool_values(v, pool, sign)
+        v = np.maximum(apply_synapses(block.synapses, v) + block.bias, 0.0)
+        x_max.append(float(v.max()))
+    return x_max
+
+
+def _coupling_matrix(block: _Block) -> np.ndarray:
+    """Dense effective weight matrix (N_out, N_in) of a block's synapses."""
+    n_in = int(np.prod(block.input_shape))
+    eye = np.eye(n_in).reshape(n_in, *block.input_shape)
+    return apply_synapses(block.synapses, eye).reshape(n_in, -1).T
+
+
+def convert(
+    net: Network,
+    calibration,
+    zeta: float = 0.5,
+    neuron: str = "b1",
+) -> TTFSNetwork:
+    """Convert a ReLU network exactly into a TTFS network.
+
+    calibration: (N, *net.input_shape) raw inputs, representative of the data
+    the network will see; windows are B_n = (1 + zeta) * X_n with X_n the
+    largest ReLU output of layer n on it. Inputs whose activations exceed a
+    window later saturate (counted by the simulators, never silent).
+    neuron: "b1" (constant slope, default) or "alpha1" (exact-mapping paper).
+    """
+    if neuron not in NEURON_MODELS:
+        raise UsageError(
+            f"neuron: unknown model {neuron!r}; choose one of {', '.join(NEURON_MODELS)}"
+        )
+    if (
+        isinstance(zeta, bool)
+        or not isinstance(zeta, (int, float))
+        or not np.isfinite(zeta)
+        or zeta < 0
+    ):
+        raise UsageError(f"zeta must be a finite number >= 0, got {zeta!r}")
+    x_cal = net.check_input(calibration, what="calibration data")
+    if x_cal.shape[0] == 0:
+        raise ConversionError("calibration set is empty: windows need at least one sample")
+    blocks = _fold(net)
+    if neuron == "alpha1":
+        _rescale_for_alpha1(blocks)
+    p, q = net.input_range
+    x_max = _calibrate(blocks, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
+
+    stages = []
+    t_min_prev, t_min = INPUT_WINDOW
+    for i, block in enumerate(blocks):
+        for pool, sign, in_shape, out_shape in block.pools:
+            stages.append(
+                TimePool(
+                    pool.name,
+                    pool.kernel,
+                    pool.stride,
+                    sign,
+                    in_shape,
+                    out_shape,
+                    t_min=t_min_prev,
+                    t_max=t_min,
+                )
+            )
+        if not block.relu:
+            stages.append(
+                OutputLayer(
+                    block.name,
+                    block.synapses,
+                    block.bias,
+                    block.input_shape,
+                    block.output_shape,
+                    t_min_prev=t_min_prev,
+                    t_read=t_min,
+                )
+            )
+            break
+        x_n = x_max[i]
+        window = (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
+        t_max = t_min + window
+        extra = {}
+        if neuron == "b1":
+            threshold = window - block.bias
+        else:
+            coupling_w = _coupling_matrix(block)
+            w_sum = coupling_w.sum(axis=1)
+            alpha = ALPHA1_ALPHA
+            j_sum = alpha * w_sum / (1.0 - w_sum)
+            coupling = alpha * coupling_w / (1.0 - w_sum)[:, None]
+            bias = block.bias.reshape(-1)
+            threshold = (
+                (alpha + j_sum) * (t_max - bias) - alpha * t_min_prev - j_sum * t_min
+            ).reshape(block.output_shape)
+            extra = {"alpha": alpha, "coupling": coupling}
+        stages.append(
+            SpikingLayer(
+                name=block.name,
+                synapses=block.synapses,
+                bias=block.bias,
+                input_shape=block.input_shape,
+                output_shape=block.output_shape,
+                t_min_prev=t_min_prev,
+                t_min=t_min,
+                t_max=t_max,
+                x_max=x_n,
+                threshold=threshold,
+                **extra,
+            )
+        )
+        t_min_prev, t_min = t_min, t_max
+    return TTFSNetwork(
+        name=net.name,
+        neuron=neuron,
+        zeta=float(zeta),
+        input_shape=net.input_shape,
+        input_range=net.input_range,
+        stages=tuple(stages),
+        classes=net.classes,
+        calibration_size=int(x_cal.shape[0]),
+        source=net,
+    )

@@ -1,0 +1,70 @@
+"""Compare a converted network's reference simulation with its ReLU ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .network import Network
+from .trace import Trace
+from .ttfs import INPUT_WINDOW, SpikingLayer, TimePool, TTFSNetwork
+
+
+def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
+    """One row per stage: kind, neurons, window, X_n, spikes per neuron, saturations."""
+    rows = [
+        {
+            "name": "input",
+            "kind": "Input",
+            "neurons": int(np.prod(snn.input_shape)),
+            "t_min": INPUT_WINDOW[0],
+            "t_max": INPUT_WINDOW[1],
+        }
+    ]
+    for stage in snn.stages:
+        row = {
+            "name": stage.name,
+            "kind": type(stage).__name__,
+            "neurons": int(np.prod(stage.output_shape)),
+        }
+        if isinstance(stage, SpikingLayer):
+            row.update(t_min=stage.t_min, t_max=stage.t_max, x_max=stage.x_max)
+        elif isinstance(stage, TimePool):
+            row.update(t_min=stage.t_min, t_max=stage.t_max, kernel=stage.kernel)
+        else:
+            row.update(t_read=stage.t_read)
+        rows.append(row)
+    if trace is not None:
+        for row in rows:
+            if row["name"] in trace.spike_times:
+                row["spikes_per_neuron"] = float(np.isfinite(trace.spike_times[row["name"]]).mean())
+                row["saturated"] = int(trace.saturated_per_layer.get(row["name"], 0))
+    return rows
+
+
+def compare_with_relu(net: Network, snn: TTFSNetwork, trace: Trace, x, y=None) -> dict:
+    """Figures of a reference run against ``net.forward`` on the same inputs x.
+
+    Returns accuracy_relu and accuracy_snn (None without labels y), agreement
+    of predictions, max_abs_error and relative_error (max |logit error| over
+    max |logit|), spikes_per_neuron, latency (time units), saturated.
+    """
+    logits = net.forward(x)
+    err = np.abs(trace.output - logits)
+    scale = float(np.abs(logits).max()) if logits.size else 0.0
+    relu_pred = np.argmax(logits, axis=1)
+    summary = {
+        "model": net.name,
+        "neuron": snn.neuron,
+        "zeta": snn.zeta,
+        "calibration_size": snn.calibration_size,
+        "samples": int(trace.num_samples),
+        "accuracy_relu": None if y is None else float(np.mean(relu_pred == y)),
+        "accuracy_snn": None if y is None else trace.accuracy(y),
+        "agreement": float(np.mean(relu_pred == trace.predictions)),
+        "max_abs_error": float(err.max()) if err.size else 0.0,
+        "relative_error": float(err.max() / scale) if err.size and scale > 0 else 0.0,
+        "spikes_per_neuron": trace.spikes_per_neuron,
+        "latency": float(snn.latency),
+        "saturated": trace.saturated,
+    }
+    return summary

@@ -1,0 +1,382 @@
+"""The ReLU network IR: small typed layer records and a float64 forward pass.
+
+A :class:`Network` is pure data (numpy arrays) plus ``forward``, the ReLU
+ground truth every spiking simulation is checked against. Tensors are
+channels-first: images (N, C, H, W), feature vectors (N, F).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from . import ops
+from .errors import DataError, ModelError
+
+Shape = tuple[int, ...]
+
+
+def _as_float_array(layer: str, param: str, value, shape: Shape | None = None) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if shape is not None and arr.shape != tuple(shape):
+        raise ModelError(
+            f"layer '{layer}': '{layer}.{param}' has shape {arr.shape}, expected {tuple(shape)}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ModelError(f"layer '{layer}': '{layer}.{param}' contains NaN or infinite values")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """Base record. ``type`` is the name used in network.yaml."""
+
+    name: str
+    type: ClassVar[str] = ""
+    param_names: ClassVar[tuple[str, ...]] = ()
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The arrays of this layer keyed by parameter name (no layer prefix)."""
+        return {p: getattr(self, p) for p in self.param_names}
+
+    def config(self) -> dict:
+        """The layer's network.yaml entry (without arrays)."""
+        return {"name": self.name, "type": self.type}
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """Shape of one sample's output for one sample's input shape; raises ModelError."""
+        return input_shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _require_image(self, input_shape: Shape) -> None:
+        if len(input_shape) != 3:
+            raise ModelError(
+                f"layer '{self.name}' ({self.type}) needs an image input (C, H, W), "
+                f"got shape {input_shape}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(Layer):
+    """y = W x + b. weight (out_features, in_features), bias (out_features,)."""
+
+    weight: np.ndarray = field(default=None, repr=False)
+    bias: np.ndarray = field(default=None, repr=False)
+    type: ClassVar[str] = "dense"
+    param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+
+    def __post_init__(self):
+        w = _as_float_array(self.name, "weight", self.weight)
+        if w.ndim != 2:
+            raise ModelError(
+                f"layer '{self.name}': '{self.name}.weight' must be 2-D, got {w.shape}"
+            )
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "bias", _as_float_array(self.name, "bias", self.bias, w.shape[:1]))
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def config(self) -> dict:
+        return {**super().config(), "out_features": self.out_features}
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 1 or input_shape[0] != self.weight.shape[1]:
+            raise ModelError(
+                f"layer '{self.name}' (dense) expects {self.weight.shape[1]} input features, "
+                f"got input shape {input_shape}"
+            )
+        return (self.out_features,)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        return ops.dense(x, self.weight)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x) + self.bias
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2d(Layer):
+    """2-D cross-correlation with zero padding. weight (O, C, k, k), bias (O,)."""
+
+    weight: np.ndarray = field(default=None, repr=False)
+    bias: np.ndarray = field(default=None, repr=False)
+    stride: int = 1
+    padding: int = 0
+    type: ClassVar[str] = "conv2d"
+    param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+
+    def __post_init__(self):
+        w = _as_float_array(self.name, "weight", self.weight)
+        if w.ndim != 4 or w.shape[2] != w.shape[3]:
+            raise ModelError(
+                f"layer '{self.name}': '{self.name}.weight' must be (out, in, k, k), got {w.shape}"
+            )
+        if self.stride < 1 or self.padding < 0:
+            raise ModelError(f"layer '{self.name}': stride must be >= 1 and padding >= 0")
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "bias", _as_float_array(self.name, "bias", self.bias, w.shape[:1]))
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel(self) -> int:
+        return self.weight.shape[2]
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "out_channels": self.out_channels,
+            "kernel": self.kernel,
+            "stride": self.stride,
+            "padding": self.padding,
+        }
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        self._require_image(input_shape)
+        c, h, w = input_shape
+        if c != self.weight.shape[1]:
+            raise ModelError(
+                f"layer '{self.name}' (conv2d) expects {self.weight.shape[1]} input channels, "
+                f"got {c}"
+            )
+        ho = ops.conv_output_size(h, self.kernel, self.stride, self.padding)
+        wo = ops.conv_output_size(w, self.kernel, self.stride, self.padding)
+        if ho < 1 or wo < 1:
+            raise ModelError(f"layer '{self.name}' (conv2d): kernel larger than its input {h}x{w}")
+        return (self.out_channels, ho, wo)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        return ops.conv2d(x, self.weight, self.stride, self.padding)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x) + self.bias[:, None, None]
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNorm(Layer):
+    """Inference-mode batch norm over the channel (images) or feature axis."""
+
+    gamma: np.ndarray = field(default=None, repr=False)
+    beta: np.ndarray = field(default=None, repr=False)
+    mean: np.ndarray = field(default=None, repr=False)
+    var: np.ndarray = field(default=None, repr=False)
+    eps: float = 1e-5
+    type: ClassVar[str] = "batchnorm"
+    param_names: ClassVar[tuple[str, ...]] = ("gamma", "beta", "mean", "var")
+
+    def __post_init__(self):
+        gamma = _as_float_array(self.name, "gamma", self.gamma)
+        if gamma.ndim != 1:
+            raise ModelError(f"layer '{self.name}': '{self.name}.gamma' must be 1-D")
+        for p in ("beta", "mean", "var"):
+            object.__setattr__(
+                self, p, _as_float_array(self.name, p, getattr(self, p), gamma.shape)
+            )
+        object.__setattr__(self, "gamma", gamma)
+        if np.any(self.var < 0) or not self.eps > 0:
+            raise ModelError(f"layer '{self.name}': var must be >= 0 and eps > 0")
+
+    @property
+    def scale(self) -> np.ndarray:
+        """Per-channel multiplier gamma / sqrt(var + eps)."""
+        return self.gamma / np.sqrt(self.var + self.eps)
+
+    @property
+    def shift(self) -> np.ndarray:
+        """Per-channel offset beta - mean * scale."""
+        return self.beta - self.mean * self.scale
+
+    def config(self) -> dict:
+        return {**super().config(), "eps": float(self.eps)}
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) not in (1, 3) or input_shape[0] != self.gamma.shape[0]:
+            raise ModelError(
+                f"layer '{self.name}' (batchnorm) has {self.gamma.shape[0]} channels, "
+                f"got input shape {input_shape}"
+            )
+        return input_shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x * channel_broadcast(self.scale, x.ndim) + channel_broadcast(self.shift, x.ndim)
+
+
+@dataclass(frozen=True, eq=False)
+class ReLU(Layer):
+    type: ClassVar[str] = "relu"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class _Pool2d(Layer):
+    kernel: int = 2
+    stride: int | None = None
+
+    def __post_init__(self):
+        if self.stride is None:
+            object.__setattr__(self, "stride", self.kernel)
+        if self.kernel < 1 or self.stride < 1:
+            raise ModelError(f"layer '{self.name}': kernel and stride must be >= 1")
+
+    def config(self) -> dict:
+        return {**super().config(), "kernel": self.kernel, "stride": self.stride}
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        self._require_image(input_shape)
+        c, h, w = input_shape
+        ho = ops.conv_output_size(h, self.kernel, self.stride, 0)
+        wo = ops.conv_output_size(w, self.kernel, self.stride, 0)
+        if ho < 1 or wo < 1:
+            raise ModelError(f"layer '{self.name}' ({self.type}): kernel larger than input {h}x{w}")
+        return (c, ho, wo)
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool2d(_Pool2d):
+    type: ClassVar[str] = "maxpool2d"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return ops.maxpool2d(x, self.kernel, self.stride)
+
+
+@dataclass(frozen=True, eq=False)
+class AvgPool2d(_Pool2d):
+    type: ClassVar[str] = "avgpool2d"
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        return ops.avgpool2d(x, self.kernel, self.stride)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x)
+
+
+@dataclass(frozen=True, eq=False)
+class Flatten(Layer):
+    """(N, C, H, W) -> (N, C*H*W) in C, H, W order."""
+
+    type: ClassVar[str] = "flatten"
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        return (int(np.prod(input_shape)),)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(x.shape[0], -1)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x)
+
+
+LAYER_TYPES: dict[str, type[Layer]] = {
+    cls.type: cls for cls in (Dense, Conv2d, BatchNorm, ReLU, MaxPool2d, AvgPool2d, Flatten)
+}
+AFFINE_TYPES = (Dense, Conv2d)
+
+
+def channel_broadcast(values: np.ndarray, ndim: int) -> np.ndarray:
+    """Reshape per-channel values (C,) to broadcast over a batch of rank ``ndim``."""
+    return values.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """A trained ReLU network.
+
+    input_shape: one sample's shape, channels-first. input_range: (p, q), the
+    range of the raw input. layers: applied in order; the last affine layer
+    gives the logits (no ReLU after it).
+    """
+
+    name: str
+    input_shape: Shape
+    input_range: tuple[float, float]
+    layers: tuple[Layer, ...]
+    classes: tuple[str, ...] | None = None
+    dataset: str | None = None
+    shapes: tuple[Shape, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        p, q = (float(v) for v in self.input_range)
+        if not (np.isfinite(p) and np.isfinite(q) and p < q):
+            raise ModelError(f"network '{self.name}': input range [p, q] needs p < q, got {p}, {q}")
+        object.__setattr__(self, "input_range", (p, q))
+        if not self.layers:
+            raise ModelError(f"network '{self.name}' has no layers")
+        names = [layer.name for layer in self.layers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ModelError(f"network '{self.name}': duplicate layer names {sorted(dup)}")
+        shapes = [self.input_shape]
+        for layer in self.layers:
+            shapes.append(layer.output_shape(shapes[-1]))
+        object.__setattr__(self, "shapes", tuple(shapes))
+        affine = [i for i, layer in enumerate(self.layers) if isinstance(layer, AFFINE_TYPES)]
+        if not affine:
+            raise ModelError(f"network '{self.name}' has no dense or conv2d layer")
+        tail = self.layers[affine[-1] + 1 :]
+        bad = [layer.name for layer in tail if not isinstance(layer, (BatchNorm, Flatten))]
+        if bad:
+            raise ModelError(
+                f"network '{self.name}': the last affine layer '{self.layers[affine[-1]].name}' "
+                f"gives the logits, but is followed by {bad}"
+            )
+        if len(shapes[-1]) != 1:
+            raise ModelError(f"network '{self.name}': output must be a vector, got {shapes[-1]}")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+            if len(self.classes) != shapes[-1][0]:
+                raise ModelError(
+                    f"network '{self.name}': {len(self.classes)} class names for "
+                    f"{shapes[-1][0]} outputs"
+                )
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.shapes[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.shapes[-1][0]
+
+    def check_input(self, x, what: str = "x") -> np.ndarray:
+        """Return x as float64 of shape (N, *input_shape); raise DataError otherwise."""
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != len(self.input_shape) + 1 or arr.shape[1:] != self.input_shape:
+            raise DataError(
+                f"{what} has shape {arr.shape}, network '{self.name}' expects "
+                f"(N, {', '.join(map(str, self.input_shape))})"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{what} contains NaN or infinite values")
+        return arr
+
+    def forward(self, x) -> np.ndarray:
+        """Float64 ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes)."""
+        out = self.check_input(x)
+        for layer in self.layers:
+            out = layer.forward(out)
+        return out
+
+    def activations(self, x) -> dict[str, np.ndarray]:
+        """Every layer's output keyed by layer name (the forward pass, kept)."""
+        out = self.check_input(x)
+        acts = {}
+        for layer in self.layers:
+            out = layer.forward(out)
+            acts[layer.name] = out
+        return acts
+
+    def predict(self, x) -> np.ndarray:
+        """Predicted class indices (N,)."""
+        return np.argmax(self.forward(x), axis=1)

@@ -1,0 +1,59 @@
+"""Array kernels shared by the ReLU forward pass and every SNN simulator.
+
+All functions are vectorised over the leading batch axis and work on
+channels-first tensors: images are (N, C, H, W), feature vectors (N, F).
+Keeping one implementation here is what lets the SNN simulators claim the
+same cost as the ReLU pass: they call the very same products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output length of a convolution or pooling along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _windows(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """View of (N, C, Ho, Wo, k, k) windows of x (N, C, H, W); no copy."""
+    view = sliding_window_view(x, (kernel, kernel), axis=(2, 3))
+    return view[:, :, ::stride, ::stride]
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """Cross-correlation without bias, as in PyTorch/ONNX Conv.
+
+    x: (N, C, H, W); weight: (O, C, k, k). Returns (N, O, Ho, Wo). Zero padding.
+    """
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_ch, in_ch, k, _ = weight.shape
+    patches = _windows(x, k, stride)  # (N, C, Ho, Wo, k, k)
+    n, _, ho, wo = patches.shape[:4]
+    # im2col: (N*Ho*Wo, C*k*k) @ (C*k*k, O) is one BLAS product.
+    cols = patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, in_ch * k * k)
+    out = cols @ weight.reshape(out_ch, -1).T
+    return out.reshape(n, ho, wo, out_ch).transpose(0, 3, 1, 2)
+
+
+def maxpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """Max over k x k windows of x (N, C, H, W); no padding."""
+    return _windows(x, kernel, stride).max(axis=(4, 5))
+
+
+def minpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """Min over k x k windows of x (N, C, H, W); no padding."""
+    return _windows(x, kernel, stride).min(axis=(4, 5))
+
+
+def avgpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """Mean over k x k windows of x (N, C, H, W); no padding."""
+    return _windows(x, kernel, stride).mean(axis=(4, 5))
+
+
+def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out)."""
+    return x @ weight.T

@@ -1,0 +1,76 @@
+"""``Trace``: what one run of a network on a batch of samples produced.
+
+Every backend (reference simulator, emulator, Lava, crossbar) returns this
+type, so cross-checks and reports never care which backend made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """Result of running N samples.
+
+    output: (N, classes) decoded logits. predictions: (N,) argmax of output.
+    spike_times: stage name -> (N, *stage shape) spike times in time units,
+    ``inf`` where a neuron does not spike; "input" holds the encoded input.
+    neuron_layers: names of the stages whose neurons spike (the input and
+    the hidden layers; pools only route spikes, the output layer does not spike).
+    spike_count: (N,) spikes per sample over the neuron layers.
+    spikes_per_neuron: mean spikes per neuron of the neuron layers.
+    saturated: neurons (summed over samples) that fired before their window
+    opened, i.e. whose value exceeded the calibrated window (the decoded value
+    is then clipped or wrong); inputs outside [p, q] count under "input".
+    saturated_per_layer: the same per stage.
+    latency: (N,) time (time units) at which each sample's output was read.
+    backend: name of what produced the trace.
+    """
+
+    output: np.ndarray
+    spike_times: dict[str, np.ndarray]
+    neuron_layers: tuple[str, ...]
+    saturated_per_layer: dict[str, int]
+    latency: np.ndarray
+    backend: str = "reference"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return np.argmax(self.output, axis=1)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.output.shape[0])
+
+    @cached_property
+    def spike_count(self) -> np.ndarray:
+        n = self.num_samples
+        counts = np.zeros(n, dtype=np.int64)
+        for name in self.neuron_layers:
+            counts += np.isfinite(self.spike_times[name].reshape(n, -1)).sum(axis=1)
+        return counts
+
+    @property
+    def neuron_count(self) -> int:
+        """Neurons per sample in the neuron layers."""
+        return sum(int(np.prod(self.spike_times[name].shape[1:])) for name in self.neuron_layers)
+
+    @property
+    def spikes_per_neuron(self) -> float:
+        if not self.num_samples:
+            return 0.0
+        return float(self.spike_count.mean() / self.neuron_count)
+
+    @property
+    def saturated(self) -> int:
+        return int(sum(self.saturated_per_layer.values()))
+
+    def accuracy(self, labels) -> float:
+        """Fraction of samples whose prediction equals ``labels`` (N,)."""
+        labels = np.asarray(labels)
+        return float(np.mean(self.predictions == labels)) if labels.size else float("nan")

@@ -1,0 +1,177 @@
+"""The converted spiking network: plain data, one record per stage.
+
+Time is in the conversion's time unit: the input window is [0, 1] and layer
+n owns [t_min^(n), t_max^(n)] with t_min^(n) = t_max^(n-1) and
+t_max^(n) = t_min^(n) + B_n. A neuron's value is x = t_max - t for a spike at
+t, and 0 when it does not spike (``inf`` spike time).
+
+Stages, in order:
+
+- :class:`SpikingLayer`: synapses (linear maps applied to the previous
+  stage's values) into one layer of single-spike neurons;
+- :class:`TimePool`: max pooling as the earliest spike of each window (or the
+  latest, for channels whose folded batch-norm scale is negative); instant,
+  it owns no window;
+- :class:`OutputLayer`: non-spiking; its potential read at ``t_read`` is the
+  logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .network import Layer, Shape
+
+NEURON_MODELS = ("b1", "alpha1")
+INPUT_WINDOW = (0.0, 1.0)
+
+
+def apply_synapses(synapses: tuple[Layer, ...], values: np.ndarray) -> np.ndarray:
+    """Apply a stage's linear synaptic maps (no bias) to values (N, *input_shape)."""
+    out = values
+    for op in synapses:
+        out = op.linear(out)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class SpikingLayer:
+    """One layer of TTFS neurons.
+
+    synapses: linear maps (AvgPool2d, Flatten, then one Dense or Conv2d whose
+    own bias is zero) from the previous stage's values, input_shape ->
+    output_shape. bias: (output_shape) the folded ReLU bias b_i of every neuron
+    (zero padding makes it position dependent). Window [t_min, t_max] in time
+    units; inputs arrive in [t_min_prev, t_min]. x_max: largest ReLU output on
+    the calibration set (X_n); B_n = t_max - t_min = (1 + zeta) X_n.
+
+    threshold: (output_shape) firing threshold. b1: theta_i = B_n - b_i
+    (after integrating inputs during the previous window, the membrane rises
+    with slope 1 from t_min). alpha1: vartheta_i of the exact-mapping paper.
+    alpha1 also has ``alpha`` (the constant input current) and ``coupling``
+    (N_out, N_in), the effective synaptic matrix J = alpha W / (1 - sum_j W_ij).
+    """
+
+    name: str
+    synapses: tuple[Layer, ...]
+    bias: np.ndarray = field(repr=False)
+    input_shape: Shape
+    output_shape: Shape
+    t_min_prev: float
+    t_min: float
+    t_max: float
+    x_max: float
+    threshold: np.ndarray = field(repr=False)
+    alpha: float = 1.0
+    coupling: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def window(self) -> float:
+        return self.t_max - self.t_min
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.output_shape))
+
+    def decode(self, spike_times: np.ndarray) -> np.ndarray:
+        """Values encoded by spike times: t_max - t, 0 where no spike (inf)."""
+        return np.where(np.isfinite(spike_times), self.t_max - spike_times, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class TimePool:
+    """Max pooling of spike times over k x k windows (no padding).
+
+    sign: (channels,) +1 passes each window's earliest spike (max value); -1
+    passes the latest (min value; no spike if any input is silent), for
+    channels whose following batch norm had a negative scale. The output stays
+    in the window [t_min, t_max] of the layer it pools.
+    """
+
+    name: str
+    kernel: int
+    stride: int
+    sign: np.ndarray = field(repr=False)
+    input_shape: Shape
+    output_shape: Shape
+    t_min: float
+    t_max: float
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.output_shape))
+
+    def decode(self, spike_times: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(spike_times), self.t_max - spike_times, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class OutputLayer:
+    """Non-spiking readout: potential = bias + sum_j W_ij (t_read - t_j) at t_read.
+
+    Inputs arrive in [t_min_prev, t_read]; the bias enters as a constant
+    current bias / (t_read - t_min_prev) over that window.
+    """
+
+    name: str
+    synapses: tuple[Layer, ...]
+    bias: np.ndarray = field(repr=False)
+    input_shape: Shape
+    output_shape: Shape
+    t_min_prev: float
+    t_read: float
+
+
+Stage = SpikingLayer | TimePool | OutputLayer
+
+
+@dataclass(frozen=True, eq=False)
+class TTFSNetwork:
+    """A converted time-to-first-spike network.
+
+    neuron: "b1" or "alpha1". zeta: window safety margin. input_range: raw
+    input [p, q], rescaled to [0, 1] and encoded as t = 1 - x in the input
+    window [0, 1] (b1: zeros do not spike; alpha1: they spike at t = 1).
+    calibration_size: number of samples the windows were calibrated on.
+    """
+
+    name: str
+    neuron: str
+    zeta: float
+    input_shape: Shape
+    input_range: tuple[float, float]
+    stages: tuple[Stage, ...]
+    classes: tuple[str, ...] | None = None
+    calibration_size: int = 0
+    source: object = field(default=None, repr=False)
+
+    @property
+    def output(self) -> OutputLayer:
+        return self.stages[-1]
+
+    @property
+    def latency(self) -> float:
+        """Time (time units) at which the output is read: t_min of the output layer."""
+        return self.output.t_read
+
+    @property
+    def spiking_layers(self) -> tuple[SpikingLayer, ...]:
+        return tuple(s for s in self.stages if isinstance(s, SpikingLayer))
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.output_shape[0]
+
+    @property
+    def neuron_count(self) -> int:
+        """Spiking neurons: the input encoding plus every hidden layer (pools route, the
+        output layer does not spike)."""
+        return int(np.prod(self.input_shape)) + sum(s.size for s in self.spiking_layers)
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)

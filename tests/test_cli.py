@@ -1,0 +1,120 @@
+"""The command line as a user meets it: figures, JSON, files, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from netgen import random_inputs, random_network
+
+import neurodeploy as nd
+from neurodeploy.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_simulate_json_reports_the_figures(capsys):
+    code, out, err = run(capsys, "simulate", "digits_mlp", "--samples", "60", "--json")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    for key in (
+        "accuracy_relu",
+        "accuracy_snn",
+        "agreement",
+        "spikes_per_neuron",
+        "latency",
+        "max_abs_error",
+    ):
+        assert key in report
+    assert report["samples"] == 60
+    assert report["agreement"] == 1.0
+    assert report["accuracy_snn"] == report["accuracy_relu"]
+    assert report["max_abs_error"] < 1e-9
+    assert 0 < report["spikes_per_neuron"] < 1
+
+
+def test_convert_prints_the_layer_table_and_writes_json(capsys, tmp_path):
+    code, out, _ = run(
+        capsys,
+        "convert",
+        "digits_cnn",
+        "--neuron",
+        "alpha1",
+        "--calibration-size",
+        "200",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0
+    for word in ("accuracy", "agreement", "latency", "conv1", "pool1", "fc1", "out"):
+        assert word in out
+    saved = json.loads((tmp_path / "convert.json").read_text())
+    assert saved["neuron"] == "alpha1" and saved["calibration_size"] == 200
+    assert [row["name"] for row in saved["layers"]] == ["input", "conv1", "pool1", "fc1", "out"]
+
+
+def test_user_data_file(capsys, tmp_path):
+    net = random_network(3)
+    model = nd.save_model(net, tmp_path / "rand")
+    x = random_inputs(net, 20, 3)
+    np.savez(tmp_path / "data.npz", x=x, y=net.predict(x))
+    code, out, _ = run(
+        capsys, "simulate", str(model), "--data", str(tmp_path / "data.npz"), "--json"
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["accuracy_relu"] == 1.0 and report["agreement"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["simulate", "no_such_model"], "no_such_model: model path does not exist"),
+        (["simulate", "digits_mlp", "--samples", "0"], "--samples"),
+        (["simulate", "digits_mlp", "--neuron", "lif"], "--neuron"),
+        (["simulate", "digits_mlp", "--zeta", "nan"], "--zeta"),
+        (["frobnicate"], "invalid choice"),
+        (["simulate", "digits_mlp", "--data", "missing.npz"], "missing.npz: data file does not"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("neurodeploy: error: ")
+    assert fragment in err
+
+
+def test_broken_model_names_the_file_and_writes_nothing(capsys, tmp_path):
+    model = nd.save_model(random_network(1), tmp_path / "m")
+    doc = yaml.safe_load((model / "network.yaml").read_text())
+    doc["layers"][1]["type"] = "softplus"
+    (model / "network.yaml").write_text(yaml.safe_dump(doc))
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "simulate", str(model), "--out", str(out_dir))
+    assert code == 2 and "network.yaml" in err and "softplus" in err
+    assert not out_dir.exists()
+
+
+def test_model_without_data_set_asks_for_data(capsys, tmp_path):
+    model = nd.save_model(random_network(1), tmp_path / "m")
+    code, _, err = run(capsys, "simulate", str(model))
+    assert code == 2 and "--data" in err
+
+
+def test_console_entry_point_has_no_traceback_for_user_errors(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "neurodeploy", "simulate", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
