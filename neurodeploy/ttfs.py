@@ -36,8 +36,24 @@ def apply_synapses(synapses: tuple[Layer, ...], values: np.ndarray) -> np.ndarra
     return out
 
 
+class _SpikingStage:
+    """What stages that emit spikes in a window [t_min, t_max] share."""
+
+    output_shape: Shape
+    t_max: float
+
+    @property
+    def size(self) -> int:
+        """Neurons (or pool outputs) per sample."""
+        return int(np.prod(self.output_shape))
+
+    def decode(self, spike_times: np.ndarray) -> np.ndarray:
+        """Values encoded by spike times: t_max - t, 0 where no spike (inf)."""
+        return np.where(np.isfinite(spike_times), self.t_max - spike_times, 0.0)
+
+
 @dataclass(frozen=True, eq=False)
-class SpikingLayer:
+class SpikingLayer(_SpikingStage):
     """One layer of TTFS neurons.
 
     synapses: linear maps (AvgPool2d, Flatten, then one Dense or Conv2d whose
@@ -71,17 +87,9 @@ class SpikingLayer:
     def window(self) -> float:
         return self.t_max - self.t_min
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.output_shape))
-
-    def decode(self, spike_times: np.ndarray) -> np.ndarray:
-        """Values encoded by spike times: t_max - t, 0 where no spike (inf)."""
-        return np.where(np.isfinite(spike_times), self.t_max - spike_times, 0.0)
-
 
 @dataclass(frozen=True, eq=False)
-class TimePool:
+class TimePool(_SpikingStage):
     """Max pooling of spike times over k x k windows (no padding).
 
     sign: (channels,) +1 passes each window's earliest spike (max value); -1
@@ -98,13 +106,6 @@ class TimePool:
     output_shape: Shape
     t_min: float
     t_max: float
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.output_shape))
-
-    def decode(self, spike_times: np.ndarray) -> np.ndarray:
-        return np.where(np.isfinite(spike_times), self.t_max - spike_times, 0.0)
 
 
 @dataclass(frozen=True, eq=False)
