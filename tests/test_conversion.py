@@ -199,3 +199,37 @@ def test_simulation_reads_no_relu_forward(monkeypatch):
     monkeypatch.setattr(nd.Network, "forward", forbidden)
     monkeypatch.setattr(nd.Network, "activations", forbidden)
     assert relative_error(nd.simulate(snn, x).output, expected) <= RELATIVE_TOLERANCE
+
+
+def test_seed_grid_covers_every_layer_kind_and_batchnorm_placement():
+    kinds = set()
+    for seed in SEEDS:
+        net = random_network(seed)
+        layers = net.layers
+        for i, layer in enumerate(layers):
+            kinds.add(layer.type)
+            if isinstance(layer, nd.Conv2d):
+                kinds.add(f"stride{layer.stride}")
+                kinds.add(f"padding{layer.padding}")
+            if isinstance(layer, nd.BatchNorm):
+                before = isinstance(layers[i + 1], nd.ReLU)
+                kinds.add("bn_before_relu" if before else "bn_after_relu")
+                if not before and np.any(layer.gamma < 0):
+                    kinds.add("bn_negative_scale")
+    expected = {
+        "dense",
+        "conv2d",
+        "batchnorm",
+        "relu",
+        "maxpool2d",
+        "avgpool2d",
+        "flatten",
+        "stride1",
+        "stride2",
+        "padding0",
+        "padding1",
+        "bn_before_relu",
+        "bn_after_relu",
+        "bn_negative_scale",
+    }
+    assert expected <= kinds
