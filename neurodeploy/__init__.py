@@ -60,3 +60,8 @@ __all__ += [
     "convert",
     "simulate",
 ]
+
+from .errors import DeployError, ProfileError  # noqa: E402
+from .profile import HardwareProfile, load_profile  # noqa: E402
+
+__all__ += ["DeployError", "HardwareProfile", "ProfileError", "load_profile"]

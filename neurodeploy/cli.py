@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from . import datasets
 from .convert import convert
@@ -21,6 +22,7 @@ from .errors import DataError, ModelError, NeurodeployError, UsageError
 from .evaluate import compare_with_relu, layer_table
 from .modelio import load_model
 from .network import Network
+from .profile import load_profile
 from .simulate import simulate
 from .ttfs import NEURON_MODELS
 
@@ -231,12 +233,52 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate the first N samples (default all)",
     )
+
+    prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
+    prof.add_argument("profile", help="profile file, or the name of a shipped profile")
+    prof.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key (YAML value), e.g. crossbar.levels=8",
+    )
+    prof.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings to a dict; values are parsed as YAML scalars (8, 0.5, true, null)."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {key}: cannot parse value {text!r}") from None
+    return overrides
+
+
+def _cmd_profile(args) -> int:
+    profile = load_profile(args.profile)
+    if args.set:
+        profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
+    doc = profile.to_dict()
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"# {profile.source}")
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "profile":
+            return _cmd_profile(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

@@ -23,3 +23,11 @@ class DataError(NeurodeployError):
 
 class UsageError(NeurodeployError):
     """A command-line argument or API argument is invalid."""
+
+
+class ProfileError(NeurodeployError):
+    """A hardware profile is missing, malformed or out of range (names file and dotted key)."""
+
+
+class DeployError(NeurodeployError):
+    """A network cannot be deployed with the given profile and backend."""

@@ -1,0 +1,601 @@
+"""Hardware profiles: typed, validated, frozen dataclasses loaded from YAML.
+
+A profile describes one kind of hardware (``hardware:``):
+
+- ``ideal``: continuous time, float weights, no noise; every backend accepts it
+  and reproduces the reference simulator;
+- ``digital``: a Loihi-style core (discrete time steps, fixed-point weights
+  and membrane, core limits); run by the emulator and Lava backends;
+- ``crossbar``: an analog memristive crossbar (conductance pairs, noise,
+  drift, faults, converters); run by the crossbar backend.
+
+Each section is a dataclass; a section or key that does not apply to the
+profile's hardware is refused, never ignored. ``extends: NAME`` starts from
+another profile and overrides the keys given. Errors are
+:class:`ProfileError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ProfileError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+HARDWARE_KINDS = ("ideal", "digital", "crossbar")
+
+
+def _spec(
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+    choices: tuple[str, ...] | None = None,
+    kinds: tuple[str, ...] = HARDWARE_KINDS,
+):
+    """Field metadata: a one-line meaning with unit, its range, and the hardware it applies to."""
+    return {
+        "doc": doc,
+        "min": minimum,
+        "max": maximum,
+        "exclusive_min": exclusive_min,
+        "choices": choices,
+        "kinds": kinds,
+    }
+
+
+DIGITAL = ("digital",)
+CROSSBAR = ("crossbar",)
+DISCRETE = ("digital", "crossbar")
+
+
+@dataclass(frozen=True)
+class Timing:
+    steps_per_window: int | None = field(
+        default=None,
+        metadata=_spec(
+            "time steps per layer window; null = continuous time", minimum=1, kinds=DISCRETE
+        ),
+    )
+    step_time_s: float | None = field(
+        default=None,
+        metadata=_spec(
+            "duration of one time step (s)", minimum=0, exclusive_min=True, kinds=DISCRETE
+        ),
+    )
+    time_unit_s: float | None = field(
+        default=None,
+        metadata=_spec(
+            "duration of one conversion time unit in continuous time (s)",
+            minimum=0,
+            exclusive_min=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Weights:
+    bits: int | None = field(
+        default=None,
+        metadata=_spec(
+            "weight mantissa bits, sign included; null = float weights",
+            minimum=1,
+            maximum=32,
+            kinds=DIGITAL,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Neuron:
+    membrane_bits: int | None = field(
+        default=None,
+        metadata=_spec(
+            "signed saturating membrane and current registers (bits); null = float",
+            minimum=2,
+            maximum=52,
+            kinds=DIGITAL,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Cores:
+    neurons_per_core: int = field(
+        default=8192, metadata=_spec("neurons one core holds", minimum=1, kinds=DIGITAL)
+    )
+    synapses_per_core: int = field(
+        default=1_000_000, metadata=_spec("synapses one core holds", minimum=1, kinds=DIGITAL)
+    )
+    cores_per_chip: int = field(
+        default=128, metadata=_spec("cores on one chip", minimum=1, kinds=DIGITAL)
+    )
+
+
+@dataclass(frozen=True)
+class GenericDevice:
+    """A device model given by plain Gaussian statistics (used for RRAM)."""
+
+    prog_sigma_us: float = field(
+        default=0.0, metadata=_spec("programming noise sigma (uS)", minimum=0, kinds=CROSSBAR)
+    )
+    read_sigma_rel: float = field(
+        default=0.0,
+        metadata=_spec("read noise sigma per read, relative to |G|", minimum=0, kinds=CROSSBAR),
+    )
+    drift_nu_mean: float = field(
+        default=0.0, metadata=_spec("mean drift exponent nu", minimum=0, kinds=CROSSBAR)
+    )
+    drift_nu_std: float = field(
+        default=0.0, metadata=_spec("device-to-device sigma of nu", minimum=0, kinds=CROSSBAR)
+    )
+
+
+@dataclass(frozen=True)
+class Crossbar:
+    device_model: str = field(
+        default="pcm",
+        metadata=_spec(
+            "noise model: pcm (aihwkit PCMLikeNoiseModel) or generic",
+            choices=("pcm", "generic"),
+            kinds=CROSSBAR,
+        ),
+    )
+    g_min_us: float = field(
+        default=0.0,
+        metadata=_spec("lowest programmable conductance (uS)", minimum=0, kinds=CROSSBAR),
+    )
+    g_max_us: float = field(
+        default=25.0,
+        metadata=_spec(
+            "highest programmable conductance (uS)", minimum=0, exclusive_min=True, kinds=CROSSBAR
+        ),
+    )
+    levels: int | None = field(
+        default=None,
+        metadata=_spec(
+            "conductance levels per device; null = continuous", minimum=2, kinds=CROSSBAR
+        ),
+    )
+    tile_rows: int = field(
+        default=256, metadata=_spec("word lines (inputs) per tile", minimum=1, kinds=CROSSBAR)
+    )
+    tile_cols: int = field(
+        default=256, metadata=_spec("bit-line pairs (outputs) per tile", minimum=1, kinds=CROSSBAR)
+    )
+    prog_noise_scale: float = field(
+        default=1.0,
+        metadata=_spec(
+            "multiplier of the programming noise model (0 = off)", minimum=0, kinds=CROSSBAR
+        ),
+    )
+    read_noise_scale: float = field(
+        default=1.0,
+        metadata=_spec("multiplier of the read noise model (0 = off)", minimum=0, kinds=CROSSBAR),
+    )
+    drift_scale: float = field(
+        default=1.0,
+        metadata=_spec("multiplier of the drift exponents (0 = off)", minimum=0, kinds=CROSSBAR),
+    )
+    t_inference_s: float = field(
+        default=0.0,
+        metadata=_spec("time since programming at inference (s)", minimum=0, kinds=CROSSBAR),
+    )
+    drift_compensation: bool = field(
+        default=False, metadata=_spec("global drift compensation per layer", kinds=CROSSBAR)
+    )
+    variability: float = field(
+        default=0.0,
+        metadata=_spec("device-to-device relative sigma of conductance", minimum=0, kinds=CROSSBAR),
+    )
+    v_read_v: float = field(
+        default=0.2,
+        metadata=_spec("read voltage (V)", minimum=0, exclusive_min=True, kinds=CROSSBAR),
+    )
+    t_read_s: float = field(
+        default=250e-9,
+        metadata=_spec("duration of one read (s)", minimum=0, exclusive_min=True, kinds=CROSSBAR),
+    )
+    generic: GenericDevice = field(default_factory=GenericDevice, metadata={"kinds": CROSSBAR})
+
+
+@dataclass(frozen=True)
+class Converter:
+    dac_bits: int | None = field(
+        default=None,
+        metadata=_spec(
+            "input DAC resolution (bits); null = ideal", minimum=1, maximum=32, kinds=CROSSBAR
+        ),
+    )
+    adc_bits: int | None = field(
+        default=None,
+        metadata=_spec(
+            "output ADC resolution (bits); null = ideal", minimum=1, maximum=32, kinds=CROSSBAR
+        ),
+    )
+    adc_full_scale: float = field(
+        default=1.0,
+        metadata=_spec(
+            "ADC range as a fraction of a tile column's largest possible sum",
+            minimum=0,
+            maximum=1,
+            exclusive_min=True,
+            kinds=CROSSBAR,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Faults:
+    stuck_on: float = field(
+        default=0.0,
+        metadata=_spec("fraction of devices stuck at g_max", minimum=0, maximum=1, kinds=CROSSBAR),
+    )
+    stuck_off: float = field(
+        default=0.0,
+        metadata=_spec("fraction of devices stuck at g_min", minimum=0, maximum=1, kinds=CROSSBAR),
+    )
+
+
+@dataclass(frozen=True)
+class Energy:
+    synop_j: float = field(
+        default=0.0, metadata=_spec("energy per synaptic event (J)", minimum=0, kinds=DIGITAL)
+    )
+    neuron_update_j: float = field(
+        default=0.0,
+        metadata=_spec("energy per neuron update per time step (J)", minimum=0, kinds=DIGITAL),
+    )
+    spike_j: float = field(default=0.0, metadata=_spec("energy to route one spike (J)", minimum=0))
+    adc_conversion_j: float = field(
+        default=0.0, metadata=_spec("energy per ADC conversion (J)", minimum=0, kinds=CROSSBAR)
+    )
+    dac_conversion_j: float = field(
+        default=0.0, metadata=_spec("energy per DAC conversion (J)", minimum=0, kinds=CROSSBAR)
+    )
+
+
+@dataclass(frozen=True)
+class Crosscheck:
+    required_agreement: float = field(
+        default=0.99,
+        metadata=_spec(
+            "fraction of predictions that must agree with the reference SNN", minimum=0, maximum=1
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A validated hardware description; see the module docstring."""
+
+    name: str
+    hardware: str
+    description: str = ""
+    timing: Timing = field(default_factory=Timing)
+    weights: Weights = field(default_factory=Weights)
+    neuron: Neuron = field(default_factory=Neuron)
+    cores: Cores = field(default_factory=Cores, metadata={"kinds": DIGITAL})
+    crossbar: Crossbar = field(default_factory=Crossbar, metadata={"kinds": CROSSBAR})
+    converter: Converter = field(default_factory=Converter, metadata={"kinds": CROSSBAR})
+    faults: Faults = field(default_factory=Faults, metadata={"kinds": CROSSBAR})
+    energy: Energy = field(default_factory=Energy)
+    crosscheck: Crosscheck = field(default_factory=Crosscheck)
+    source: str = field(default="", compare=False)
+
+    @property
+    def discrete(self) -> bool:
+        """True when time advances in steps of a layer window."""
+        return self.timing.steps_per_window is not None
+
+    def get(self, key: str) -> Any:
+        """Value of a dotted key, e.g. ``profile.get("crossbar.levels")``."""
+        value: Any = self
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(value) or part not in _field_names(type(value)):
+                raise ProfileError(f"{self.source or self.name}: unknown key '{key}'")
+            value = getattr(value, part)
+        return value
+
+    def with_overrides(
+        self, overrides: dict[str, Any], origin: str = "override"
+    ) -> HardwareProfile:
+        """A new profile with dotted keys replaced, validated like a file."""
+        doc = to_document(self)
+        for key, value in overrides.items():
+            _set_dotted(doc, key, value, origin)
+        return _build(doc, {k: origin for k in overrides}, self.source or origin)
+
+    def to_dict(self) -> dict:
+        return to_document(self)
+
+
+PROFILE_SECTIONS = {
+    f.name: f.type
+    for f in fields(HardwareProfile)
+    if f.name not in ("name", "hardware", "description", "source")
+}
+
+
+def _field_names(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
+
+
+def to_document(profile: HardwareProfile) -> dict:
+    """The profile as a plain nested dict (its YAML form without ``extends``), holding
+    only the sections and keys that apply to its hardware."""
+
+    def section(obj) -> dict:
+        out = {}
+        for f in fields(obj):
+            if profile.hardware not in f.metadata.get("kinds", HARDWARE_KINDS):
+                continue
+            if f.name == "generic" and profile.crossbar.device_model != "generic":
+                continue
+            value = getattr(obj, f.name)
+            out[f.name] = section(value) if dataclasses.is_dataclass(value) else value
+        return out
+
+    doc = {"name": profile.name, "hardware": profile.hardware, "description": profile.description}
+    for name in PROFILE_SECTIONS:
+        f = _field_names(HardwareProfile)[name]
+        if profile.hardware in f.metadata.get("kinds", HARDWARE_KINDS):
+            doc[name] = section(getattr(profile, name))
+    return doc
+
+
+def _set_dotted(doc: dict, key: str, value, origin: str) -> None:
+    """Set a dotted key of the schema in a profile document, creating sections as needed
+    (whether the key applies to the hardware is checked when the document is built)."""
+    if key not in {row[0] for row in describe_keys()}:
+        raise ProfileError(f"{origin}: unknown key '{key}'")
+    parts = key.split(".")
+    node = doc
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _type_name(annotation: str) -> tuple[type, bool]:
+    """(base type, nullable) from a field annotation string such as 'int | None'."""
+    text = str(annotation).replace(" ", "")
+    nullable = text.endswith("|None")
+    base = text.removesuffix("|None")
+    return {"int": int, "float": float, "bool": bool, "str": str}[base], nullable
+
+
+def _check_value(where: str, f: dataclasses.Field, value):
+    base, nullable = _type_name(f.type)
+    if value is None:
+        if nullable:
+            return None
+        raise ProfileError(f"{where}: must not be null")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ProfileError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise ProfileError(f"{where}: expected a string, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ProfileError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProfileError(f"{where}: expected a number, got {value!r}")
+    if base is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ProfileError(f"{where}: expected an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProfileError(f"{where}: must be finite, got {value!r}")
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None and (value < lo or (f.metadata.get("exclusive_min") and value == lo)):
+        relation = ">" if f.metadata.get("exclusive_min") else ">="
+        raise ProfileError(f"{where}: must be {relation} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ProfileError(f"{where}: must be <= {hi}, got {value}")
+    return value
+
+
+def _build_section(cls, data, prefix: str, kind: str, files: dict[str, str], default_file: str):
+    if not isinstance(data, dict):
+        raise ProfileError(f"{files.get(prefix, default_file)}: '{prefix}' must be a mapping")
+    known = _field_names(cls)
+    values = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}"
+        where = f"{files.get(dotted, default_file)}: '{dotted}'"
+        if key not in known:
+            raise ProfileError(f"{where}: unknown key; known: {', '.join(known)}")
+        f = known[key]
+        kinds = f.metadata.get("kinds", HARDWARE_KINDS)
+        if kind not in kinds:
+            raise ProfileError(
+                f"{where}: does not apply to {kind} hardware (only to {', '.join(kinds)})"
+            )
+        if dataclasses.is_dataclass(
+            f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        ):
+            values[key] = _build_section(
+                f.default_factory, value, dotted, kind, files, default_file
+            )
+        else:
+            values[key] = _check_value(where, f, value)
+    return cls(**values)
+
+
+def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfile:
+    """Validate a merged profile document; ``files`` maps dotted keys to the file that set them."""
+    for key in ("name", "hardware"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise ProfileError(
+                f"{files.get(key, default_file)}: '{key}' must be a non-empty string"
+            )
+    kind = doc["hardware"]
+    if kind not in HARDWARE_KINDS:
+        raise ProfileError(
+            f"{files.get('hardware', default_file)}: 'hardware': {kind!r} is not one of "
+            f"{', '.join(HARDWARE_KINDS)}"
+        )
+    top = {"name", "hardware", "description", *PROFILE_SECTIONS}
+    for key in doc:
+        if key not in top:
+            raise ProfileError(
+                f"{files.get(key, default_file)}: '{key}': unknown key; known: {', '.join(sorted(top))}"
+            )
+    sections = {}
+    for name, f in _field_names(HardwareProfile).items():
+        if name not in PROFILE_SECTIONS or name not in doc:
+            continue
+        kinds = f.metadata.get("kinds", HARDWARE_KINDS)
+        section_cls = f.default_factory
+        if kind not in kinds:
+            raise ProfileError(
+                f"{files.get(name, default_file)}: '{name}': does not apply to {kind} hardware"
+            )
+        sections[name] = _build_section(section_cls, doc[name], name, kind, files, default_file)
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ProfileError(f"{default_file}: 'description' must be a string")
+    profile = HardwareProfile(
+        name=doc["name"], hardware=kind, description=description, source=default_file, **sections
+    )
+    _check_consistency(profile, files, default_file)
+    return profile
+
+
+def _check_consistency(p: HardwareProfile, files: dict[str, str], default_file: str) -> None:
+    def fail(key: str, message: str):
+        raise ProfileError(f"{files.get(key, default_file)}: '{key}': {message}")
+
+    if p.hardware == "ideal":
+        if p.timing.steps_per_window is not None:
+            fail("timing.steps_per_window", "ideal hardware runs in continuous time")
+    if p.hardware == "digital":
+        if p.timing.steps_per_window is None:
+            fail("timing.steps_per_window", "digital hardware needs a number of steps")
+        if p.timing.time_unit_s is not None:
+            fail("timing.time_unit_s", "digital hardware is timed by timing.step_time_s")
+    if p.discrete and p.timing.step_time_s is None:
+        fail("timing.step_time_s", "required with timing.steps_per_window")
+    if not p.discrete and p.timing.step_time_s is not None:
+        fail("timing.step_time_s", "applies only with timing.steps_per_window")
+    if p.hardware == "crossbar":
+        if p.crossbar.g_min_us >= p.crossbar.g_max_us:
+            fail("crossbar.g_min_us", f"must be below crossbar.g_max_us ({p.crossbar.g_max_us})")
+        if p.faults.stuck_on + p.faults.stuck_off > 1:
+            fail("faults.stuck_off", "faults.stuck_on + faults.stuck_off exceeds 1")
+        if p.crossbar.device_model == "pcm" and "crossbar.generic" in _keys_set(files):
+            fail("crossbar.generic", "applies only with crossbar.device_model: generic")
+
+
+def _keys_set(files: dict[str, str]) -> set[str]:
+    """Dotted keys and all their parent sections that some file set."""
+    keys = set()
+    for dotted in files:
+        parts = dotted.split(".")
+        keys.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return keys
+
+
+def _merge(base: dict, over: dict, files: dict[str, str], file: str, prefix: str = "") -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, files, file, f"{dotted}.")
+        else:
+            out[key] = value
+            _mark(files, dotted, value, file)
+    return out
+
+
+def _mark(files: dict[str, str], dotted: str, value, file: str) -> None:
+    files[dotted] = file
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _mark(files, f"{dotted}.{key}", sub, file)
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A profile file path, or the name of a shipped profile in hardware_profiles/."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ProfileError(f"{path}: profile file does not exist")
+        return path
+    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    raise ProfileError(f"{name_or_path}: no such profile (shipped: {', '.join(names)})")
+
+
+def _read_document(path: Path, files: dict[str, str], chain: tuple[Path, ...]) -> dict:
+    if path.resolve() in chain:
+        raise ProfileError(f"{path}: 'extends' forms a cycle")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ProfileError(
+            f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{path}: expected a mapping at top level")
+    parent = doc.pop("extends", None)
+    base: dict = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ProfileError(f"{path}: 'extends' must be a profile name or path")
+        parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else parent
+        base = _read_document(resolve_profile_path(parent_path), files, chain + (path.resolve(),))
+        base.pop("name", None)
+        base.pop("description", None)
+    return _merge(base, doc, files, str(path))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Load and validate a hardware profile by shipped name (``"pcm"``) or file path."""
+    path = resolve_profile_path(name_or_path)
+    files: dict[str, str] = {}
+    doc = _read_document(path, files, ())
+    return _build(doc, files, str(path))
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, kinds, meaning) of every profile key, for documentation."""
+    rows = []
+
+    def walk(cls, prefix):
+        for f in fields(cls):
+            if f.name in ("name", "hardware", "description", "source"):
+                continue
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+                f.default_factory
+            ):
+                walk(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                rows.append(
+                    (
+                        f"{prefix}{f.name}",
+                        ",".join(f.metadata.get("kinds", ())),
+                        f.metadata.get("doc", ""),
+                    )
+                )
+
+    walk(HardwareProfile, "")
+    return rows
