@@ -380,6 +380,6 @@ def convert(
         input_range=net.input_range,
         stages=tuple(stages),
         classes=net.classes,
-        calibration_size=int(x_cal.shape[0]),
+        calibration=x_cal,
         source=net,
     )

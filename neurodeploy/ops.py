@@ -23,20 +23,29 @@ def _windows(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
     return view[:, :, ::stride, ::stride]
 
 
+def im2col(x: np.ndarray, kernel: int, stride: int = 1, padding: int = 0):
+    """Patches of x (N, C, H, W) as rows: returns (N*Ho*Wo, C*k*k), Ho, Wo.
+
+    Row order is (n, ho, wo); column order (c, kh, kw) matches a conv weight
+    (O, C, k, k) reshaped to (O, C*k*k): one kernel per crossbar column.
+    """
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    patches = _windows(x, kernel, stride)  # (N, C, Ho, Wo, k, k)
+    n, c, ho, wo = patches.shape[:4]
+    cols = patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kernel * kernel)
+    return cols, ho, wo
+
+
 def conv2d(x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0) -> np.ndarray:
     """Cross-correlation without bias, as in PyTorch/ONNX Conv.
 
     x: (N, C, H, W); weight: (O, C, k, k). Returns (N, O, Ho, Wo). Zero padding.
     """
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    out_ch, in_ch, k, _ = weight.shape
-    patches = _windows(x, k, stride)  # (N, C, Ho, Wo, k, k)
-    n, _, ho, wo = patches.shape[:4]
-    # im2col: (N*Ho*Wo, C*k*k) @ (C*k*k, O) is one BLAS product.
-    cols = patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, in_ch * k * k)
-    out = cols @ weight.reshape(out_ch, -1).T
-    return out.reshape(n, ho, wo, out_ch).transpose(0, 3, 1, 2)
+    out_ch, _, k, _ = weight.shape
+    cols, ho, wo = im2col(x, k, stride, padding)
+    out = cols @ weight.reshape(out_ch, -1).T  # im2col: one BLAS product
+    return out.reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
 
 
 def maxpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:

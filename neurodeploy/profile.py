@@ -220,12 +220,12 @@ class Converter:
             "output ADC resolution (bits); null = ideal", minimum=1, maximum=32, kinds=CROSSBAR
         ),
     )
-    adc_full_scale: float = field(
+    adc_headroom: float = field(
         default=1.0,
         metadata=_spec(
-            "ADC range as a fraction of a tile column's largest possible sum",
+            "ADC full scale as a multiple of the largest |column sum| of its tile on "
+            "the calibration set",
             minimum=0,
-            maximum=1,
             exclusive_min=True,
             kinds=CROSSBAR,
         ),
@@ -450,9 +450,9 @@ def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfi
     top = {"name", "hardware", "description", *PROFILE_SECTIONS}
     for key in doc:
         if key not in top:
-            raise ProfileError(
-                f"{files.get(key, default_file)}: '{key}': unknown key; known: {', '.join(sorted(top))}"
-            )
+            known = ", ".join(sorted(top))
+            where = files.get(key, default_file)
+            raise ProfileError(f"{where}: '{key}': unknown key; known: {known}")
     sections = {}
     for name, f in _field_names(HardwareProfile).items():
         if name not in PROFILE_SECTIONS or name not in doc:

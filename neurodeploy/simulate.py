@@ -46,21 +46,30 @@ def encode_input(snn: TTFSNetwork, x) -> tuple[np.ndarray, int]:
     return t, outside
 
 
-def _values(t: np.ndarray, t_end: float) -> np.ndarray:
+def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
     """Values t_end - t of spikes in a window ending at t_end; silent neurons (inf) give 0."""
     values = np.subtract(t_end, t)  # inf -> -inf; spikes before t_end give >= 0
     return np.maximum(values, 0.0, out=values)
 
 
 def _b1_layer(layer: SpikingLayer, t_in: np.ndarray) -> tuple[np.ndarray, int]:
-    v = apply_synapses(layer.synapses, _values(t_in, layer.t_min))  # V(t_min)
-    # From t_min the membrane rises with slope 1: it reaches theta at t_min + theta - V.
+    v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
+    return b1_fire(layer, v)
+
+
+def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int]:
+    """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten).
+
+    From t_min the membrane rises with slope 1: it reaches theta at
+    t_min + theta - v; a neuron already above threshold fires at once (counted
+    as saturated), one that would need longer than its window stays silent.
+    """
     t_fire = np.subtract(layer.t_min + layer.threshold, v, out=v)
     early = 0
     if t_fire.min(initial=np.inf) < layer.t_min:
         early = int(np.count_nonzero(t_fire < layer.t_min))
-        np.maximum(t_fire, layer.t_min, out=t_fire)  # already above threshold: fires at once
-    _silence_from(t_fire, layer.t_max)  # never reaches threshold in its window: no spike
+        np.maximum(t_fire, layer.t_min, out=t_fire)
+    _silence_from(t_fire, layer.t_max)
     return t_fire, early
 
 
@@ -108,40 +117,55 @@ def _alpha1_layer(layer: SpikingLayer, t_in: np.ndarray) -> tuple[np.ndarray, in
     return t_out.reshape(n, *layer.output_shape), early
 
 
-def _time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
+def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
     """Earliest spike per window (latest for sign -1 channels); inf stays silent."""
     s = pool.sign[None, :, None, None]
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride) * s
 
 
-def _output_layer(layer: OutputLayer, t_in: np.ndarray) -> np.ndarray:
-    potential = apply_synapses(layer.synapses, _values(t_in, layer.t_read))
+def output_potential(layer: OutputLayer, t_in: np.ndarray) -> np.ndarray:
+    potential = apply_synapses(layer.synapses, spike_values(t_in, layer.t_read))
     return (potential + layer.bias).reshape(t_in.shape[0], -1)
+
+
+def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, output_layer):
+    """Run every stage in order; the backends supply how each kind of stage computes.
+
+    spiking_layer(stage, t_in) -> (t_out, saturated neurons); time_pool(stage, t_in)
+    -> t_out; output_layer(stage, t_in) -> logits (N, classes). Spike times are
+    in time units with inf for silence. Returns (logits, spike_times, saturated).
+    """
+    spike_times = {"input": t_input}
+    saturated = {}
+    t = t_input
+    output = None
+    for stage in snn.stages:
+        if isinstance(stage, SpikingLayer):
+            t, saturated[stage.name] = spiking_layer(stage, t)
+        elif isinstance(stage, TimePool):
+            t = time_pool(stage, t)
+        else:
+            output = output_layer(stage, t)
+            break
+        spike_times[stage.name] = t
+    return output, spike_times, saturated
+
+
+def neuron_layers(snn: TTFSNetwork) -> tuple[str, ...]:
+    """Names of the stages whose neurons spike: the input and the hidden layers."""
+    return ("input", *(s.name for s in snn.spiking_layers))
 
 
 def simulate(snn: TTFSNetwork, x) -> Trace:
     """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`."""
     t, outside = encode_input(snn, x)
-    n = t.shape[0]
-    spike_times = {"input": t}
-    saturated = {"input": outside}
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
-    output = None
-    for stage in snn.stages:
-        if isinstance(stage, SpikingLayer):
-            t, early = layer_step(stage, t)
-            saturated[stage.name] = early
-        elif isinstance(stage, TimePool):
-            t = _time_pool(stage, t)
-        else:
-            output = _output_layer(stage, t)
-            break
-        spike_times[stage.name] = t
+    output, spike_times, saturated = run_stages(snn, t, layer_step, time_pool, output_potential)
     return Trace(
         output=output,
         spike_times=spike_times,
-        neuron_layers=("input", *(s.name for s in snn.spiking_layers)),
-        saturated_per_layer=saturated,
-        latency=np.full(n, snn.latency),
+        neuron_layers=neuron_layers(snn),
+        saturated_per_layer={"input": outside, **saturated},
+        latency=np.full(t.shape[0], snn.latency),
         backend="reference",
     )

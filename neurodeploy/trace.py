@@ -29,6 +29,12 @@ class Trace:
     saturated_per_layer: the same per stage.
     latency: (N,) time (time units) at which each sample's output was read.
     backend: name of what produced the trace.
+    latency_s, energy_j: (N,) seconds to the output and joules per sample, from
+    the hardware profile (None for the reference simulator).
+    step_size: stage name -> time units per time step, for discrete-time
+    backends (empty in continuous time).
+    overflow: stage name -> count of hardware saturations that are not window
+    saturations (membrane or current clipping, ADC clipping).
     """
 
     output: np.ndarray
@@ -37,7 +43,10 @@ class Trace:
     saturated_per_layer: dict[str, int]
     latency: np.ndarray
     backend: str = "reference"
-    extras: dict = field(default_factory=dict)
+    latency_s: np.ndarray | None = None
+    energy_j: np.ndarray | None = None
+    step_size: dict[str, float] = field(default_factory=dict)
+    overflow: dict[str, int] = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:

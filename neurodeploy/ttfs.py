@@ -135,7 +135,8 @@ class TTFSNetwork:
     neuron: "b1" or "alpha1". zeta: window safety margin. input_range: raw
     input [p, q], rescaled to [0, 1] and encoded as t = 1 - x in the input
     window [0, 1] (b1: zeros do not spike; alpha1: they spike at t = 1).
-    calibration_size: number of samples the windows were calibrated on.
+    calibration: the raw inputs (N, *input_shape) the windows were calibrated
+    on; backends reuse them to calibrate hardware ranges (e.g. ADCs).
     """
 
     name: str
@@ -145,8 +146,12 @@ class TTFSNetwork:
     input_range: tuple[float, float]
     stages: tuple[Stage, ...]
     classes: tuple[str, ...] | None = None
-    calibration_size: int = 0
+    calibration: np.ndarray | None = field(default=None, repr=False)
     source: object = field(default=None, repr=False)
+
+    @property
+    def calibration_size(self) -> int:
+        return 0 if self.calibration is None else int(self.calibration.shape[0])
 
     @property
     def output(self) -> OutputLayer:

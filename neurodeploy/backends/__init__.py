@@ -1,0 +1,1 @@
+"""Hardware backends; each module is registered in :data:`neurodeploy.deploy.BACKENDS`."""

@@ -1,0 +1,447 @@
+"""Memristive crossbar backend: weights as differential conductance pairs.
+
+Mapping. Each layer's dense/conv weights become a matrix W (rows = inputs,
+columns = outputs); a convolution is unrolled the way crossbars run it: one
+kernel per column, and every output position is one read of the array with
+its input patch on the word lines (im2col). Average pooling and flattening in
+front of a layer stay in the digital periphery. W maps onto pairs
+G+ - G- in [g_min, g_max] with W = (G+ - G-) w_max / (g_max - g_min).
+A matrix larger than a tile (``tile_rows`` x ``tile_cols``) is split; the
+partial sums of the row tiles are digitised separately and added.
+
+Programming (once, at ``deploy``; each effect with its own seeded stream per
+layer, and each switchable): quantisation to ``levels`` conductances,
+device-to-device variability (a fixed relative gain per device), programming
+noise, drift G(t) = G_prog (t / t0)^-nu with t = t_inference + t0, t0 = 20 s,
+and a per-device nu, stuck-at-on (g_max) and stuck-at-off (g_min) faults.
+With ``device_model: pcm`` the statistics are IBM aihwkit's PCMLikeNoiseModel
+(see hardware_profiles/pcm.yaml for the formulas); ``generic`` uses the
+Gaussian figures of the profile. Global drift compensation rescales each
+layer's output by the ratio of its mean |G+ - G-| just after programming to
+the one at inference time (aihwkit's GlobalDriftCompensation readout).
+
+Reads. In TTFS a spike at t_j drives its word line from t_j to the end of
+the window, so one layer window is one read of the array per output position
+(one analog multiply-accumulate over pulse durations). Read noise is drawn
+per read: every read sees a fresh Gaussian fluctuation of every device. Its
+effect on a column is drawn exactly rather than device by device: the sum of
+independent Gaussians x_j dG_ij is Gaussian with variance sum_j x_j^2 sigma_ij^2,
+which costs one extra product instead of rows x columns draws per read. The
+per-read sigma is aihwkit's 1/f read noise at the inference time (aihwkit
+draws it once per time point; a per-read draw is the stricter model and what
+repeated inferences on one chip see). DAC: pulse durations take 2^dac_bits - 1
+levels over the input window. ADC: each row tile's column sums are quantised
+to 2^adc_bits - 1 symmetric levels over +-(adc_headroom x the largest |sum| of
+that tile column on the network's calibration set, read noise-free at
+deployment, as chips calibrate their converters); clipped sums are counted in
+``trace.overflow``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .. import ops
+from ..deploy import Deployment
+from ..errors import DeployError
+from ..network import Conv2d
+from ..profile import Converter, Crossbar, Faults
+from ..simulate import (
+    b1_fire,
+    encode_input,
+    neuron_layers,
+    run_stages,
+    simulate,
+    spike_values,
+    time_pool,
+)
+from ..trace import Trace
+from ..ttfs import OutputLayer, SpikingLayer, apply_synapses
+from .common import child_rng, encode_on_grid, require_b1, step_sizes
+
+# aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
+# et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
+# drift fit time t0, drift-exponent fit, 1/f read-noise fit.
+PCM_PROG_COEFF = (0.26348, 1.9650, -1.1731)
+PCM_PROG_G_MAX_REFERENCE_US = 25.0
+DRIFT_T0_S = 20.0
+PCM_NU_MEAN = (-0.0155, 0.0244, 0.049, 0.1)  # mu = clip(a ln g + b, lo, hi)
+PCM_NU_STD = (-0.0125, -0.0059, 0.008, 0.045)
+PCM_G_REL_MIN = 1e-7
+PCM_READ_Q = (0.0088, 0.65, 1e-3, 0.2)  # q_s = min(a / max(g^b, c), d)
+
+# Stream purposes: every random effect draws from its own stream per layer.
+_VARIABILITY, _PROGRAMMING, _DRIFT, _FAULTS, _READ = range(5)
+
+# The device of the ``ideal`` profile: continuous conductances, nothing random.
+_IDEAL_CROSSBAR = Crossbar(
+    device_model="generic",
+    prog_noise_scale=0.0,
+    read_noise_scale=0.0,
+    drift_scale=0.0,
+    tile_rows=2**31 - 1,
+    tile_cols=2**31 - 1,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class _Tile:
+    rows: slice
+    g_pos: np.ndarray  # (r, cols) conductance at inference time (uS)
+    g_neg: np.ndarray
+    read_var: np.ndarray | None  # (r, cols) sigma+^2 + sigma-^2 per read (uS^2)
+    adc_step: np.ndarray | None  # (cols,) value of one ADC level (uS x time units)
+    adc_max_code: int
+
+
+@dataclass(frozen=True, eq=False)
+class _CrossbarLayer:
+    name: str
+    pre_ops: tuple  # digital average pooling / flattening before the array
+    conv: Conv2d | None  # unrolled convolution geometry (None: dense)
+    rows: int
+    cols: int
+    tiles: tuple[_Tile, ...]
+    col_tiles: int
+    weight_scale: float  # w_max / (g_max - g_min): weight per uS
+    compensation: float  # global drift compensation factor (1 without)
+    input_range: float  # longest input pulse (the input window, time units)
+    row_conductance: np.ndarray  # (rows,) sum of G+ + G- over columns, for read energy
+    positions: int  # reads per sample (output positions)
+
+
+def _weight_matrix(affine) -> np.ndarray:
+    if isinstance(affine, Conv2d):
+        return affine.weight.reshape(affine.weight.shape[0], -1).T  # (C*k*k, O)
+    return affine.weight.T  # (in, out)
+
+
+def _quantise_levels(g: np.ndarray, cb: Crossbar) -> np.ndarray:
+    if cb.levels is None:
+        return g
+    span = cb.g_max_us - cb.g_min_us
+    steps = cb.levels - 1
+    return cb.g_min_us + np.rint((g - cb.g_min_us) / span * steps) * (span / steps)
+
+
+def _programming_sigma(g_target: np.ndarray, cb: Crossbar) -> np.ndarray:
+    if cb.device_model == "generic":
+        return np.full_like(g_target, cb.generic.prog_sigma_us)
+    rel = g_target / cb.g_max_us
+    c0, c1, c2 = PCM_PROG_COEFF
+    return (c0 + c1 * rel + c2 * rel**2) * (cb.g_max_us / PCM_PROG_G_MAX_REFERENCE_US)
+
+
+def _drift_exponents(g_target: np.ndarray, cb: Crossbar, rng) -> np.ndarray:
+    if cb.device_model == "generic":
+        mean = np.full_like(g_target, cb.generic.drift_nu_mean)
+        std = np.full_like(g_target, cb.generic.drift_nu_std)
+    else:
+        log_g = np.log(np.maximum(np.abs(g_target / cb.g_max_us), PCM_G_REL_MIN))
+        a, b, lo, hi = PCM_NU_MEAN
+        mean = np.clip(a * log_g + b, lo, hi)
+        a, b, lo, hi = PCM_NU_STD
+        std = np.clip(a * log_g + b, lo, hi)
+    return np.abs(mean + std * rng.standard_normal(g_target.shape)) * cb.drift_scale
+
+
+def _read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarray:
+    if cb.device_model == "generic":
+        return cb.generic.read_sigma_rel * np.abs(g_now) * cb.read_noise_scale
+    a, b, c, d = PCM_READ_Q
+    q_s = np.minimum(a / np.maximum((np.abs(g_prog) / cb.g_max_us) ** b, c), d)
+    t = cb.t_inference_s + DRIFT_T0_S
+    return (
+        np.abs(g_now)
+        * q_s
+        * np.sqrt(np.log((t + cb.t_read_s) / (2 * cb.t_read_s)))
+        * cb.read_noise_scale
+    )
+
+
+def _program(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int):
+    """Target, programmed and inference-time conductance pairs for W (rows, cols)."""
+    span = cb.g_max_us - cb.g_min_us
+    w_max = float(np.abs(w).max()) or 1.0
+    target = [
+        _quantise_levels(cb.g_min_us + span * np.maximum(sign * w, 0.0) / w_max, cb)
+        for sign in (1.0, -1.0)
+    ]
+    rng = {p: child_rng(seed, p, layer) for p in (_VARIABILITY, _PROGRAMMING, _DRIFT, _FAULTS)}
+    programmed, now = [], []
+    fault_u = rng[_FAULTS].random((2, *w.shape))
+    for i, g_t in enumerate(target):
+        g = g_t
+        if cb.variability > 0:
+            g = g * (1.0 + cb.variability * rng[_VARIABILITY].standard_normal(g.shape))
+        if cb.prog_noise_scale > 0:
+            noise = rng[_PROGRAMMING].standard_normal(g.shape)
+            g = g + cb.prog_noise_scale * _programming_sigma(g_t, cb) * noise
+        g = np.maximum(g, 0.0)
+        nu = _drift_exponents(g_t, cb, rng[_DRIFT]) if cb.drift_scale > 0 else None
+        t = cb.t_inference_s + DRIFT_T0_S
+        g_now = g * (t / DRIFT_T0_S) ** (-nu) if nu is not None and t > DRIFT_T0_S else g
+        on = fault_u[i] < faults.stuck_on
+        off = (fault_u[i] >= faults.stuck_on) & (fault_u[i] < faults.stuck_on + faults.stuck_off)
+        g = np.where(on, cb.g_max_us, np.where(off, cb.g_min_us, g))
+        g_now = np.where(on, cb.g_max_us, np.where(off, cb.g_min_us, g_now))
+        programmed.append(g)
+        now.append(g_now)
+    return target, programmed, now, w_max / span
+
+
+class CrossbarDeployment(Deployment):
+    """A TTFS network on memristive crossbars; see the module docstring."""
+
+    backend = "crossbar"
+    hardware_kinds = ("ideal", "crossbar")
+
+    def __init__(self, snn, profile, seed: int = 0):
+        super().__init__(snn, profile, seed)
+        require_b1(snn, self.backend)
+        ideal = profile.hardware == "ideal"
+        self.device = _IDEAL_CROSSBAR if ideal else profile.crossbar
+        self.converter = Converter() if ideal else profile.converter
+        self.faults = Faults() if ideal else profile.faults
+        self.steps = profile.timing.steps_per_window
+        self.step_size = step_sizes(snn, self.steps) if self.steps else {}
+        self.layers: dict[str, _CrossbarLayer] = {}
+        calibration_inputs = self._calibration_inputs() if self.converter.adc_bits else {}
+        index = 0
+        for stage in snn.stages:
+            if isinstance(stage, (SpikingLayer, OutputLayer)):
+                self.layers[stage.name] = self._map_layer(
+                    stage, index, calibration_inputs.get(stage.name)
+                )
+                index += 1
+        self._last_energy: float | None = None
+
+    def _calibration_inputs(self) -> dict[str, np.ndarray]:
+        """Input values of every layer on the calibration set (reference SNN), for the ADCs."""
+        if self.snn.calibration is None:
+            raise DeployError(
+                "the network carries no calibration data to range the ADCs; "
+                "convert it with convert(net, calibration=...)"
+            )
+        trace = simulate(self.snn, self.snn.calibration)
+        inputs, previous = {}, "input"
+        for stage in self.snn.stages:
+            if isinstance(stage, (SpikingLayer, OutputLayer)):
+                end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
+                inputs[stage.name] = spike_values(trace.spike_times[previous], end)
+            previous = stage.name
+        return inputs
+
+    @staticmethod
+    def _patches(pre_ops, conv: Conv2d | None, values: np.ndarray):
+        """Word-line inputs of one layer: (reads, rows), and the output map size for convs."""
+        x = apply_synapses(pre_ops, values) if pre_ops else values
+        if conv is not None:
+            return ops.im2col(x, conv.kernel, conv.stride, conv.padding)
+        return x.reshape(x.shape[0], -1), None, None
+
+    def _map_layer(self, stage, index: int, calibration_values) -> _CrossbarLayer:
+        cb, conv_cfg = self.device, self.converter
+        *pre_ops, affine = stage.synapses
+        w = _weight_matrix(affine)
+        rows, cols = w.shape
+        target, programmed, now, weight_scale = _program(w, cb, self.faults, self.seed, index)
+        compensation = 1.0
+        if cb.drift_compensation:
+            reference = np.abs(programmed[0] - programmed[1]).mean()
+            current = np.abs(now[0] - now[1]).mean()
+            compensation = float(reference / current) if current > 0 else 1.0
+        window = (
+            stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
+        ) - stage.t_min_prev
+        read_var = None
+        if cb.read_noise_scale > 0:
+            read_var = (
+                _read_sigma(now[0], programmed[0], cb) ** 2
+                + _read_sigma(now[1], programmed[1], cb) ** 2
+            )
+        conv = affine if isinstance(affine, Conv2d) else None
+        patches = None
+        if calibration_values is not None:
+            patches = self._patches(tuple(pre_ops), conv, calibration_values)[0]
+        tiles = []
+        diff_target = target[0] - target[1]
+        for lo in range(0, rows, cb.tile_rows):
+            sl = slice(lo, min(rows, lo + cb.tile_rows))
+            adc_step, max_code = None, 0
+            if conv_cfg.adc_bits is not None:
+                largest = np.abs(patches[:, sl] @ diff_target[sl]).max(axis=0)
+                max_code = 2 ** (conv_cfg.adc_bits - 1) - 1
+                adc_step = conv_cfg.adc_headroom * largest / max(max_code, 1)
+            tiles.append(
+                _Tile(
+                    sl,
+                    now[0][sl],
+                    now[1][sl],
+                    None if read_var is None else read_var[sl],
+                    adc_step,
+                    max_code,
+                )
+            )
+        positions = int(np.prod(stage.output_shape[1:])) if conv is not None else 1
+        return _CrossbarLayer(
+            name=stage.name,
+            pre_ops=tuple(pre_ops),
+            conv=conv,
+            rows=rows,
+            cols=cols,
+            tiles=tuple(tiles),
+            col_tiles=-(-cols // cb.tile_cols),
+            weight_scale=weight_scale,
+            compensation=compensation,
+            input_range=window,
+            row_conductance=(now[0] + now[1]).sum(axis=1),
+            positions=positions,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+    def _read(self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict):
+        """Analog multiply-accumulate of one layer, values (N, *input) -> (N, *output).
+
+        No bias: a spiking layer's bias is in its threshold; the output layer adds it."""
+        n = values.shape[0]
+        patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
+        dac_bits = self.converter.dac_bits
+        if dac_bits is not None:
+            levels = 2**dac_bits - 1
+            unit = layer.input_range / levels
+            patches = np.clip(np.rint(patches / unit), 0, levels) * unit
+        out = np.zeros((patches.shape[0], layer.cols))
+        clipped = 0
+        for tile in layer.tiles:
+            xr = patches[:, tile.rows]
+            part = xr @ (tile.g_pos - tile.g_neg)
+            if tile.read_var is not None:
+                part += np.sqrt((xr * xr) @ tile.read_var) * rng.standard_normal(part.shape)
+            if tile.adc_step is not None:
+                step = np.where(tile.adc_step > 0, tile.adc_step, 1.0)
+                code = np.rint(part / step)
+                clipped += int(np.count_nonzero(np.abs(code) > tile.adc_max_code))
+                part = np.clip(code, -tile.adc_max_code, tile.adc_max_code) * step
+                part[:, tile.adc_step <= 0] = 0.0
+            out += part
+        stats["overflow"][layer.name] = clipped
+        stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
+        out *= layer.weight_scale * layer.compensation
+        if layer.conv is not None:
+            out = out.reshape(n, ho, wo, layer.cols).transpose(0, 3, 1, 2)
+        return out
+
+    def run(self, x, read_seed: int = 0) -> Trace:
+        """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
+        (same deployment seed and read_seed, same bits)."""
+        snn = self.snn
+        t_input, outside = encode_input(snn, x)
+        if self.steps:
+            x01 = np.where(np.isfinite(t_input), 1.0 - t_input, 0.0)
+            t_input = encode_on_grid(x01, self.steps)
+        n = t_input.shape[0]
+        stats = {"overflow": {}, "read_charge": np.zeros(n)}
+        rngs = {
+            name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
+        }
+
+        def spiking(stage: SpikingLayer, t_in):
+            v = self._read(
+                self.layers[stage.name], spike_values(t_in, stage.t_min), rngs[stage.name], stats
+            )
+            if not self.steps:
+                return b1_fire(stage, v)
+            dt = self.step_size[stage.name]
+            m = np.ceil((stage.threshold - dt / 2 - v) / dt)  # nearest step of t_min + theta - v
+            early = int(np.count_nonzero(stage.threshold - v < 0))
+            np.maximum(m, 0.0, out=m)
+            t = stage.t_min + m * dt
+            t[m >= self.steps] = np.inf
+            return t, early
+
+        def output(stage: OutputLayer, t_in):
+            v = self._read(
+                self.layers[stage.name], spike_values(t_in, stage.t_read), rngs[stage.name], stats
+            )
+            return (v + stage.bias).reshape(n, -1)
+
+        logits, spike_times, saturated = run_stages(snn, t_input, spiking, time_pool, output)
+        trace = Trace(
+            output=logits,
+            spike_times=spike_times,
+            neuron_layers=neuron_layers(snn),
+            saturated_per_layer={"input": outside, **saturated},
+            latency=np.full(n, snn.latency),
+            backend=self.backend,
+            step_size=dict(self.step_size),
+            overflow=stats["overflow"],
+        )
+        energy = self._energy(trace, stats["read_charge"])
+        self._last_energy = float(energy.mean()) if n else None
+        return replace(trace, latency_s=np.full(n, self._latency_s()), energy_j=energy)
+
+    def _seconds_per_time_unit(self) -> float:
+        timing = self.profile.timing
+        if self.steps:
+            # A time unit lasts 1 / dt steps; use the input window's grid (dt = 1 / K).
+            return timing.step_time_s * self.steps
+        return timing.time_unit_s
+
+    def _latency_s(self) -> float:
+        timing = self.profile.timing
+        if self.steps:
+            return (1 + len(self.snn.spiking_layers)) * self.steps * timing.step_time_s
+        return self.snn.latency * timing.time_unit_s
+
+    def _energy(self, trace: Trace, read_charge: np.ndarray) -> np.ndarray:
+        """Device reads V^2 G t + ADC and DAC conversions + routed spikes, per sample (J)."""
+        e = self.profile.energy
+        cb = self.device
+        read_j = cb.v_read_v**2 * 1e-6 * read_charge * self._seconds_per_time_unit()
+        conversions = sum(
+            layer.positions * layer.cols * len(layer.tiles) for layer in self.layers.values()
+        )
+        dac = sum(layer.positions * layer.rows for layer in self.layers.values())
+        fixed = 0.0
+        if self.converter.adc_bits is not None:
+            fixed += conversions * e.adc_conversion_j
+        if self.converter.dac_bits is not None:
+            fixed += dac * e.dac_conversion_j
+        return read_j + fixed + trace.spike_count * e.spike_j
+
+    def summary(self) -> dict:
+        cb = self.device
+        layers = []
+        for layer in self.layers.values():
+            tiles = len(layer.tiles) * layer.col_tiles
+            layers.append(
+                {
+                    "name": layer.name,
+                    "rows": layer.rows,
+                    "cols": layer.cols,
+                    "devices": 2 * layer.rows * layer.cols,
+                    "tiles": tiles,
+                    "utilisation": layer.rows * layer.cols / (tiles * cb.tile_rows * cb.tile_cols),
+                    "reads_per_inference": layer.positions,
+                    "adc_conversions_per_inference": (
+                        layer.positions * layer.cols * len(layer.tiles)
+                        if self.converter.adc_bits is not None
+                        else 0
+                    ),
+                    "weight_per_us": layer.weight_scale,
+                    "drift_compensation": layer.compensation,
+                    "levels": cb.levels,
+                }
+            )
+        return {
+            "backend": self.backend,
+            "profile": self.profile.name,
+            "hardware": self.profile.hardware,
+            "layers": layers,
+            "tiles": sum(layer["tiles"] for layer in layers),
+            "latency_s": self._latency_s(),
+            "energy_j_per_inference": self._last_energy,
+        }

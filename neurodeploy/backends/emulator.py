@@ -1,0 +1,353 @@
+"""Discrete-time fixed-point emulator of a Loihi-style digital core (b1 neuron).
+
+The arithmetic is the integer arithmetic a chip does, vectorised over the
+batch (integers are held exactly in float64, < 2^53, so BLAS does the sums):
+
+- weights: ``weights.bits`` signed mantissas w with one power-of-two exponent e
+  per layer (W ~ w 2^e), scaled into the membrane by a left shift s:
+  w_q = w 2^s; average pools become sum pools with 1/k^2 folded into W;
+- inputs: a spike at step k of the previous window is an input of d = K - k
+  steps; during that window the synaptic current I grows by w_q at the spike
+  and the membrane V adds I every step, so at the window's end V = sum w_q d;
+- then V rises by the integer ramp R per step and the neuron fires at the
+  first step m with V + m R >= Theta (never again); no spike if m >= K;
+- R = round(dt_n / LSB) and Theta = round((theta - dt_n / 2) / LSB) with
+  LSB = 2^(e - s) dt_(n-1), the value of one membrane unit: the half step
+  makes spike steps round to nearest instead of always late;
+- V and I are signed ``neuron.membrane_bits`` saturating registers. s is the
+  largest shift for which no sum can overflow; when even s = 0 cannot
+  guarantee that, the layer is integrated step by step with saturation.
+
+The output layer does not fire: its membrane, started at the integer bias, is
+read at the end of the last hidden window and scaled by LSB into logits.
+With the ``ideal`` profile the emulator runs the reference simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..deploy import Deployment
+from ..network import Conv2d, Dense
+from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
+from ..trace import Trace
+from ..ttfs import OutputLayer, SpikingLayer, apply_synapses
+from .common import durations, encode_on_grid, fold_average_pools, require_b1, step_sizes
+
+# Largest left shift tried when fitting weights into the membrane; 2^16
+# membrane units per ramp step is far beyond any step-time resolution needed.
+_MAX_RAMP_UNITS = 2**16
+
+
+@dataclass(frozen=True, eq=False)
+class _LayerProgram:
+    """One layer as the chip holds it (see the module docstring)."""
+
+    name: str
+    synapses: tuple  # linear ops; the affine one holds w_q = w 2^s (exact integers)
+    indicator: tuple  # the same ops with 1 where a synapse exists: counts synaptic events
+    steps: int
+    dt_in: float  # time units per step of the input window
+    dt: float  # time units per step of the own window (0 for the output layer)
+    lsb: float  # value (time units) of one membrane unit: 2^(e - s) dt_in
+    exponent: int | None  # e (None: float weights)
+    shift: int  # s
+    threshold: np.ndarray | None  # Theta (output shape); None for the output layer
+    ramp: float  # R
+    bias: np.ndarray | None  # output layer: initial membrane (output shape)
+    limit: float | None  # membrane limit 2^(bits-1) - 1 (None: float membrane)
+    stepped: bool  # integrate step by step (saturation possible)
+    synapse_count: int
+    neurons: int
+
+
+def _weight_exponent(w: np.ndarray, bits: int) -> int:
+    """Smallest e with max|w| / 2^e <= 2^(bits-1) - 1 (the shared per-layer exponent)."""
+    largest = float(np.abs(w).max())
+    if largest == 0:
+        return 0
+    top = 2 ** (bits - 1) - 1
+    return int(np.ceil(np.log2(largest / top))) if bits > 1 else int(np.ceil(np.log2(largest)))
+
+
+def _with_weight(op, weight: np.ndarray):
+    return replace(op, weight=weight, bias=np.zeros(weight.shape[0]))
+
+
+def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None) -> _LayerProgram:
+    ops, pool_factor = fold_average_pools(stage.synapses)
+    affine = ops[-1]
+    assert isinstance(affine, (Dense, Conv2d))
+    weight = affine.weight * pool_factor
+    dt_in = (
+        (stage.t_min - stage.t_min_prev)
+        if isinstance(stage, SpikingLayer)
+        else (stage.t_read - stage.t_min_prev)
+    ) / steps
+    is_output = isinstance(stage, OutputLayer)
+    dt = 0.0 if is_output else stage.window / steps
+    indicator = (*ops[:-1], _with_weight(affine, (weight != 0).astype(np.float64)))
+    ones = np.ones((1, *stage.input_shape))
+    synapse_count = int(apply_synapses(indicator, ones).sum())
+    neurons = int(np.prod(stage.output_shape))
+    threshold_phys = None if is_output else stage.threshold - dt / 2
+
+    if bits is None:  # float weights on the step grid: one membrane unit = one input step
+        lsb = dt_in
+        return _LayerProgram(
+            stage.name,
+            (*ops[:-1], _with_weight(affine, weight)),
+            indicator,
+            steps,
+            dt_in,
+            dt,
+            lsb,
+            None,
+            0,
+            None if is_output else threshold_phys / lsb,
+            dt / lsb,
+            stage.bias / lsb if is_output else None,
+            None,
+            False,
+            synapse_count,
+            neurons,
+        )
+
+    exponent = _weight_exponent(weight, bits)
+    top = 2 ** (bits - 1)
+    mantissa = np.clip(np.rint(weight / 2.0**exponent), -top, top - 1)
+    abs_ops = (*ops[:-1], _with_weight(affine, np.abs(mantissa)))
+    worst = float(apply_synapses(abs_ops, ones * steps).max())  # largest |sum w d| in units of w
+    limit = None if membrane_bits is None else float(2 ** (membrane_bits - 1) - 1)
+    ramp_per_unit = dt / (2.0**exponent * dt_in)  # r: ramp in mantissa-step units (shift 0)
+
+    def scaled(shift: int):
+        lsb = 2.0 ** (exponent - shift) * dt_in
+        theta = None if is_output else np.rint(threshold_phys / lsb)
+        bias = np.rint(stage.bias / lsb) if is_output else None
+        return lsb, theta, bias, float(max(1.0, np.rint(ramp_per_unit * 2.0**shift)))
+
+    def fits(shift: int) -> bool:
+        if limit is None:
+            return True
+        lsb, theta, bias, ramp = scaled(shift)
+        extra = float(np.abs(bias).max()) if is_output else 0.0
+        bound = worst * 2.0**shift + extra
+        if not is_output:
+            bound = max(bound, float(np.abs(theta).max()) + ramp)
+        return bound <= limit
+
+    if is_output:
+        target = 12  # 2^12 membrane units per mantissa step: logits to 12 more bits
+    else:
+        target = max(0, int(np.ceil(np.log2(_MAX_RAMP_UNITS / max(ramp_per_unit, 1e-300)))))
+    shift = next((s for s in range(min(target, 40), -1, -1) if fits(s)), None)
+    stepped = shift is None
+    shift = 0 if stepped else shift
+    lsb, theta, bias, ramp = scaled(shift)
+    if limit is not None and theta is not None:
+        theta = np.clip(theta, -limit, limit)
+    return _LayerProgram(
+        stage.name,
+        (*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
+        indicator,
+        steps,
+        dt_in,
+        dt,
+        lsb,
+        exponent,
+        shift,
+        theta,
+        ramp,
+        bias,
+        limit,
+        stepped,
+        synapse_count,
+        neurons,
+    )
+
+
+def _integrate(program: _LayerProgram, d: np.ndarray, start: np.ndarray | float = 0.0):
+    """Membrane at the end of the input window, and how many neurons saturated on the way."""
+    if not program.stepped:
+        return apply_synapses(program.synapses, d) + start, 0
+    limit = program.limit
+    n = d.shape[0]
+    current = 0.0
+    v = (
+        np.broadcast_to(np.asarray(start, dtype=np.float64), (n, *np.shape(start))).copy()
+        if np.ndim(start)
+        else None
+    )
+    clipped = None
+    for k in range(program.steps):
+        arriving = (d == program.steps - k).astype(np.float64)
+        current = current + apply_synapses(program.synapses, arriving)
+        if v is None:
+            v = np.zeros_like(current) + start
+            clipped = np.zeros(current.shape, dtype=bool)
+        if clipped is None:
+            clipped = np.zeros(current.shape, dtype=bool)
+        over = np.abs(current) > limit
+        current = np.clip(current, -limit, limit)
+        v = v + current
+        over |= np.abs(v) > limit
+        v = np.clip(v, -limit, limit)
+        clipped |= over
+    return v, int(np.count_nonzero(clipped))
+
+
+class EmulatorDeployment(Deployment):
+    """Vectorised fixed-point emulation of the digital core; see the module docstring."""
+
+    backend = "emulator"
+    hardware_kinds = ("ideal", "digital")
+
+    def __init__(self, snn, profile, seed: int = 0):
+        super().__init__(snn, profile, seed)
+        self.programs: dict[str, _LayerProgram] = {}
+        self._last_energy: float | None = None
+        if profile.hardware == "ideal":
+            return
+        require_b1(snn, self.backend)
+        steps = profile.timing.steps_per_window
+        self.step_size = step_sizes(snn, steps)
+        for stage in snn.stages:
+            if isinstance(stage, (SpikingLayer, OutputLayer)):
+                self.programs[stage.name] = _program_layer(
+                    stage, steps, profile.weights.bits, profile.neuron.membrane_bits
+                )
+
+    # -- running ---------------------------------------------------------------------------
+    def _spiking(self, overflow: dict):
+        def layer(stage: SpikingLayer, t_in: np.ndarray):
+            prog = self.programs[stage.name]
+            d = durations(t_in, stage.t_min, prog.dt_in)
+            v, clipped = _integrate(prog, d)
+            overflow[stage.name] = clipped
+            # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R).
+            m = -np.floor_divide(v - prog.threshold, prog.ramp)
+            early = 2.0 * (v - prog.threshold) > prog.ramp  # value beyond the window
+            np.maximum(m, 0.0, out=m)
+            t = stage.t_min + m * prog.dt
+            t[m >= prog.steps] = np.inf
+            return t, int(np.count_nonzero(early))
+
+        return layer
+
+    def _output(self, overflow: dict):
+        def layer(stage: OutputLayer, t_in: np.ndarray):
+            prog = self.programs[stage.name]
+            d = durations(t_in, stage.t_read, prog.dt_in)
+            v, clipped = _integrate(prog, d, start=prog.bias)
+            overflow[stage.name] = clipped
+            return (v * prog.lsb).reshape(len(v), -1)
+
+        return layer
+
+    def run(self, x) -> Trace:
+        if self.profile.hardware == "ideal":
+            trace = simulate(self.snn, x)
+            latency_s = trace.latency * self.profile.timing.time_unit_s
+            energy = trace.spike_count * self.profile.energy.spike_j
+            return replace(
+                trace, backend=self.backend, latency_s=latency_s, energy_j=energy.astype(np.float64)
+            )
+        snn, steps = self.snn, self.profile.timing.steps_per_window
+        t_raw, outside = encode_input(snn, x)
+        x01 = np.where(np.isfinite(t_raw), 1.0 - t_raw, 0.0)
+        t_input = encode_on_grid(x01, steps)
+        overflow: dict[str, int] = {}
+        output, spike_times, saturated = run_stages(
+            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow)
+        )
+        n = t_input.shape[0]
+        trace = Trace(
+            output=output,
+            spike_times=spike_times,
+            neuron_layers=neuron_layers(snn),
+            saturated_per_layer={"input": outside, **saturated},
+            latency=np.full(n, snn.latency),
+            backend=self.backend,
+            step_size=dict(self.step_size),
+            overflow=overflow,
+        )
+        windows = 1 + len(snn.spiking_layers)  # input window + one per hidden layer
+        latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
+        energy = self._energy(trace)
+        self._last_energy = float(energy.mean()) if n else None
+        return replace(trace, latency_s=latency_s, energy_j=energy)
+
+    def _energy(self, trace: Trace) -> np.ndarray:
+        """Synaptic events x synop_j + neuron updates x neuron_update_j + spikes x spike_j."""
+        e = self.profile.energy
+        n = trace.num_samples
+        synops = np.zeros(n)
+        previous = "input"
+        for stage in self.snn.stages:
+            if stage.name in self.programs:
+                fired = np.isfinite(trace.spike_times[previous]).astype(np.float64)
+                events = apply_synapses(self.programs[stage.name].indicator, fired)
+                synops += events.reshape(n, -1).sum(axis=1)
+            previous = stage.name
+        updates = self._neuron_updates_per_sample()
+        return synops * e.synop_j + updates * e.neuron_update_j + trace.spike_count * e.spike_j
+
+    def _neuron_updates_per_sample(self) -> float:
+        """Every neuron updates in every step of the input window and of its own window."""
+        steps = self.profile.timing.steps_per_window
+        return float(
+            sum(p.neurons * (steps if p.dt == 0 else 2 * steps) for p in self.programs.values())
+        )
+
+    # -- mapping ---------------------------------------------------------------------------
+    def summary(self) -> dict:
+        p = self.profile
+        if p.hardware == "ideal":
+            return {
+                "backend": self.backend,
+                "profile": p.name,
+                "hardware": p.hardware,
+                "latency_s": self.snn.latency * p.timing.time_unit_s,
+                "layers": [],
+            }
+        cores = p.cores
+        layers = []
+        for prog in self.programs.values():
+            n_cores = max(
+                -(-prog.neurons // cores.neurons_per_core),
+                -(-prog.synapse_count // cores.synapses_per_core),
+            )
+            layers.append(
+                {
+                    "name": prog.name,
+                    "neurons": prog.neurons,
+                    "synapses": prog.synapse_count,
+                    "cores": n_cores,
+                    "neuron_utilisation": prog.neurons / (n_cores * cores.neurons_per_core),
+                    "synapse_utilisation": prog.synapse_count / (n_cores * cores.synapses_per_core),
+                    "weight_bits": p.weights.bits,
+                    "weight_exponent": prog.exponent,
+                    "membrane_shift": prog.shift,
+                    "ramp_per_step": prog.ramp,
+                    "window_steps": prog.steps,
+                    "step_size": prog.dt,
+                    "stepped_integration": prog.stepped,
+                }
+            )
+        total_cores = sum(layer["cores"] for layer in layers)
+        windows = 1 + len(self.snn.spiking_layers)
+        return {
+            "backend": self.backend,
+            "profile": p.name,
+            "hardware": p.hardware,
+            "layers": layers,
+            "cores": total_cores,
+            "chips": -(-total_cores // cores.cores_per_chip),
+            "steps_per_inference": windows * p.timing.steps_per_window,
+            "latency_s": windows * p.timing.steps_per_window * p.timing.step_time_s,
+            "neuron_updates_per_inference": self._neuron_updates_per_sample(),
+            "energy_j_per_inference": self._last_energy,
+        }

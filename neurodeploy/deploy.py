@@ -1,0 +1,75 @@
+"""Deployment: a converted network mapped onto a hardware profile by a backend.
+
+``deploy(snn, profile, backend, seed)`` builds a :class:`Deployment` once
+(quantise, program, map); ``dep.run(x)`` then streams samples through it and
+returns a :class:`~neurodeploy.trace.Trace`. Backends live in one table,
+:data:`BACKENDS`, name -> "module:class", imported on first use; adding a
+backend is one line here and a module of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DeployError, UsageError
+from .profile import HardwareProfile, load_profile
+from .trace import Trace
+from .ttfs import TTFSNetwork
+
+BACKENDS: dict[str, str] = {
+    "emulator": "neurodeploy.backends.emulator:EmulatorDeployment",
+    "crossbar": "neurodeploy.backends.crossbar:CrossbarDeployment",
+}
+
+
+class Deployment(ABC):
+    """A network programmed onto one hardware profile (the interface every backend implements).
+
+    hardware_kinds: the profile ``hardware`` kinds the backend runs.
+    """
+
+    backend: str = ""
+    hardware_kinds: tuple[str, ...] = ()
+
+    def __init__(self, snn: TTFSNetwork, profile: HardwareProfile, seed: int = 0):
+        if profile.hardware not in self.hardware_kinds:
+            raise DeployError(
+                f"profile '{profile.name}' describes {profile.hardware} hardware; the "
+                f"{self.backend} backend runs {' or '.join(self.hardware_kinds)} profiles"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        self.snn = snn
+        self.profile = profile
+        self.seed = int(seed)
+
+    @abstractmethod
+    def run(self, x) -> Trace:
+        """Run raw inputs x (N, *input_shape); return a Trace with latency_s and energy_j."""
+
+    @abstractmethod
+    def summary(self) -> dict:
+        """The mapping: per layer resources, weight format, window steps; latency and energy."""
+
+
+def backend_class(name: str) -> type[Deployment]:
+    if name not in BACKENDS:
+        raise UsageError(f"backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def deploy(
+    snn: TTFSNetwork,
+    profile: HardwareProfile | str | Path,
+    backend: str = "emulator",
+    seed: int = 0,
+) -> Deployment:
+    """Map ``snn`` onto ``profile`` (a HardwareProfile, shipped name or YAML path)."""
+    if not isinstance(profile, HardwareProfile):
+        profile = load_profile(profile)
+    return backend_class(backend)(snn, profile, seed=seed)
