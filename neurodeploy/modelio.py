@@ -27,6 +27,7 @@ import yaml
 
 from .errors import ModelError
 from .network import LAYER_TYPES, Dense, Flatten, Layer, Network, ReLU
+from .yamlio import read_yaml
 
 NETWORK_FILE = "network.yaml"
 WEIGHTS_FILE = "weights.npz"
@@ -61,12 +62,7 @@ def _model_files(path: str | os.PathLike) -> tuple[Path, Path]:
 def _read_yaml(file: Path) -> dict:
     if not file.is_file():
         raise ModelError(f"{file}: missing")
-    try:
-        doc = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ModelError(f"{file}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    doc = read_yaml(file, ModelError)
     if not isinstance(doc, dict):
         raise ModelError(f"{file}: expected a mapping at top level")
     return doc

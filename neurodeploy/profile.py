@@ -23,12 +23,33 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ProfileError
+from .yamlio import read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 HARDWARE_KINDS = ("ideal", "digital", "crossbar")
+
+
+class _Origins(dict):
+    """Dotted key -> the file (or override origin) that set it, plus how late it was set:
+    a profile's own file outranks the ones it extends, and overrides outrank both."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth: dict[str, int] = {}
+
+    def mark(self, dotted: str, origin: str, depth: int) -> None:
+        self[dotted] = origin
+        self.depth[dotted] = depth
+
+    def newest(self, *keys: str) -> str:
+        """Of keys, the one set last (the first key when none was set)."""
+        return max(keys, key=lambda k: self.depth.get(k, -(10**9)))
+
+    def newest_under(self, prefix: str) -> str:
+        """The latest-set dotted key inside a section (the section itself if none)."""
+        inside = [k for k in self if k.startswith(prefix + ".")]
+        return max(inside, key=lambda k: self.depth[k]) if inside else prefix
 
 
 def _spec(
@@ -309,9 +330,11 @@ class HardwareProfile:
     ) -> HardwareProfile:
         """A new profile with dotted keys replaced, validated like a file."""
         doc = to_document(self)
+        files = _Origins()
         for key, value in overrides.items():
             _set_dotted(doc, key, value, origin)
-        return _build(doc, {k: origin for k in overrides}, self.source or origin)
+            files.mark(key, origin, 1)
+        return _build(doc, files, self.source or origin)
 
     def to_dict(self) -> dict:
         return to_document(self)
@@ -389,13 +412,23 @@ def _check_value(where: str, f: dataclasses.Field, value):
             raise ProfileError(f"{where}: {value!r} is not one of {', '.join(choices)}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProfileError(f"{where}: expected a number, got {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads exponents without a dot as text: write e.g. 1.0e-6)"
+            except ValueError:
+                pass
+        raise ProfileError(f"{where}: expected a number, got {value!r}{hint}")
     if base is int:
         if isinstance(value, float) and not value.is_integer():
             raise ProfileError(f"{where}: expected an integer, got {value!r}")
         value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
         if not math.isfinite(value):
             raise ProfileError(f"{where}: must be finite, got {value!r}")
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
@@ -407,7 +440,7 @@ def _check_value(where: str, f: dataclasses.Field, value):
     return value
 
 
-def _build_section(cls, data, prefix: str, kind: str, files: dict[str, str], default_file: str):
+def _build_section(cls, data, prefix: str, kind: str, files: _Origins, default_file: str):
     if not isinstance(data, dict):
         raise ProfileError(f"{files.get(prefix, default_file)}: '{prefix}' must be a mapping")
     known = _field_names(cls)
@@ -434,7 +467,7 @@ def _build_section(cls, data, prefix: str, kind: str, files: dict[str, str], def
     return cls(**values)
 
 
-def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfile:
+def _build(doc: dict, files: _Origins, default_file: str) -> HardwareProfile:
     """Validate a merged profile document; ``files`` maps dotted keys to the file that set them."""
     for key in ("name", "hardware"):
         if not isinstance(doc.get(key), str) or not doc[key]:
@@ -453,6 +486,7 @@ def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfi
             known = ", ".join(sorted(top))
             where = files.get(key, default_file)
             raise ProfileError(f"{where}: '{key}': unknown key; known: {known}")
+    _drop_stale_generic(doc, files, default_file)
     sections = {}
     for name, f in _field_names(HardwareProfile).items():
         if name not in PROFILE_SECTIONS or name not in doc:
@@ -460,8 +494,9 @@ def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfi
         kinds = f.metadata.get("kinds", HARDWARE_KINDS)
         section_cls = f.default_factory
         if kind not in kinds:
+            key = files.newest_under(name)
             raise ProfileError(
-                f"{files.get(name, default_file)}: '{name}': does not apply to {kind} hardware"
+                f"{files.get(key, default_file)}: '{key}': does not apply to {kind} hardware"
             )
         sections[name] = _build_section(section_cls, doc[name], name, kind, files, default_file)
     description = doc.get("description", "")
@@ -474,7 +509,7 @@ def _build(doc: dict, files: dict[str, str], default_file: str) -> HardwareProfi
     return profile
 
 
-def _check_consistency(p: HardwareProfile, files: dict[str, str], default_file: str) -> None:
+def _check_consistency(p: HardwareProfile, files: _Origins, default_file: str) -> None:
     def fail(key: str, message: str):
         raise ProfileError(f"{files.get(key, default_file)}: '{key}': {message}")
 
@@ -486,51 +521,72 @@ def _check_consistency(p: HardwareProfile, files: dict[str, str], default_file: 
             fail("timing.steps_per_window", "digital hardware needs a number of steps")
         if p.timing.time_unit_s is not None:
             fail("timing.time_unit_s", "digital hardware is timed by timing.step_time_s")
+        if p.neuron.membrane_bits is not None and p.weights.bits is None:
+            fail(
+                files.newest("neuron.membrane_bits", "weights.bits"),
+                "an integer membrane needs integer weights (set weights.bits)",
+            )
     if p.discrete and p.timing.step_time_s is None:
         fail("timing.step_time_s", "required with timing.steps_per_window")
     if not p.discrete and p.timing.step_time_s is not None:
         fail("timing.step_time_s", "applies only with timing.steps_per_window")
     if p.hardware == "crossbar":
-        if p.crossbar.g_min_us >= p.crossbar.g_max_us:
-            fail("crossbar.g_min_us", f"must be below crossbar.g_max_us ({p.crossbar.g_max_us})")
+        cb = p.crossbar
+        if cb.g_min_us >= cb.g_max_us:
+            if files.newest("crossbar.g_min_us", "crossbar.g_max_us") == "crossbar.g_max_us":
+                fail("crossbar.g_max_us", f"must be above crossbar.g_min_us ({cb.g_min_us})")
+            fail("crossbar.g_min_us", f"must be below crossbar.g_max_us ({cb.g_max_us})")
         if p.faults.stuck_on + p.faults.stuck_off > 1:
-            fail("faults.stuck_off", "faults.stuck_on + faults.stuck_off exceeds 1")
-        if p.crossbar.device_model == "pcm" and "crossbar.generic" in _keys_set(files):
-            fail("crossbar.generic", "applies only with crossbar.device_model: generic")
+            fail(
+                files.newest("faults.stuck_off", "faults.stuck_on"),
+                "faults.stuck_on + faults.stuck_off exceeds 1",
+            )
 
 
-def _keys_set(files: dict[str, str]) -> set[str]:
-    """Dotted keys and all their parent sections that some file set."""
-    keys = set()
-    for dotted in files:
-        parts = dotted.split(".")
-        keys.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    return keys
+def _drop_stale_generic(doc: dict, files: _Origins, default_file: str) -> None:
+    """``crossbar.generic`` applies only with ``device_model: generic``. Set after (or with)
+    a pcm model it is an error; inherited from a generic parent that a later file or
+    override switched to pcm, it is dropped."""
+    crossbar = doc.get("crossbar")
+    if not isinstance(crossbar, dict) or crossbar.get("device_model", "pcm") != "pcm":
+        return
+    if "generic" not in crossbar:
+        return
+    generic_key = files.newest_under("crossbar.generic")
+    model_depth = files.depth.get("crossbar.device_model", -(10**9))
+    if generic_key in files and files.depth.get(generic_key, -(10**9)) >= model_depth:
+        raise ProfileError(
+            f"{files.get(generic_key, default_file)}: '{generic_key}': applies only with "
+            "crossbar.device_model: generic"
+        )
+    del crossbar["generic"]
 
 
-def _merge(base: dict, over: dict, files: dict[str, str], file: str, prefix: str = "") -> dict:
+def _merge(base: dict, over: dict, files: _Origins, file: str, depth: int, prefix: str = ""):
     out = dict(base)
     for key, value in over.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, files, file, f"{dotted}.")
+            files.mark(dotted, file, depth)
+            out[key] = _merge(out[key], value, files, file, depth, f"{dotted}.")
         else:
             out[key] = value
-            _mark(files, dotted, value, file)
+            _mark(files, dotted, value, file, depth)
     return out
 
 
-def _mark(files: dict[str, str], dotted: str, value, file: str) -> None:
-    files[dotted] = file
+def _mark(files: _Origins, dotted: str, value, file: str, depth: int) -> None:
+    files.mark(dotted, file, depth)
     if isinstance(value, dict):
         for key, sub in value.items():
-            _mark(files, f"{dotted}.{key}", sub, file)
+            _mark(files, f"{dotted}.{key}", sub, file, depth)
 
 
 def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A profile file path, or the name of a shipped profile in hardware_profiles/."""
+    """A profile file path (ends in .yaml/.yml or names a folder), or the name of a shipped
+    profile in hardware_profiles/."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         if not path.is_file():
             raise ProfileError(f"{path}: profile file does not exist")
         return path
@@ -541,19 +597,10 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     raise ProfileError(f"{name_or_path}: no such profile (shipped: {', '.join(names)})")
 
 
-def _read_document(path: Path, files: dict[str, str], chain: tuple[Path, ...]) -> dict:
+def _read_document(path: Path, files: _Origins, chain: tuple[Path, ...]) -> dict:
     if path.resolve() in chain:
-        raise ProfileError(f"{path}: 'extends' forms a cycle")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(
-            f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}"
-        ) from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ProfileError(f"{path.resolve()}: 'extends' forms a cycle")
+    doc = read_yaml(path, ProfileError)
     if not isinstance(doc, dict):
         raise ProfileError(f"{path}: expected a mapping at top level")
     parent = doc.pop("extends", None)
@@ -562,16 +609,22 @@ def _read_document(path: Path, files: dict[str, str], chain: tuple[Path, ...]) -
         if not isinstance(parent, str):
             raise ProfileError(f"{path}: 'extends' must be a profile name or path")
         parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else parent
-        base = _read_document(resolve_profile_path(parent_path), files, chain + (path.resolve(),))
-        base.pop("name", None)
-        base.pop("description", None)
-    return _merge(base, doc, files, str(path))
+        try:
+            parent_file = resolve_profile_path(parent_path)
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: 'extends': {exc}") from None
+        base = _read_document(parent_file, files, chain + (path.resolve(),))
+        for key in ("name", "description"):  # a profile's own, never inherited
+            base.pop(key, None)
+            files.pop(key, None)
+            files.depth.pop(key, None)
+    return _merge(base, doc, files, str(path), depth=-len(chain))
 
 
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """Load and validate a hardware profile by shipped name (``"pcm"``) or file path."""
     path = resolve_profile_path(name_or_path)
-    files: dict[str, str] = {}
+    files = _Origins()
     doc = _read_document(path, files, ())
     return _build(doc, files, str(path))
 

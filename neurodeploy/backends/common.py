@@ -53,9 +53,10 @@ def encode_on_grid(x01: np.ndarray, steps: int) -> np.ndarray:
 
 def durations(t_in: np.ndarray, t_end: float, dt: float) -> np.ndarray:
     """Steps between each input spike and the end of its window (0 for silence): exact ints."""
-    d = np.rint((t_end - t_in) / dt)
-    d[~np.isfinite(t_in)] = 0.0
-    return d
+    d = np.subtract(t_end, t_in)  # silent inputs (inf) give -inf, then 0
+    d *= 1.0 / dt
+    np.rint(d, out=d)
+    return np.maximum(d, 0.0, out=d)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,20 @@ class _LayerProgram:
     stepped: bool  # integrate step by step (saturation possible)
     synapse_count: int
     neurons: int
+    fanout: np.ndarray  # (inputs,) synapses leaving each input neuron
+
+
+def _fanout(indicator: tuple, input_shape) -> np.ndarray:
+    """Synapses leaving each input neuron: the column sums of the layer's connectivity."""
+    n_in = int(np.prod(input_shape))
+    sums = np.empty(n_in)
+    for lo in range(0, n_in, 256):  # identity basis in blocks bounds the memory
+        hi = min(n_in, lo + 256)
+        basis = np.zeros((hi - lo, n_in))
+        basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
+        out = apply_synapses(indicator, basis.reshape(hi - lo, *input_shape))
+        sums[lo:hi] = out.reshape(hi - lo, -1).sum(axis=1)
+    return sums
 
 
 def _weight_exponent(w: np.ndarray, bits: int) -> int:
@@ -91,28 +105,31 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
     indicator = (*ops[:-1], _with_weight(affine, (weight != 0).astype(np.float64)))
     ones = np.ones((1, *stage.input_shape))
     synapse_count = int(apply_synapses(indicator, ones).sum())
-    neurons = int(np.prod(stage.output_shape))
     threshold_phys = None if is_output else stage.threshold - dt / 2
+    common = {
+        "name": stage.name,
+        "indicator": indicator,
+        "steps": steps,
+        "dt_in": dt_in,
+        "dt": dt,
+        "synapse_count": synapse_count,
+        "neurons": int(np.prod(stage.output_shape)),
+        "fanout": _fanout(indicator, stage.input_shape),
+    }
 
     if bits is None:  # float weights on the step grid: one membrane unit = one input step
         lsb = dt_in
         return _LayerProgram(
-            stage.name,
-            (*ops[:-1], _with_weight(affine, weight)),
-            indicator,
-            steps,
-            dt_in,
-            dt,
-            lsb,
-            None,
-            0,
-            None if is_output else threshold_phys / lsb,
-            dt / lsb,
-            stage.bias / lsb if is_output else None,
-            None,
-            False,
-            synapse_count,
-            neurons,
+            synapses=(*ops[:-1], _with_weight(affine, weight)),
+            lsb=lsb,
+            exponent=None,
+            shift=0,
+            threshold=None if is_output else threshold_phys / lsb,
+            ramp=dt / lsb,
+            bias=stage.bias / lsb if is_output else None,
+            limit=None,
+            stepped=False,
+            **common,
         )
 
     exponent = _weight_exponent(weight, bits)
@@ -150,22 +167,16 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
     if limit is not None and theta is not None:
         theta = np.clip(theta, -limit, limit)
     return _LayerProgram(
-        stage.name,
-        (*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
-        indicator,
-        steps,
-        dt_in,
-        dt,
-        lsb,
-        exponent,
-        shift,
-        theta,
-        ramp,
-        bias,
-        limit,
-        stepped,
-        synapse_count,
-        neurons,
+        synapses=(*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
+        lsb=lsb,
+        exponent=exponent,
+        shift=shift,
+        threshold=theta,
+        ramp=ramp,
+        bias=bias,
+        limit=limit,
+        stepped=stepped,
+        **common,
     )
 
 
@@ -227,13 +238,22 @@ class EmulatorDeployment(Deployment):
             d = durations(t_in, stage.t_min, prog.dt_in)
             v, clipped = _integrate(prog, d)
             overflow[stage.name] = clipped
-            # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R).
-            m = -np.floor_divide(v - prog.threshold, prog.ramp)
-            early = 2.0 * (v - prog.threshold) > prog.ramp  # value beyond the window
+            # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R). The
+            # float division of these exact integers rounds to the right side of every
+            # integer (|Theta - V| < 2^53), so the ceiling is exact.
+            m = np.subtract(prog.threshold, v, out=v)
+            m /= prog.ramp
+            early = 0
+            if m.min(initial=0.0) < -0.5:  # V - Theta > R / 2: value beyond the window
+                early = int(np.count_nonzero(m < -0.5))
+            np.ceil(m, out=m)
             np.maximum(m, 0.0, out=m)
-            t = stage.t_min + m * prog.dt
-            t[m >= prog.steps] = np.inf
-            return t, int(np.count_nonzero(early))
+            fires = m < prog.steps
+            m *= prog.dt
+            m += stage.t_min
+            with np.errstate(divide="ignore"):
+                np.divide(m, fires, out=m)  # t / 0 = inf: no spike within the window
+            return m, early
 
         return layer
 
@@ -288,9 +308,8 @@ class EmulatorDeployment(Deployment):
         previous = "input"
         for stage in self.snn.stages:
             if stage.name in self.programs:
-                fired = np.isfinite(trace.spike_times[previous]).astype(np.float64)
-                events = apply_synapses(self.programs[stage.name].indicator, fired)
-                synops += events.reshape(n, -1).sum(axis=1)
+                fired = np.isfinite(trace.spike_times[previous]).reshape(n, -1)
+                synops += fired @ self.programs[stage.name].fanout
             previous = stage.name
         updates = self._neuron_updates_per_sample()
         return synops * e.synop_j + updates * e.neuron_update_j + trace.spike_count * e.spike_j

@@ -1,0 +1,200 @@
+"""Crossbar backend: exact when ideal, and every non-ideality seeded, switchable, in the
+expected direction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from netgen import random_inputs, random_network
+from scipy.stats import norm
+from test_emulator import assert_same_spikes
+
+import neurodeploy as nd
+from neurodeploy.backends.crossbar import DRIFT_T0_S, PCM_NU_MEAN, PCM_NU_STD
+from neurodeploy.deploy import deploy
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+# A crossbar with every non-ideality switched off; each test turns one on.
+CLEAN = {
+    "crossbar.prog_noise_scale": 0.0,
+    "crossbar.read_noise_scale": 0.0,
+    "crossbar.drift_scale": 0.0,
+    "crossbar.t_inference_s": 0.0,
+    "crossbar.drift_compensation": False,
+    "crossbar.variability": 0.0,
+    "crossbar.levels": None,
+    "converter.dac_bits": None,
+    "converter.adc_bits": None,
+    "faults.stuck_on": 0.0,
+    "faults.stuck_off": 0.0,
+}
+
+
+def pcm(**overrides) -> nd.HardwareProfile:
+    return nd.load_profile("pcm").with_overrides({**CLEAN, **overrides})
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    net = nd.load_model(MODELS / "digits_cnn")
+    x_tr, _ = nd.datasets.digits("train")
+    x_te, y_te = nd.datasets.digits("test")
+    snn = nd.convert(net, calibration=x_tr)
+    return snn, x_te[:150], y_te[:150], nd.simulate(snn, x_te[:150])
+
+
+def run(snn, profile, x, seed=0, **kwargs):
+    return deploy(snn, profile, backend="crossbar", seed=seed).run(x, **kwargs)
+
+
+def test_ideal_profile_reproduces_the_reference():
+    net = random_network(6)  # conv, batch norm, max and average pooling, dense
+    x = random_inputs(net, 24, 6)
+    snn = nd.convert(net, calibration=x)
+    ref = nd.simulate(snn, x)
+    for profile in ("ideal", pcm()):
+        trace = run(snn, profile, x)
+        assert_same_spikes(trace, ref)
+        np.testing.assert_allclose(trace.output, ref.output, rtol=0, atol=1e-9)
+
+
+def _logit_error(snn, profile, x, ref, seeds=(0, 1, 2)):
+    return np.mean([np.abs(run(snn, profile, x, seed=s).output - ref.output).mean() for s in seeds])
+
+
+# (key, mild value, strong value, random?) for every non-ideality.
+NON_IDEALITIES = [
+    ({"crossbar.prog_noise_scale": 0.5}, {"crossbar.prog_noise_scale": 4.0}, True),
+    ({"crossbar.read_noise_scale": 0.5}, {"crossbar.read_noise_scale": 4.0}, True),
+    (
+        {"crossbar.drift_scale": 1.0, "crossbar.t_inference_s": 60.0},
+        {"crossbar.drift_scale": 1.0, "crossbar.t_inference_s": 3.0e7},
+        True,
+    ),
+    ({"crossbar.variability": 0.02}, {"crossbar.variability": 0.3}, True),
+    ({"faults.stuck_on": 0.002}, {"faults.stuck_on": 0.05}, True),
+    ({"faults.stuck_off": 0.01}, {"faults.stuck_off": 0.3}, True),
+    ({"crossbar.levels": 64}, {"crossbar.levels": 4}, False),
+    ({"converter.dac_bits": 8}, {"converter.dac_bits": 2}, False),
+    ({"converter.adc_bits": 8}, {"converter.adc_bits": 3}, False),
+]
+
+
+@pytest.mark.parametrize(
+    "mild, strong, random", NON_IDEALITIES, ids=[next(iter(m)) for m, _, _ in NON_IDEALITIES]
+)
+def test_each_non_ideality_degrades_monotonically_and_is_seeded(cnn, mild, strong, random):
+    snn, x, _, ref = cnn
+    e_mild = _logit_error(snn, pcm(**mild), x, ref)
+    e_strong = _logit_error(snn, pcm(**strong), x, ref)
+    assert 1e-6 < e_mild < e_strong
+    a = run(snn, pcm(**strong), x, seed=3)
+    b = run(snn, pcm(**strong), x, seed=3)
+    c = run(snn, pcm(**strong), x, seed=4)
+    np.testing.assert_array_equal(a.output, b.output)  # same seed, same bits
+    assert (not np.array_equal(a.output, c.output)) == random
+
+
+def test_read_noise_is_drawn_per_read(cnn):
+    snn, x, _, _ = cnn
+    dep = deploy(snn, pcm(**{"crossbar.read_noise_scale": 1.0}), backend="crossbar", seed=0)
+    first, again, other = dep.run(x), dep.run(x), dep.run(x, read_seed=1)
+    np.testing.assert_array_equal(first.output, again.output)
+    assert not np.array_equal(first.output, other.output)
+    # Each sample's read is independent: duplicating a sample gives different outputs.
+    pair = dep.run(np.stack([x[0], x[0]]))
+    assert not np.array_equal(pair.output[0], pair.output[1])
+
+
+def test_pcm_drift_follows_the_power_law(cnn):
+    snn, _, _, _ = cnn
+    over = {"crossbar.drift_scale": 1.0}
+    times = (0.0, 3600.0, 86400.0 * 30)
+    layers = [
+        deploy(snn, pcm(**over, **{"crossbar.t_inference_s": t}), backend="crossbar", seed=7)
+        .layers["fc1"]
+        .tiles[0]
+        for t in times
+    ]
+    g0 = np.concatenate([layers[0].g_pos, layers[0].g_neg])
+    g1 = np.concatenate([layers[1].g_pos, layers[1].g_neg])
+    g2 = np.concatenate([layers[2].g_pos, layers[2].g_neg])
+    assert g0.mean() > g1.mean() > g2.mean()  # mean |G| shrinks with time
+    on = g0 > 1e-3
+    # G(t) = G(t0) ((t + t0) / t0)^-nu, the same nu per device at every time.
+    nu1 = -np.log(g1[on] / g0[on]) / np.log((times[1] + DRIFT_T0_S) / DRIFT_T0_S)
+    nu2 = -np.log(g2[on] / g0[on]) / np.log((times[2] + DRIFT_T0_S) / DRIFT_T0_S)
+    np.testing.assert_allclose(nu1, nu2, rtol=1e-9)
+    # nu ~ |N(mu(g), sigma(g))| with aihwkit's fits; compare the sample mean with E|N|.
+    log_g = np.log(np.maximum(g0[on] / 25.0, 1e-7))
+    mu = np.clip(PCM_NU_MEAN[0] * log_g + PCM_NU_MEAN[1], *PCM_NU_MEAN[2:])
+    sigma = np.clip(PCM_NU_STD[0] * log_g + PCM_NU_STD[1], *PCM_NU_STD[2:])
+    expected = sigma * np.sqrt(2 / np.pi) * np.exp(-(mu**2) / (2 * sigma**2)) + mu * (
+        1 - 2 * norm.cdf(-mu / sigma)
+    )
+    assert on.sum() > 1000
+    assert abs(nu1.mean() - expected.mean()) < 4 * sigma.max() / np.sqrt(on.sum())
+
+
+def test_drift_compensation_recovers_accuracy(cnn):
+    snn, x, y, _ = cnn
+    year = {
+        "crossbar.drift_scale": 1.0,
+        "crossbar.t_inference_s": 3.15e7,
+        "crossbar.prog_noise_scale": 1.0,
+        "crossbar.read_noise_scale": 1.0,
+    }
+    off = np.mean([run(snn, pcm(**year), x, seed=s).accuracy(y) for s in range(3)])
+    on = np.mean(
+        [
+            run(snn, pcm(**year, **{"crossbar.drift_compensation": True}), x, seed=s).accuracy(y)
+            for s in range(3)
+        ]
+    )
+    assert on > off + 0.03
+
+
+def test_tiles_split_layers_and_add_partial_sums(cnn):
+    snn, x, _, ref = cnn
+    tiled = deploy(
+        snn, pcm(**{"crossbar.tile_rows": 4, "crossbar.tile_cols": 5}), backend="crossbar"
+    )
+    np.testing.assert_allclose(tiled.run(x).output, ref.output, rtol=0, atol=1e-9)
+    layers = {layer["name"]: layer for layer in tiled.summary()["layers"]}
+    assert layers["conv1"]["rows"] == 9 and layers["conv1"]["cols"] == 8  # one kernel a column
+    assert layers["conv1"]["tiles"] == 3 * 2 and layers["fc1"]["tiles"] == 32 * 13
+    assert layers["conv1"]["reads_per_inference"] == 64  # one read per output position
+    # With ADCs, each row tile's partial sum is digitised on its own.
+    adc = {"converter.adc_bits": 5}
+    whole = run(snn, pcm(**adc), x).output
+    split = run(snn, pcm(**adc, **{"crossbar.tile_rows": 4}), x).output
+    assert not np.array_equal(whole, split)
+
+
+def test_latency_and_energy(cnn):
+    snn, x, _, _ = cnn
+    trace = run(snn, "pcm", x)
+    np.testing.assert_allclose(trace.latency_s, snn.latency * 1e-6)
+    assert np.all(trace.energy_j > 0)
+    louder = run(snn, nd.load_profile("pcm").with_overrides({"crossbar.v_read_v": 0.4}), x)
+    assert np.all(louder.energy_j > trace.energy_j)
+    summary = deploy(snn, "pcm", backend="crossbar").summary()
+    assert summary["tiles"] == 3 and summary["latency_s"] == pytest.approx(snn.latency * 1e-6)
+
+
+def test_shipped_crossbar_profiles_run(cnn):
+    snn, x, y, ref = cnn
+    for name in ("pcm", "rram"):
+        trace = run(snn, name, x)
+        assert trace.output.shape == ref.output.shape and np.isfinite(trace.output).all()
+    # One hour after programming, with drift compensation, PCM keeps most predictions.
+    assert np.mean(run(snn, "pcm", x).predictions == ref.predictions) > 0.9
+
+
+def test_wrong_profile_is_refused(cnn):
+    snn, _, _, _ = cnn
+    with pytest.raises(nd.DeployError, match="digital hardware.*crossbar"):
+        deploy(snn, "loihi2", backend="crossbar")
