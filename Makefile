@@ -20,6 +20,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_reference.py
+	$(PY) benchmarks/bench_backends.py
 
 $(PY):
 	@py="$$(tools/find_python310.sh)" || exit 1; \

@@ -18,8 +18,9 @@ import yaml
 
 from . import datasets
 from .convert import convert
+from .deploy import BACKENDS, deploy
 from .errors import DataError, ModelError, NeurodeployError, UsageError
-from .evaluate import compare_with_relu, layer_table
+from .evaluate import compare_with_relu, hardware_summary, layer_table
 from .modelio import load_model
 from .network import Network
 from .profile import load_profile
@@ -52,6 +53,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -194,6 +205,75 @@ def _cmd_reference(args, command: str) -> int:
     return 0
 
 
+DEFAULT_BACKEND = {"ideal": "emulator", "digital": "emulator", "crossbar": "crossbar"}
+
+
+def _cmd_deploy(args) -> int:
+    model_path = resolve_model_path(args.model)
+    net = load_model(model_path)
+    profile = load_profile(args.profile)
+    if args.set:
+        profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
+    backend = args.backend or DEFAULT_BACKEND[profile.hardware]
+    x_cal, x, y, data_desc = load_data(net, args.data)
+    if args.calibration_size is not None:
+        x_cal = x_cal[: args.calibration_size]
+    if args.samples is not None:
+        x = x[: args.samples]
+        y = None if y is None else y[: args.samples]
+    snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
+    reference = simulate(snn, x)
+    dep = deploy(snn, profile, backend=backend, seed=args.seed)
+    trace = dep.run(x)
+    report = hardware_summary(reference, trace, y)
+    payload = {
+        "command": "deploy",
+        "model": net.name,
+        "profile": profile.name,
+        "backend": backend,
+        "data": data_desc,
+        **report,
+        "mapping": dep.summary(),
+    }
+    if args.out is not None:
+        _write_json_atomic(Path(args.out) / "deploy.json", payload)
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    print(f"model            {net.name}  ({model_path})")
+    print(
+        f"hardware         {profile.name} ({profile.hardware}) on the {backend} backend, "
+        f"seed {args.seed}"
+    )
+    print(f"samples          {report['samples']}  ({data_desc})")
+    print(
+        f"accuracy         reference SNN {_percent(report['accuracy_reference'])}   "
+        f"hardware {_percent(report['accuracy_hardware'])}"
+    )
+    print(f"agreement        {_percent(report['agreement'])}")
+    print(
+        f"logit error      mean {report['mean_abs_logit_error']:.3g}  "
+        f"max {report['max_abs_logit_error']:.3g}"
+    )
+    print(
+        f"spikes/neuron    reference {report['spikes_per_neuron_reference']:.3f}   "
+        f"hardware {report['spikes_per_neuron_hardware']:.3f}"
+    )
+    print(f"latency          {report['latency_s'] * 1e6:.4g} us per inference")
+    print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
+    print(f"saturated        {report['saturated']}   overflow {report['overflow']}")
+    print()
+    for layer in payload["mapping"]["layers"]:
+        print("  " + "  ".join(f"{k}={_short(v)}" for k, v in layer.items()))
+    if args.out is not None:
+        print(f"\nwrote {Path(args.out) / 'deploy.json'}")
+    return 0
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neurodeploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -232,6 +312,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="evaluate the first N samples (default all)",
+    )
+
+    dep = sub.add_parser("deploy", help="convert, deploy onto a hardware profile and run")
+    common(dep)
+    dep.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    dep.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=None,
+        help="default: emulator for ideal/digital profiles, crossbar for crossbar",
+    )
+    dep.add_argument(
+        "--samples", type=_positive_int, default=None, help="run the first N samples (default all)"
+    )
+    dep.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of every random draw of the hardware (default 0)",
+    )
+    dep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile key, e.g. crossbar.levels=8 (repeatable)",
     )
 
     prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
@@ -279,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "profile":
             return _cmd_profile(args)
+        if args.command == "deploy":
+            return _cmd_deploy(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

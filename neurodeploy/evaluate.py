@@ -68,3 +68,23 @@ def compare_with_relu(net: Network, snn: TTFSNetwork, trace: Trace, x, y=None) -
         "saturated": trace.saturated,
     }
     return summary
+
+
+def hardware_summary(reference: Trace, hardware: Trace, y=None) -> dict:
+    """Figures of a hardware run against the reference SNN on the same samples."""
+    err = np.abs(hardware.output - reference.output)
+    mean = (lambda a: float(np.mean(a))) if hardware.num_samples else (lambda a: 0.0)
+    return {
+        "samples": hardware.num_samples,
+        "accuracy_reference": None if y is None else reference.accuracy(y),
+        "accuracy_hardware": None if y is None else hardware.accuracy(y),
+        "agreement": float(np.mean(reference.predictions == hardware.predictions)),
+        "mean_abs_logit_error": mean(err),
+        "max_abs_logit_error": float(err.max()) if err.size else 0.0,
+        "spikes_per_neuron_reference": reference.spikes_per_neuron,
+        "spikes_per_neuron_hardware": hardware.spikes_per_neuron,
+        "latency_s": mean(hardware.latency_s),
+        "energy_j": mean(hardware.energy_j),
+        "saturated": hardware.saturated,
+        "overflow": int(sum(hardware.overflow.values())),
+    }

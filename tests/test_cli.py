@@ -118,3 +118,63 @@ def test_console_entry_point_has_no_traceback_for_user_errors(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_deploy_reports_hardware_figures_and_mapping(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "deploy",
+        "digits_cnn",
+        "--profile",
+        "loihi2",
+        "--samples",
+        "40",
+        "--json",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    assert report["backend"] == "emulator" and report["samples"] == 40
+    assert report["agreement"] >= 0.9
+    assert report["latency_s"] == pytest.approx(3 * 32 * 1e-6)
+    assert report["energy_j"] > 0
+    assert [layer["name"] for layer in report["mapping"]["layers"]] == ["conv1", "fc1", "out"]
+    assert json.loads((tmp_path / "deploy.json").read_text()) == report
+
+
+def test_deploy_with_overrides_on_the_crossbar(capsys):
+    code, out, _ = run(
+        capsys,
+        "deploy",
+        "digits_mlp",
+        "--profile",
+        "pcm",
+        "--samples",
+        "30",
+        "--set",
+        "crossbar.levels=8",
+        "--set",
+        "converter.adc_bits=6",
+        "--json",
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["backend"] == "crossbar"
+    assert report["mapping"]["layers"][0]["levels"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--profile", "loihi2", "--backend", "crossbar"], "digital hardware"),
+        (["--profile", "nope"], "nope: no such profile"),
+        (["--profile", "pcm", "--set", "weights.bits=4"], "'weights.bits': does not apply"),
+        (["--profile", "pcm", "--set", "crossbar.levels"], "expected KEY=VALUE"),
+        (["--profile", "loihi2", "--seed", "-1"], "--seed"),
+    ],
+)
+def test_deploy_user_errors(capsys, argv, fragment):
+    code, out, err = run(capsys, "deploy", "digits_mlp", "--samples", "5", *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert fragment in err

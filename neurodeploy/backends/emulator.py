@@ -144,7 +144,8 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
         lsb = 2.0 ** (exponent - shift) * dt_in
         theta = None if is_output else np.rint(threshold_phys / lsb)
         bias = np.rint(stage.bias / lsb) if is_output else None
-        return lsb, theta, bias, float(max(1.0, np.rint(ramp_per_unit * 2.0**shift)))
+        ramp = 0.0 if is_output else float(max(1.0, np.rint(ramp_per_unit * 2.0**shift)))
+        return lsb, theta, bias, ramp
 
     def fits(shift: int) -> bool:
         if limit is None:
