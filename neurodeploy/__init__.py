@@ -65,3 +65,7 @@ from .errors import DeployError, ProfileError  # noqa: E402
 from .profile import HardwareProfile, load_profile  # noqa: E402
 
 __all__ += ["DeployError", "HardwareProfile", "ProfileError", "load_profile"]
+
+from .deploy import BACKENDS, Deployment, deploy  # noqa: E402
+
+__all__ += ["BACKENDS", "Deployment", "deploy"]
