@@ -23,6 +23,7 @@ from .ttfs import TTFSNetwork
 BACKENDS: dict[str, str] = {
     "emulator": "neurodeploy.backends.emulator:EmulatorDeployment",
     "crossbar": "neurodeploy.backends.crossbar:CrossbarDeployment",
+    "lava": "neurodeploy.backends.lava:LavaDeployment",
 }
 
 
@@ -68,8 +69,12 @@ def deploy(
     profile: HardwareProfile | str | Path,
     backend: str = "emulator",
     seed: int = 0,
+    **options,
 ) -> Deployment:
-    """Map ``snn`` onto ``profile`` (a HardwareProfile, shipped name or YAML path)."""
+    """Map ``snn`` onto ``profile`` (a HardwareProfile, shipped name or YAML path).
+
+    options go to the backend (e.g. lava: ``tag="floating_pt"``, ``batch=256``).
+    """
     if not isinstance(profile, HardwareProfile):
         profile = load_profile(profile)
-    return backend_class(backend)(snn, profile, seed=seed)
+    return backend_class(backend)(snn, profile, seed=seed, **options)

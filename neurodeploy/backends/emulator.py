@@ -42,7 +42,7 @@ _MAX_RAMP_UNITS = 2**16
 
 
 @dataclass(frozen=True, eq=False)
-class _LayerProgram:
+class LayerProgram:
     """One layer as the chip holds it (see the module docstring)."""
 
     name: str
@@ -90,7 +90,7 @@ def _with_weight(op, weight: np.ndarray):
     return replace(op, weight=weight, bias=np.zeros(weight.shape[0]))
 
 
-def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None) -> _LayerProgram:
+def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None) -> LayerProgram:
     ops, pool_factor = fold_average_pools(stage.synapses)
     affine = ops[-1]
     assert isinstance(affine, (Dense, Conv2d))
@@ -119,7 +119,7 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
 
     if bits is None:  # float weights on the step grid: one membrane unit = one input step
         lsb = dt_in
-        return _LayerProgram(
+        return LayerProgram(
             synapses=(*ops[:-1], _with_weight(affine, weight)),
             lsb=lsb,
             exponent=None,
@@ -167,7 +167,7 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
     lsb, theta, bias, ramp = scaled(shift)
     if limit is not None and theta is not None:
         theta = np.clip(theta, -limit, limit)
-    return _LayerProgram(
+    return LayerProgram(
         synapses=(*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
         lsb=lsb,
         exponent=exponent,
@@ -181,7 +181,7 @@ def _program_layer(stage, steps: int, bits: int | None, membrane_bits: int | Non
     )
 
 
-def _integrate(program: _LayerProgram, d: np.ndarray, start: np.ndarray | float = 0.0):
+def _integrate(program: LayerProgram, d: np.ndarray, start: np.ndarray | float = 0.0):
     """Membrane at the end of the input window, and how many neurons saturated on the way."""
     if not program.stepped:
         return apply_synapses(program.synapses, d) + start, 0
@@ -219,18 +219,19 @@ class EmulatorDeployment(Deployment):
 
     def __init__(self, snn, profile, seed: int = 0):
         super().__init__(snn, profile, seed)
-        self.programs: dict[str, _LayerProgram] = {}
+        self.programs: dict[str, LayerProgram] = {}
         self._last_energy: float | None = None
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
-        steps = profile.timing.steps_per_window
-        self.step_size = step_sizes(snn, steps)
-        for stage in snn.stages:
+        self._build_programs(profile.weights.bits, profile.neuron.membrane_bits)
+
+    def _build_programs(self, bits: int | None, membrane_bits: int | None) -> None:
+        steps = self.profile.timing.steps_per_window
+        self.step_size = step_sizes(self.snn, steps)
+        for stage in self.snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
-                self.programs[stage.name] = _program_layer(
-                    stage, steps, profile.weights.bits, profile.neuron.membrane_bits
-                )
+                self.programs[stage.name] = program_layer(stage, steps, bits, membrane_bits)
 
     # -- running ---------------------------------------------------------------------------
     def _spiking(self, overflow: dict):
@@ -276,26 +277,35 @@ class EmulatorDeployment(Deployment):
             return replace(
                 trace, backend=self.backend, latency_s=latency_s, energy_j=energy.astype(np.float64)
             )
-        snn, steps = self.snn, self.profile.timing.steps_per_window
-        t_raw, outside = encode_input(snn, x)
-        x01 = np.where(np.isfinite(t_raw), 1.0 - t_raw, 0.0)
-        t_input = encode_on_grid(x01, steps)
+        snn = self.snn
+        t_input, outside = self.encode(x)
         overflow: dict[str, int] = {}
         output, spike_times, saturated = run_stages(
             snn, t_input, self._spiking(overflow), time_pool, self._output(overflow)
         )
-        n = t_input.shape[0]
         trace = Trace(
             output=output,
             spike_times=spike_times,
             neuron_layers=neuron_layers(snn),
             saturated_per_layer={"input": outside, **saturated},
-            latency=np.full(n, snn.latency),
+            latency=np.full(t_input.shape[0], snn.latency),
             backend=self.backend,
             step_size=dict(self.step_size),
             overflow=overflow,
         )
-        windows = 1 + len(snn.spiking_layers)  # input window + one per hidden layer
+        return self.with_costs(trace)
+
+    def encode(self, x) -> tuple[np.ndarray, int]:
+        """Input spike times on the step grid, and the count of inputs outside [p, q]."""
+        t_raw, outside = encode_input(self.snn, x)
+        x01 = np.where(np.isfinite(t_raw), 1.0 - t_raw, 0.0)
+        return encode_on_grid(x01, self.profile.timing.steps_per_window), outside
+
+    def with_costs(self, trace: Trace) -> Trace:
+        """The trace with latency_s and energy_j per sample from the profile."""
+        n = trace.num_samples
+        windows = 1 + len(self.snn.spiking_layers)  # input window + one per hidden layer
+        steps = self.profile.timing.steps_per_window
         latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
         energy = self._energy(trace)
         self._last_energy = float(energy.mean()) if n else None

@@ -1,0 +1,212 @@
+"""Lava Process interfaces of a batched TTFS network (B1 neuron on a step grid).
+
+Every process carries a batch dimension: ports and state are (B, N), one row
+per sample, so one compiled network runs B samples at once, and a run of
+several chunks of T = K (L + 1) steps streams any number of samples through
+the same graph (state resets at the start of each chunk).
+
+Why our own synapse process instead of lava's ``Dense``/``Conv``: those take
+one sample per time step (s_in of shape (N,)), while this network streams a
+batch per step; and lava's Dense delays its output by one step (its a_buff),
+which the TTFS windows would have to absorb layer by layer. The synapses here
+compute the same fixed-point product (integer weights, exact sums) for a
+(B, N_in) spike matrix in the step the spikes arrive.
+
+Every process also takes ``error_path``: a model that fails writes its
+traceback there and goes silent, so the run ends instead of hanging.
+
+Results are large ((samples, neurons) per layer), and ``Var.get`` copies them
+element by element; the recording models therefore hand their results over in
+one piece at the end of the run, as .npy files in ``result_dir``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from lava.magma.core.process.ports.ports import InPort, OutPort
+from lava.magma.core.process.process import AbstractProcess
+from lava.magma.core.process.variable import Var
+
+
+class SpikeSource(AbstractProcess):
+    """Emits the encoded input spikes of chunk after chunk of samples.
+
+    spike_steps: (samples, N) int, the step k in [0, K) of the input window at
+    which each input spikes, K for no spike. Step k goes out at chunk-local
+    time step k + 1.
+    """
+
+    def __init__(
+        self, *, spike_steps: np.ndarray, batch: int, steps: int, chunk_steps: int, **kwargs
+    ):
+        super().__init__(batch=batch, steps=steps, chunk_steps=chunk_steps, **kwargs)
+        self.spike_steps = Var(shape=spike_steps.shape, init=spike_steps)
+        self.s_out = OutPort(shape=(batch, spike_steps.shape[1]))
+
+
+class SpikePool(AbstractProcess):
+    """Max pooling of spike times: per k x k window, the first spike (sign +1) or
+    the spike that completes the window (sign -1, all inputs spiked).
+
+    geometry: (C, H, W) input, kernel, stride; sign: (C,) +1 or -1. first_step:
+    chunk-local step at which the pooled layer's window opens; the step of each
+    output spike in that window is recorded per sample.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        in_shape: tuple,
+        out_shape: tuple,
+        kernel: int,
+        stride: int,
+        sign: np.ndarray,
+        first_step: int,
+        steps: int,
+        chunk_steps: int,
+        samples: int,
+        result_path: str,
+        total_steps: int,
+        **kwargs,
+    ):
+        super().__init__(
+            batch=batch,
+            in_shape=tuple(in_shape),
+            out_shape=tuple(out_shape),
+            kernel=kernel,
+            stride=stride,
+            first_step=first_step,
+            steps=steps,
+            chunk_steps=chunk_steps,
+            samples=samples,
+            result_path=result_path,
+            total_steps=total_steps,
+            **kwargs,
+        )
+        n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+        self.sign = Var(shape=sign.shape, init=sign)
+        self.arrived = Var(shape=(batch, n_out), init=0)
+        self.s_in = InPort(shape=(batch, n_in))
+        self.s_out = OutPort(shape=(batch, n_out))
+
+
+class Synapses(AbstractProcess):
+    """Weighted spikes: a_out = W s_in for a (B, N_in) spike matrix, in the same step.
+
+    weight: the dense (out, in) or conv (O, C, k, k) weight, integer-valued in
+    fixed point. ops: the linear ops the weight belongs to (flatten, sum pool,
+    then the dense or conv op), as the emulator's layer program holds them.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        in_shape: tuple,
+        out_shape: tuple,
+        weight: np.ndarray,
+        ops: tuple,
+        chunk_steps: int,
+        **kwargs,
+    ):
+        super().__init__(
+            batch=batch,
+            in_shape=tuple(in_shape),
+            out_shape=tuple(out_shape),
+            ops=ops,
+            chunk_steps=chunk_steps,
+            **kwargs,
+        )
+        self.weight = Var(shape=weight.shape, init=weight)
+        self.s_in = InPort(shape=(batch, int(np.prod(in_shape))))
+        self.a_out = OutPort(shape=(batch, int(np.prod(out_shape))))
+
+
+class TTFSNeuron(AbstractProcess):
+    """B1 neurons on the step grid, one layer, batched.
+
+    During the K steps of the previous layer's window (chunk-local steps
+    first_step .. first_step + K - 1) the current u integrates the incoming
+    weighted spikes and the membrane v integrates u. During its own window
+    (the next K steps) v rises by ``ramp`` per step; a neuron fires in the
+    first step with v >= threshold and never again; at the end of the window
+    it is silent for good (forced no spike). State resets every chunk.
+    ``limit``: saturation bound of u and v (0: none, floating point).
+    Records per sample the spike step (K: none), whether the value exceeded
+    the window (already above threshold by more than half a ramp step when
+    the window opened) and whether u or v saturated.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        size: int,
+        threshold: np.ndarray,
+        ramp: float,
+        limit: float,
+        first_step: int,
+        steps: int,
+        chunk_steps: int,
+        samples: int,
+        result_path: str,
+        total_steps: int,
+        **kwargs,
+    ):
+        super().__init__(
+            batch=batch,
+            size=size,
+            first_step=first_step,
+            steps=steps,
+            chunk_steps=chunk_steps,
+            samples=samples,
+            result_path=result_path,
+            total_steps=total_steps,
+            **kwargs,
+        )
+        self.threshold = Var(shape=(size,), init=threshold)
+        self.ramp = Var(shape=(1,), init=ramp)
+        self.limit = Var(shape=(1,), init=limit)
+        self.u = Var(shape=(batch, size), init=0)
+        self.v = Var(shape=(batch, size), init=0)
+        self.a_in = InPort(shape=(batch, size))
+        self.s_out = OutPort(shape=(batch, size))
+
+
+class TTFSReadout(AbstractProcess):
+    """The non-spiking output layer: u and v integrate like a TTFSNeuron's during the
+    last hidden window, v starting from the (integer) bias; v at the end of that
+    window is recorded per sample (the logits, in membrane units)."""
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        size: int,
+        bias: np.ndarray,
+        limit: float,
+        first_step: int,
+        steps: int,
+        chunk_steps: int,
+        samples: int,
+        result_path: str,
+        total_steps: int,
+        **kwargs,
+    ):
+        super().__init__(
+            batch=batch,
+            size=size,
+            first_step=first_step,
+            steps=steps,
+            chunk_steps=chunk_steps,
+            samples=samples,
+            result_path=result_path,
+            total_steps=total_steps,
+            **kwargs,
+        )
+        self.bias = Var(shape=(size,), init=bias)
+        self.limit = Var(shape=(1,), init=limit)
+        self.u = Var(shape=(batch, size), init=0)
+        self.v = Var(shape=(batch, size), init=0)
+        self.a_in = InPort(shape=(batch, size))
