@@ -21,6 +21,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_backends.py
+	$(PY) benchmarks/bench_lava.py
 
 $(PY):
 	@py="$$(tools/find_python310.sh)" || exit 1; \

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,7 @@ def _cmd_reference(args, command: str) -> int:
 DEFAULT_BACKEND = {"ideal": "emulator", "digital": "emulator", "crossbar": "crossbar"}
 
 
-def _cmd_deploy(args) -> int:
+def _cmd_run(args) -> int:
     model_path = resolve_model_path(args.model)
     net = load_model(model_path)
     profile = load_profile(args.profile)
@@ -223,11 +224,18 @@ def _cmd_deploy(args) -> int:
         y = None if y is None else y[: args.samples]
     snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
     reference = simulate(snn, x)
-    dep = deploy(snn, profile, backend=backend, seed=args.seed)
-    trace = dep.run(x)
+    options = {"tag": args.tag} if backend == "lava" else {}
+    if args.tag != "fixed_pt" and backend != "lava":
+        raise UsageError("--tag applies to the lava backend only")
+    dep = deploy(snn, profile, backend=backend, seed=args.seed, **options)
+    if backend == "lava":
+        with Progress(f"{backend} {args.tag}", enabled=not args.quiet) as progress:
+            trace = dep.run(x, progress=progress)
+    else:
+        trace = dep.run(x)
     report = hardware_summary(reference, trace, y)
     payload = {
-        "command": "deploy",
+        "command": "run",
         "model": net.name,
         "profile": profile.name,
         "backend": backend,
@@ -236,7 +244,7 @@ def _cmd_deploy(args) -> int:
         "mapping": dep.summary(),
     }
     if args.out is not None:
-        _write_json_atomic(Path(args.out) / "deploy.json", payload)
+        _write_json_atomic(Path(args.out) / "run.json", payload)
     if args.json:
         print(json.dumps(payload))
         return 0
@@ -259,15 +267,50 @@ def _cmd_deploy(args) -> int:
         f"spikes/neuron    reference {report['spikes_per_neuron_reference']:.3f}   "
         f"hardware {report['spikes_per_neuron_hardware']:.3f}"
     )
-    print(f"latency          {report['latency_s'] * 1e6:.4g} us per inference")
+    steps = payload["mapping"].get("steps_per_inference")
+    in_steps = f"{steps} steps = " if steps else ""
+    print(f"latency          {in_steps}{report['latency_s'] * 1e6:.4g} us per inference")
     print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
     print(f"saturated        {report['saturated']}   overflow {report['overflow']}")
     print()
     for layer in payload["mapping"]["layers"]:
         print("  " + "  ".join(f"{k}={_short(v)}" for k, v in layer.items()))
     if args.out is not None:
-        print(f"\nwrote {Path(args.out) / 'deploy.json'}")
+        print(f"\nwrote {Path(args.out) / 'run.json'}")
     return 0
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown on a terminal once a run lasts over 2 s."""
+
+    def __init__(self, label: str, enabled: bool = True, delay_s: float = 2.0):
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.delay_s = delay_s
+        self.shown = False
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.start
+        if not self.enabled or (elapsed < self.delay_s and done < total and not self.shown):
+            return
+        if not self.shown and done >= total and elapsed < self.delay_s:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} samples  {elapsed:.1f} s")
+        sys.stderr.flush()
+        self.shown = True
+
+    def __exit__(self, *exc):
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        return False
 
 
 def _short(value) -> str:
@@ -314,8 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the first N samples (default all)",
     )
 
-    dep = sub.add_parser("deploy", help="convert, deploy onto a hardware profile and run")
+    dep = sub.add_parser("run", help="convert, deploy onto a hardware profile and run")
     common(dep)
+    dep.add_argument(
+        "--tag",
+        choices=("fixed_pt", "floating_pt"),
+        default="fixed_pt",
+        help="lava backend: ProcessModels to run (default fixed_pt)",
+    )
+    dep.add_argument("--quiet", action="store_true", help="no progress bar")
     dep.add_argument("--profile", required=True, help="hardware profile name or YAML file")
     dep.add_argument(
         "--backend",
@@ -385,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "profile":
             return _cmd_profile(args)
-        if args.command == "deploy":
-            return _cmd_deploy(args)
+        if args.command == "run":
+            return _cmd_run(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

@@ -123,7 +123,7 @@ def test_console_entry_point_has_no_traceback_for_user_errors(tmp_path):
 def test_deploy_reports_hardware_figures_and_mapping(capsys, tmp_path):
     code, out, err = run(
         capsys,
-        "deploy",
+        "run",
         "digits_cnn",
         "--profile",
         "loihi2",
@@ -140,13 +140,13 @@ def test_deploy_reports_hardware_figures_and_mapping(capsys, tmp_path):
     assert report["latency_s"] == pytest.approx(3 * 32 * 1e-6)
     assert report["energy_j"] > 0
     assert [layer["name"] for layer in report["mapping"]["layers"]] == ["conv1", "fc1", "out"]
-    assert json.loads((tmp_path / "deploy.json").read_text()) == report
+    assert json.loads((tmp_path / "run.json").read_text()) == report
 
 
 def test_deploy_with_overrides_on_the_crossbar(capsys):
     code, out, _ = run(
         capsys,
-        "deploy",
+        "run",
         "digits_mlp",
         "--profile",
         "pcm",
@@ -172,9 +172,35 @@ def test_deploy_with_overrides_on_the_crossbar(capsys):
         (["--profile", "pcm", "--set", "weights.bits=4"], "'weights.bits': does not apply"),
         (["--profile", "pcm", "--set", "crossbar.levels"], "expected KEY=VALUE"),
         (["--profile", "loihi2", "--seed", "-1"], "--seed"),
+        (["--profile", "loihi2", "--tag", "floating_pt"], "--tag applies to the lava backend"),
+        (["--profile", "pcm", "--backend", "lava"], "lava backend runs digital"),
     ],
 )
 def test_deploy_user_errors(capsys, argv, fragment):
-    code, out, err = run(capsys, "deploy", "digits_mlp", "--samples", "5", *argv)
+    code, out, err = run(capsys, "run", "digits_mlp", "--samples", "5", *argv)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert fragment in err
+
+
+def test_run_on_lava_prints_the_figures(capsys):
+    code, out, err = run(
+        capsys, "run", "digits_mlp", "--profile", "loihi2", "--backend", "lava", "--samples", "30"
+    )
+    assert code == 0
+    for text in ("accuracy", "agreement", "spikes/neuron", "96 steps = 96 us", "energy"):
+        assert text in out
+    assert "lava" in out
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    from neurodeploy.cli import Progress
+
+    with Progress("x", delay_s=0.0) as bar:  # pytest's stderr is no terminal
+        bar(5, 10)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with Progress("lava", delay_s=0.0) as bar:
+        bar(5, 10)
+        bar(10, 10)
+    err = capsys.readouterr().err
+    assert "lava [" in err and "10/10 samples" in err and err.endswith("\n")
