@@ -69,3 +69,8 @@ __all__ += ["DeployError", "HardwareProfile", "ProfileError", "load_profile"]
 from .deploy import BACKENDS, Deployment, deploy  # noqa: E402
 
 __all__ += ["BACKENDS", "Deployment", "deploy"]
+
+from .convert import retime  # noqa: E402
+from .crosscheck import CrossCheckReport, crosscheck  # noqa: E402
+
+__all__ += ["CrossCheckReport", "crosscheck", "retime"]

@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,17 @@ import yaml
 
 from . import datasets
 from .convert import convert
-from .deploy import BACKENDS, deploy
+from .crosscheck import crosscheck
+from .deploy import BACKENDS, Deployment, deploy
 from .errors import DataError, ModelError, NeurodeployError, UsageError
 from .evaluate import compare_with_relu, hardware_summary, layer_table
+from .fileio import write_text_atomic
 from .modelio import load_model
 from .network import Network
-from .profile import load_profile
+from .profile import HardwareProfile, load_profile
 from .simulate import simulate
-from .ttfs import NEURON_MODELS
+from .trace import Trace
+from .ttfs import NEURON_MODELS, TTFSNetwork
 
 PROJECT_MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -126,16 +129,7 @@ def _shaped(net: Network, x: np.ndarray, what: str) -> np.ndarray:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _percent(v) -> str:
@@ -209,13 +203,30 @@ def _cmd_reference(args, command: str) -> int:
 DEFAULT_BACKEND = {"ideal": "emulator", "digital": "emulator", "crossbar": "crossbar"}
 
 
-def _cmd_run(args) -> int:
+@dataclass
+class _HardwareRun:
+    model_path: Path
+    net: Network
+    profile: HardwareProfile
+    backend: str
+    snn: TTFSNetwork
+    x: np.ndarray
+    y: np.ndarray | None
+    data_desc: str
+    dep: Deployment
+    trace: Trace
+
+
+def _run_on_hardware(args) -> _HardwareRun:
+    """Load, convert, deploy and run, as ``run`` and ``deploy`` both do."""
     model_path = resolve_model_path(args.model)
     net = load_model(model_path)
     profile = load_profile(args.profile)
     if args.set:
         profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
     backend = args.backend or DEFAULT_BACKEND[profile.hardware]
+    if args.tag != "fixed_pt" and backend != "lava":
+        raise UsageError("--tag applies to the lava backend only")
     x_cal, x, y, data_desc = load_data(net, args.data)
     if args.calibration_size is not None:
         x_cal = x_cal[: args.calibration_size]
@@ -223,16 +234,29 @@ def _cmd_run(args) -> int:
         x = x[: args.samples]
         y = None if y is None else y[: args.samples]
     snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
-    reference = simulate(snn, x)
     options = {"tag": args.tag} if backend == "lava" else {}
-    if args.tag != "fixed_pt" and backend != "lava":
-        raise UsageError("--tag applies to the lava backend only")
     dep = deploy(snn, profile, backend=backend, seed=args.seed, **options)
     if backend == "lava":
         with Progress(f"{backend} {args.tag}", enabled=not args.quiet) as progress:
             trace = dep.run(x, progress=progress)
     else:
         trace = dep.run(x)
+    return _HardwareRun(model_path, net, profile, backend, snn, x, y, data_desc, dep, trace)
+
+
+def _cmd_run(args) -> int:
+    hw = _run_on_hardware(args)
+    net, profile, backend, y, data_desc, dep, trace = (
+        hw.net,
+        hw.profile,
+        hw.backend,
+        hw.y,
+        hw.data_desc,
+        hw.dep,
+        hw.trace,
+    )
+    model_path = hw.model_path
+    reference = simulate(hw.snn, hw.x)
     report = hardware_summary(reference, trace, y)
     payload = {
         "command": "run",
@@ -280,6 +304,60 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_deploy(args) -> int:
+    """The main job: convert, deploy, run, cross-check; exit 0 when ok, 1 when not."""
+    hw = _run_on_hardware(args)
+    report = crosscheck(hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace)
+    out = Path(args.out)
+    json_path = report.to_json(out / "crosscheck.json")
+    html_path = report.to_html(out / "crosscheck.html")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0 if report.ok else 1
+    print(
+        f"neurodeploy deploy: {report.model} on {report.profile} ({report.backend}), "
+        f"{report.samples} samples of the {hw.data_desc}"
+    )
+    print(
+        f"accuracy    reference {_percent(report.accuracy_reference)}   hardware "
+        f"{_percent(report.accuracy_hardware)}   agreement {_percent(report.agreement)} "
+        f"(required {_percent(report.required_agreement)})"
+    )
+    steps = hw.dep.summary().get("steps_per_inference")
+    latency = "–" if report.latency_s is None else f"{report.latency_s * 1e6:.4g} us"
+    energy = "–" if report.energy_j is None else f"{report.energy_j * 1e9:.4g} nJ"
+    print(
+        f"cost        latency {(str(steps) + ' steps = ') if steps else ''}{latency}, "
+        f"energy {energy} per inference; logit error mean {report.logit_error_mean:.3g}"
+    )
+    print()
+    print(
+        f"{'layer':<8} {'kind':<8} {'neurons':>7} {'mean|err|':>10} {'max|err|':>9} "
+        f"{'(steps)':>8} {'beyond':>8} {'missing':>8} {'extra':>6} {'sat':>5} {'ovf':>5}  status"
+    )
+    for layer in report.layers:
+        steps_text = "" if layer.error_max_steps is None else f"{layer.error_max_steps:.2f}"
+        status = "ok" if layer.within_bound else "DIVERGES"
+        if layer.name == report.divergence_layer:
+            status += "  <- divergence layer"
+        print(
+            f"{layer.name:<8} {layer.kind:<8} {layer.neurons:>7} {layer.error_mean:>10.3g} "
+            f"{layer.error_max:>9.3g} {steps_text:>8} {100 * layer.beyond_bound:>7.2f}% "
+            f"{layer.missing_spikes:>8} {layer.extra_spikes:>6} {layer.saturated:>5} "
+            f"{layer.overflow:>5}  {status}"
+        )
+    print()
+    if report.ok:
+        print("RESULT: OK - the hardware computes what the reference SNN computes")
+    else:
+        where = f" at {report.divergence_layer}" if report.divergence_layer else ""
+        print(f"RESULT: NOT OK - the hardware diverges{where}")
+        for reason in report.reasons:
+            print(f"  - {reason}")
+    print(f"report: {html_path}  ({json_path.name} beside it)")
+    return 0 if report.ok else 1
+
+
 class Progress:
     """A one-line progress bar on stderr, shown on a terminal once a run lasts over 2 s."""
 
@@ -315,6 +393,41 @@ class Progress:
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def hardware_options(p) -> None:
+    """Options of the commands that run on hardware (run, deploy)."""
+
+    p.add_argument(
+        "--tag",
+        choices=("fixed_pt", "floating_pt"),
+        default="fixed_pt",
+        help="lava backend: ProcessModels to run (default fixed_pt)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default=None,
+        help="default: emulator for ideal/digital profiles, crossbar for crossbar",
+    )
+    p.add_argument(
+        "--samples", type=_positive_int, default=None, help="run the first N samples (default all)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of every random draw of the hardware (default 0)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile key, e.g. crossbar.levels=8 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,38 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the first N samples (default all)",
     )
 
+    main_job = sub.add_parser(
+        "deploy", help="convert, deploy, run and cross-check against the reference SNN"
+    )
+    common(main_job)
+    hardware_options(main_job)
+    main_job.set_defaults(out="out")
+
     dep = sub.add_parser("run", help="convert, deploy onto a hardware profile and run")
     common(dep)
-    dep.add_argument(
-        "--tag",
-        choices=("fixed_pt", "floating_pt"),
-        default="fixed_pt",
-        help="lava backend: ProcessModels to run (default fixed_pt)",
-    )
-    dep.add_argument("--quiet", action="store_true", help="no progress bar")
-    dep.add_argument("--profile", required=True, help="hardware profile name or YAML file")
-    dep.add_argument(
-        "--backend",
-        choices=sorted(BACKENDS),
-        default=None,
-        help="default: emulator for ideal/digital profiles, crossbar for crossbar",
-    )
-    dep.add_argument(
-        "--samples", type=_positive_int, default=None, help="run the first N samples (default all)"
-    )
-    dep.add_argument(
-        "--seed",
-        type=_non_negative_int,
-        default=0,
-        help="seed of every random draw of the hardware (default 0)",
-    )
-    dep.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a profile key, e.g. crossbar.levels=8 (repeatable)",
-    )
+    hardware_options(dep)
 
     prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
     prof.add_argument("profile", help="profile file, or the name of a shipped profile")
@@ -437,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_profile(args)
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "deploy":
+            return _cmd_deploy(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

@@ -383,3 +383,49 @@ def convert(
         calibration=x_cal,
         source=net,
     )
+
+
+def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
+    """A copy of ``snn`` with new window lengths B_n (time units) for the named layers.
+
+    Every later window shifts with them and every threshold follows, so the copy
+    computes the same values as long as they fit their windows (a shorter window
+    clips, and saturation counts the clipped values). Used to shorten latency
+    and to test what a too-short window does.
+    """
+    names = {s.name for s in snn.spiking_layers}
+    unknown = set(windows) - names
+    if unknown:
+        raise UsageError(
+            f"retime: no spiking layer named {sorted(unknown)}; layers: {sorted(names)}"
+        )
+    for name, window in windows.items():
+        if not (isinstance(window, (int, float)) and np.isfinite(window) and window > 0):
+            raise UsageError(
+                f"retime: window of '{name}' must be a positive number, got {window!r}"
+            )
+    stages = []
+    t_min_prev, t_min = INPUT_WINDOW
+    for stage in snn.stages:
+        if isinstance(stage, TimePool):
+            stages.append(replace(stage, t_min=t_min_prev, t_max=t_min))
+        elif isinstance(stage, OutputLayer):
+            stages.append(replace(stage, t_min_prev=t_min_prev, t_read=t_min))
+        else:
+            window = float(windows.get(stage.name, stage.window))
+            t_max = t_min + window
+            if stage.coupling is None:
+                threshold = window - stage.bias
+            else:
+                j_sum = stage.coupling.sum(axis=1)
+                alpha = stage.alpha
+                threshold = (
+                    (alpha + j_sum) * (t_max - stage.bias.reshape(-1))
+                    - alpha * t_min_prev
+                    - j_sum * t_min
+                ).reshape(stage.output_shape)
+            stages.append(
+                replace(stage, t_min_prev=t_min_prev, t_min=t_min, t_max=t_max, threshold=threshold)
+            )
+            t_min_prev, t_min = t_min, t_max
+    return replace(snn, stages=tuple(stages))

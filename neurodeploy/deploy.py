@@ -56,6 +56,17 @@ class Deployment(ABC):
     def summary(self) -> dict:
         """The mapping: per layer resources, weight format, window steps; latency and energy."""
 
+    @abstractmethod
+    def quantization_terms(self) -> dict[str, tuple]:
+        """What quantisation alone can do to each stage, for the cross-check.
+
+        stage name -> (own, weight_error, input_error): ``own`` the largest |value
+        error| (time units; scalar or per neuron) the stage's own rounding adds
+        (spike steps, threshold, ramp, ADC, bias); ``weight_error`` |W_hw - W| in the
+        shape of the stage's dense/conv weight, or None; ``input_error`` the largest
+        error the stage adds to each nonzero input (e.g. a DAC's half level).
+        "input" -> (rounding of the encoded input, None, 0). Pools are exact."""
+
 
 def backend_class(name: str) -> type[Deployment]:
     if name not in BACKENDS:

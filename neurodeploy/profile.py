@@ -291,6 +291,14 @@ class Crosscheck:
             "fraction of predictions that must agree with the reference SNN", minimum=0, maximum=1
         ),
     )
+    max_beyond_bound: float = field(
+        default=0.0,
+        metadata=_spec(
+            "fraction of a layer's neuron outputs allowed beyond the bound quantisation explains",
+            minimum=0,
+            maximum=1,
+        ),
+    )
 
 
 @dataclass(frozen=True)

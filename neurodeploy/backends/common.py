@@ -14,7 +14,13 @@ import numpy as np
 
 from ..errors import DeployError
 from ..network import AvgPool2d, Layer
-from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork
+from ..ttfs import (
+    INPUT_WINDOW,
+    OutputLayer,
+    SpikingLayer,
+    TimePool,
+    TTFSNetwork,
+)
 
 
 def require_b1(snn: TTFSNetwork, backend: str) -> None:
@@ -92,3 +98,11 @@ def fold_average_pools(synapses: tuple[Layer, ...]) -> tuple[tuple[Layer, ...], 
 def child_rng(seed: int, *path: int) -> np.random.Generator:
     """An independent generator for one purpose and layer: same (seed, path), same bits."""
     return np.random.default_rng(np.random.SeedSequence([seed, *path]))
+
+
+def abs_weight_ops(synapses: tuple, weight: np.ndarray) -> tuple:
+    """The synapse ops with the affine weight replaced (used with |W| or |dW| weights)."""
+    from dataclasses import replace
+
+    *linear, affine = synapses
+    return (*linear, replace(affine, weight=weight, bias=np.zeros(weight.shape[0])))

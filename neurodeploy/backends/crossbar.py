@@ -412,6 +412,34 @@ class CrossbarDeployment(Deployment):
             fixed += dac * e.dac_conversion_j
         return read_j + fixed + trace.spike_count * e.spike_j
 
+    def quantization_terms(self) -> dict[str, tuple]:
+        """Conductance levels, DAC and ADC resolution and (with a step grid) spike-step
+        rounding. Noise, drift, variability and faults are not quantisation: their
+        effects show as errors beyond these terms."""
+        terms = {"input": (0.5 / self.steps if self.steps else 0.0, None, 0.0)}
+        for stage in self.snn.stages:
+            layer = self.layers.get(stage.name)
+            if layer is None:
+                continue
+            affine = stage.synapses[-1]
+            delta = None
+            if self.device.levels is not None:  # half a conductance level, in weight units
+                span = self.device.g_max_us - self.device.g_min_us
+                level = span / (self.device.levels - 1)
+                delta = np.full(affine.weight.shape, 0.5 * level * layer.weight_scale)
+            own = np.zeros(layer.cols)
+            for tile in layer.tiles:
+                if tile.adc_step is not None:
+                    own = own + 0.5 * tile.adc_step * layer.weight_scale * layer.compensation
+            own = own.reshape((-1,) + (1,) * (len(stage.output_shape) - 1))
+            if self.steps and isinstance(stage, SpikingLayer):
+                own = own + 0.5 * self.step_size[stage.name]
+            dac = 0.0
+            if self.converter.dac_bits is not None:
+                dac = 0.5 * layer.input_range / (2**self.converter.dac_bits - 1)
+            terms[stage.name] = (own, delta, dac)
+        return terms
+
     def summary(self) -> dict:
         cb = self.device
         layers = []

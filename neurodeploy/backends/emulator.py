@@ -33,8 +33,14 @@ from ..deploy import Deployment
 from ..network import Conv2d, Dense
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
 from ..trace import Trace
-from ..ttfs import OutputLayer, SpikingLayer, apply_synapses
-from .common import durations, encode_on_grid, fold_average_pools, require_b1, step_sizes
+from ..ttfs import OutputLayer, SpikingLayer, TimePool, apply_synapses
+from .common import (
+    durations,
+    encode_on_grid,
+    fold_average_pools,
+    require_b1,
+    step_sizes,
+)
 
 # Largest left shift tried when fitting weights into the membrane; 2^16
 # membrane units per ramp step is far beyond any step-time resolution needed.
@@ -331,6 +337,38 @@ class EmulatorDeployment(Deployment):
         return float(
             sum(p.neurons * (steps if p.dt == 0 else 2 * steps) for p in self.programs.values())
         )
+
+    # -- error bounds ----------------------------------------------------------------------
+    def quantization_terms(self) -> dict[str, tuple]:
+        """Spike steps, weight mantissas, threshold and ramp rounding; nothing on the
+        ideal profile (see :meth:`Deployment.quantization_terms`)."""
+        if self.profile.hardware == "ideal":
+            names = ["input", *(s.name for s in self.snn.stages if not isinstance(s, TimePool))]
+            return {name: (0.0, None, 0.0) for name in names}
+        steps = self.profile.timing.steps_per_window
+        terms = {"input": (0.5 / steps, None, 0.0)}
+        for stage in self.snn.stages:
+            prog = self.programs.get(stage.name)
+            if prog is None:
+                continue
+            # Rounding a weight to its mantissa errs by at most half a mantissa step,
+            # 2^(e-1) (the profile's bits and the layer's largest weight set e); sum
+            # pools carry the average pools' 1/k^2 into the weight.
+            _, pool_factor = fold_average_pools(stage.synapses)
+            weight_shape = stage.synapses[-1].weight.shape
+            delta = None
+            if prog.exponent is not None:
+                delta = np.full(weight_shape, 0.5 * 2.0**prog.exponent / pool_factor)
+            if isinstance(stage, OutputLayer):
+                own = 0.5 * prog.lsb if prog.exponent is not None else 0.0  # bias rounding
+            elif prog.exponent is None:  # float weights: only the step grid rounds
+                own = 0.5 * prog.dt
+            else:
+                # rounding to the nearest step; threshold (half a membrane unit) and ramp
+                # (half a unit per step, over at most K steps) rounding
+                own = prog.dt * (0.5 + (0.5 + 0.5 * steps) / prog.ramp)
+            terms[stage.name] = (own, delta, 0.0)
+        return terms
 
     # -- mapping ---------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -1,0 +1,405 @@
+"""Cross-check a hardware run against the reference SNN, layer by layer.
+
+For every stage (the encoded input, each spiking layer, each pool, the
+output) the report gives
+
+- the end-to-end spike-time error: hardware against reference on the same
+  samples, in the layer's time units and in its steps (mean, max, histogram),
+  with missing spikes (the reference fires, the hardware does not) and extra
+  ones, and the hardware's saturations and overflows;
+- a local check that tells where and why a run diverges: the stage is fed the
+  hardware's own inputs (the previous stage's hardware spikes) and computed
+  exactly; its hardware output must lie within the bound that quantisation
+  alone explains there (the deployment's spike steps, weight resolution,
+  threshold/ramp/ADC rounding and input resolution, see
+  :meth:`neurodeploy.deploy.Deployment.quantization_terms`). Errors inherited
+  from earlier layers are thereby explained, and the first stage whose
+  outputs leave their bound is the divergence layer.
+
+``report.ok``: every stage within its bound (at most the profile's
+``crosscheck.max_beyond_bound`` fraction of its outputs beyond it) and
+prediction agreement at least ``crosscheck.required_agreement``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+from .backends.common import abs_weight_ops
+from .deploy import Deployment
+from .fileio import write_text_atomic
+from .simulate import simulate
+from .trace import Trace
+from .ttfs import INPUT_WINDOW, OutputLayer, TimePool, TTFSNetwork, apply_synapses
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "crosscheck.schema.json"
+# Relative floating-point slack of the local check: float64 sums in another order.
+_FLOAT_SLACK = 1e-9
+_HISTOGRAM_BINS = 41
+
+
+@dataclass
+class LayerCheck:
+    """One stage of the comparison. Errors are |reference value - hardware value| in
+    time units (a spike-time difference within the stage's window); *_steps divide by
+    the hardware's step size (None in continuous time)."""
+
+    name: str
+    kind: str  # input | spiking | pool | output
+    neurons: int
+    window: list[float]  # [t_min, t_max]; the output layer: [read time, read time]
+    step_size: float | None
+    error_mean: float
+    error_max: float
+    error_mean_steps: float | None
+    error_max_steps: float | None
+    histogram: dict  # {"edges": [...], "counts": [...]} of reference - hardware values
+    bound_mean: float
+    bound_max: float
+    local_error_max: float
+    beyond_bound: float  # fraction of outputs (samples x neurons) beyond the bound
+    missing_spikes: int
+    extra_spikes: int
+    saturated: int
+    overflow: int
+    within_bound: bool
+
+
+@dataclass
+class CrossCheckReport:
+    """Result of :func:`crosscheck`; ``to_json`` follows schemas/crosscheck.schema.json."""
+
+    model: str
+    profile: str
+    hardware: str
+    backend: str
+    samples: int
+    accuracy_reference: float | None
+    accuracy_hardware: float | None
+    agreement: float
+    required_agreement: float
+    max_beyond_bound: float
+    logit_error_mean: float
+    logit_error_max: float
+    divergence_layer: str | None
+    latency_s: float | None
+    energy_j: float | None
+    ok: bool
+    reasons: list[str]
+    layers: list[LayerCheck]
+    schema_version: int = SCHEMA_VERSION
+    plots: dict = field(default_factory=dict, repr=False)  # figure data, not serialised
+
+    def to_dict(self) -> dict:
+        doc = asdict(self)
+        doc.pop("plots")
+        return {"schema_version": doc.pop("schema_version"), **doc}
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON (atomically); returns the path."""
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """Write one self-contained HTML page with the figures inlined; returns the path."""
+        from .report_html import crosscheck_html
+
+        return write_text_atomic(Path(path), crosscheck_html(self))
+
+
+def _values(t: np.ndarray, t_max: float) -> np.ndarray:
+    return np.where(np.isfinite(t), t_max - t, 0.0)
+
+
+def _histogram(diff: np.ndarray) -> dict:
+    span = float(np.abs(diff).max()) if diff.size else 0.0
+    span = span if span > 0 else 1e-12
+    counts, edges = np.histogram(diff, bins=_HISTOGRAM_BINS, range=(-span, span))
+    return {"edges": edges.tolist(), "counts": counts.astype(int).tolist()}
+
+
+def _layer(
+    name,
+    kind,
+    neurons,
+    window,
+    step,
+    diff,
+    bound,
+    local_err,
+    beyond,
+    missing,
+    extra,
+    saturated,
+    overflow,
+    allowed,
+) -> LayerCheck:
+    abs_diff = np.abs(diff)
+    mean = float(abs_diff.mean()) if abs_diff.size else 0.0
+    worst = float(abs_diff.max()) if abs_diff.size else 0.0
+    return LayerCheck(
+        name=name,
+        kind=kind,
+        neurons=int(neurons),
+        window=[float(w) for w in window],
+        step_size=None if step is None else float(step),
+        error_mean=mean,
+        error_max=worst,
+        error_mean_steps=None if not step else mean / step,
+        error_max_steps=None if not step else worst / step,
+        histogram=_histogram(diff),
+        bound_mean=float(np.mean(bound)),
+        bound_max=float(np.max(bound)),
+        local_error_max=float(local_err.max(initial=0.0)),
+        beyond_bound=float(beyond),
+        missing_spikes=int(missing),
+        extra_spikes=int(extra),
+        saturated=int(saturated),
+        overflow=int(overflow),
+        within_bound=bool(beyond <= allowed),
+    )
+
+
+def _beyond(local_err: np.ndarray, bound, scale: np.ndarray) -> tuple[np.ndarray, float]:
+    limit = bound + _FLOAT_SLACK * (1.0 + np.abs(scale))
+    mask = local_err > limit
+    return mask, float(mask.mean()) if mask.size else 0.0
+
+
+def crosscheck(
+    snn: TTFSNetwork,
+    dep: Deployment,
+    x,
+    y=None,
+    hardware: Trace | None = None,
+    reference: Trace | None = None,
+) -> CrossCheckReport:
+    """Run the reference simulator and the deployment on x (N, *input_shape) and compare.
+
+    y: labels (N,) for accuracies. hardware / reference: traces already computed on
+    the same x, to avoid running again. ``dep.snn`` may differ from ``snn`` (e.g. other
+    windows): hardware values are decoded with the deployment's own windows.
+    """
+    reference = simulate(snn, x) if reference is None else reference
+    hardware = dep.run(x) if hardware is None else hardware
+    terms = dep.quantization_terms()
+    profile = dep.profile
+    allowed = profile.crosscheck.max_beyond_bound
+    hw_snn = dep.snn
+    n = reference.num_samples
+    layers: list[LayerCheck] = []
+    plots: dict = {"layers": {}}
+
+    # The encoded input: hardware values against the reference encoding.
+    ref_in = _values(reference.spike_times["input"], INPUT_WINDOW[1])
+    hw_in = _values(hardware.spike_times["input"], INPUT_WINDOW[1])
+    own, _, _ = terms["input"]
+    diff = ref_in - hw_in
+    mask, beyond = _beyond(np.abs(diff), own, ref_in)
+    layers.append(
+        _layer(
+            "input",
+            "input",
+            np.prod(snn.input_shape),
+            INPUT_WINDOW,
+            hardware.step_size.get("input"),
+            diff,
+            np.full(1, own),
+            np.abs(diff),
+            beyond,
+            np.sum(
+                np.isfinite(reference.spike_times["input"])
+                & ~np.isfinite(hardware.spike_times["input"])
+            ),
+            np.sum(
+                ~np.isfinite(reference.spike_times["input"])
+                & np.isfinite(hardware.spike_times["input"])
+            ),
+            hardware.saturated_per_layer.get("input", 0),
+            0,
+            allowed,
+        )
+    )
+    plots["layers"]["input"] = _plot_data(
+        reference.spike_times["input"], hardware.spike_times["input"], INPUT_WINDOW
+    )
+    previous_hw = hw_in
+    logit_err = np.abs(hardware.output - reference.output)
+    for stage in snn.stages:
+        hw_stage = hw_snn.stage(stage.name)
+        if isinstance(stage, OutputLayer):
+            own, delta, input_error = terms[stage.name]
+            local = apply_synapses(stage.synapses, previous_hw).reshape(n, -1) + stage.bias.reshape(
+                1, -1
+            )
+            bound = _bound(stage, own, delta, input_error, previous_hw).reshape(n, -1)
+            local_err = np.abs(hardware.output - local)
+            _, beyond = _beyond(local_err, bound, local)
+            diff = reference.output - hardware.output
+            layers.append(
+                _layer(
+                    stage.name,
+                    "output",
+                    np.prod(stage.output_shape),
+                    [stage.t_read, stage.t_read],
+                    None,
+                    diff,
+                    bound,
+                    local_err,
+                    beyond,
+                    0,
+                    0,
+                    0,
+                    hardware.overflow.get(stage.name, 0),
+                    allowed,
+                )
+            )
+            break
+        ref_t = reference.spike_times[stage.name]
+        hw_t = hardware.spike_times[stage.name]
+        ref_v = _values(ref_t, stage.t_max)
+        hw_v = _values(hw_t, hw_stage.t_max)
+        if isinstance(stage, TimePool):
+            s = stage.sign[None, :, None, None]
+            local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride) * s
+            bound = np.zeros(1)
+            kind = "pool"
+        else:
+            own, delta, input_error = terms[stage.name]
+            potential = apply_synapses(stage.synapses, previous_hw) + stage.bias
+            local = np.clip(potential, 0.0, stage.window)
+            bound = _bound(stage, own, delta, input_error, previous_hw)
+            kind = "spiking"
+        local_err = np.abs(hw_v - local)
+        _, beyond = _beyond(local_err, bound, local)
+        ref_fired, hw_fired = np.isfinite(ref_t), np.isfinite(hw_t)
+        layers.append(
+            _layer(
+                stage.name,
+                kind,
+                np.prod(stage.output_shape),
+                [stage.t_min, stage.t_max],
+                hardware.step_size.get(stage.name),
+                ref_v - hw_v,
+                bound,
+                local_err,
+                beyond,
+                np.sum(ref_fired & ~hw_fired),
+                np.sum(~ref_fired & hw_fired),
+                hardware.saturated_per_layer.get(stage.name, 0),
+                hardware.overflow.get(stage.name, 0),
+                allowed,
+            )
+        )
+        plots["layers"][stage.name] = _plot_data(ref_t, hw_t, [stage.t_min, stage.t_max])
+        previous_hw = hw_v
+
+    agreement = float(np.mean(reference.predictions == hardware.predictions)) if n else 1.0
+    divergence = next((layer.name for layer in layers if not layer.within_bound), None)
+    reasons = _reasons(layers, agreement, profile.crosscheck.required_agreement, allowed)
+    plots["raster"] = {
+        "reference": {k: v[0].reshape(-1) for k, v in reference.spike_times.items()},
+        "hardware": {k: v[0].reshape(-1) for k, v in hardware.spike_times.items()},
+        "windows": {layer.name: layer.window for layer in layers},
+    }
+    return CrossCheckReport(
+        model=snn.name,
+        profile=profile.name,
+        hardware=profile.hardware,
+        backend=hardware.backend,
+        samples=n,
+        accuracy_reference=None if y is None else reference.accuracy(y),
+        accuracy_hardware=None if y is None else hardware.accuracy(y),
+        agreement=agreement,
+        required_agreement=profile.crosscheck.required_agreement,
+        max_beyond_bound=allowed,
+        logit_error_mean=float(logit_err.mean()) if logit_err.size else 0.0,
+        logit_error_max=float(logit_err.max()) if logit_err.size else 0.0,
+        divergence_layer=divergence,
+        latency_s=None if hardware.latency_s is None else float(np.mean(hardware.latency_s)),
+        energy_j=None if hardware.energy_j is None else float(np.mean(hardware.energy_j)),
+        ok=divergence is None and agreement >= profile.crosscheck.required_agreement,
+        reasons=reasons,
+        layers=layers,
+        plots=plots,
+    )
+
+
+def _bound(stage, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
+    """Local quantisation bound of a stage for the given hardware inputs (N, *input)."""
+    bound = np.zeros((inputs.shape[0], *stage.output_shape)) + own
+    if delta is not None:
+        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, delta), inputs)
+    if input_error:
+        weight = np.abs(stage.synapses[-1].weight)
+        nonzero = (inputs > 0).astype(np.float64) * input_error
+        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, weight), nonzero)
+    return bound
+
+
+def _plot_data(ref_t: np.ndarray, hw_t: np.ndarray, window, limit: int = 4000) -> dict:
+    ref = ref_t.reshape(-1)
+    hw = hw_t.reshape(-1)
+    either = np.flatnonzero(np.isfinite(ref) | np.isfinite(hw))
+    if either.size > limit:  # a fixed, evenly spread subsample keeps pages small
+        either = either[np.linspace(0, either.size - 1, limit).astype(int)]
+    return {"reference": ref[either], "hardware": hw[either], "window": list(window)}
+
+
+def _reasons(layers: list[LayerCheck], agreement: float, required: float, allowed: float):
+    reasons = []
+    for layer in layers:
+        if layer.within_bound and not layer.saturated and not layer.overflow:
+            continue
+        parts = []
+        if not layer.within_bound:
+            steps = (
+                f" = {layer.local_error_max / layer.step_size:.1f} steps" if layer.step_size else ""
+            )
+            parts.append(
+                f"{100 * layer.beyond_bound:.1f} % of its outputs lie beyond the bound "
+                f"quantisation explains (allowed {100 * allowed:.1f} %; worst local error "
+                f"{layer.local_error_max:.3g}{steps}, bound {layer.bound_max:.3g})"
+            )
+        if layer.saturated:
+            parts.append(
+                f"{layer.saturated} values exceeded the window (too short a window: "
+                "calibrate on more representative data or raise zeta)"
+            )
+        if layer.overflow:
+            parts.append(
+                f"{layer.overflow} saturations of the membrane, current or ADC "
+                "(too few bits or too narrow a range)"
+            )
+        if not layer.within_bound and not layer.saturated and not layer.overflow:
+            parts.append(
+                "the hardware computes this layer differently from the converted "
+                "network: check its weights, devices and faults"
+            )
+        reasons.append(f"{layer.name}: " + "; ".join(parts))
+    if agreement < required:
+        reasons.append(
+            f"agreement {100 * agreement:.2f} % is below the required {100 * required:.2f} %"
+        )
+    return reasons
+
+
+def figure_png(fig) -> str:
+    """A matplotlib figure as a base64 PNG string (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+__all__ = ["CrossCheckReport", "LayerCheck", "crosscheck", "figure_png"]

@@ -1,0 +1,327 @@
+"""The cross-check report as one self-contained HTML page (figures inlined as PNG)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from .crosscheck import CrossCheckReport, figure_png
+
+_OK, _BAD = "#1a7f37", "#cf222e"
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
+color:#1f2328;max-width:1200px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
+.banner{padding:14px 18px;border-radius:8px;color:#fff;font-size:18px;margin:12px 0}
+.banner small{display:block;font-size:14px;opacity:.95;margin-top:6px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
+th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
+tr.bad td{background:#ffebe9} tr.div td{background:#ffcecb;font-weight:600}
+.muted{color:#59636e;font-size:13px} img{max-width:100%}
+ul{margin:4px 0 0 18px;padding:0} li{margin:2px 0}
+"""
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def _overview_figure(report: CrossCheckReport) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [layer.name for layer in report.layers]
+    beyond = [100 * layer.beyond_bound for layer in report.layers]
+    colors = [_OK if layer.within_bound else _BAD for layer in report.layers]
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    bars = ax.bar(names, beyond, color=colors)
+    ax.axhline(
+        100 * report.max_beyond_bound,
+        color="#59636e",
+        ls="--",
+        lw=1,
+        label=f"allowed ({100 * report.max_beyond_bound:.0f} %)",
+    )
+    ax.set_ylabel("% of outputs beyond\nquantisation bound")
+    ax.set_ylim(0, max(5.0, 1.15 * max(beyond + [0.0])))
+    for bar, layer in zip(bars, report.layers, strict=True):
+        label = "OK" if layer.within_bound else "DIVERGES"
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height(),
+            label,
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            color=_OK if layer.within_bound else _BAD,
+            fontweight="bold",
+        )
+    twin = ax.twinx()
+    timed = [layer for layer in report.layers if layer.kind != "output"]  # logits have no steps
+    unit = "steps" if any(layer.step_size for layer in timed) else "time units"
+    errors = [layer.error_mean_steps if unit == "steps" else layer.error_mean for layer in timed]
+    twin.plot(
+        [layer.name for layer in timed],
+        errors,
+        "o-",
+        color="#0969da",
+        label=f"mean |spike-time error| ({unit})",
+    )
+    twin.set_ylabel(f"mean |spike-time error|\n({unit})", color="#0969da")
+    twin.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
+    ax.set_title("Layer by layer: outputs the hardware computes beyond what quantisation explains")
+    return figure_png(fig)
+
+
+def _histogram_figure(report: CrossCheckReport) -> str:
+    import matplotlib.pyplot as plt
+
+    layers = report.layers
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.0 * len(layers), 2.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        edges = np.array(layer.histogram["edges"])
+        counts = np.array(layer.histogram["counts"])
+        if layer.error_max == 0:
+            ax.text(
+                0.5,
+                0.5,
+                "no error",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color=_OK,
+                fontsize=11,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.bar(
+                edges[:-1],
+                counts,
+                width=np.diff(edges),
+                align="edge",
+                color=_OK if layer.within_bound else _BAD,
+            )
+            if counts.max(initial=0) > 50:
+                ax.set_yscale("log")
+        unit = "logit" if layer.kind == "output" else "time units"
+        ax.set_title(f"{layer.name}", fontsize=10)
+        ax.set_xlabel(f"reference − hardware ({unit})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("neuron outputs")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _scatter_figure(report: CrossCheckReport) -> str:
+    import matplotlib.pyplot as plt
+
+    data = report.plots.get("layers", {})
+    names = [layer.name for layer in report.layers if layer.name in data]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        d = data[name]
+        t_min, t_max = d["window"]
+        ref, hw = d["reference"], d["hardware"]
+        both = np.isfinite(ref) & np.isfinite(hw)
+        ax.plot([t_min, t_max], [t_min, t_max], color="#8c959f", lw=1)
+        ax.scatter(ref[both], hw[both], s=3, alpha=0.4, color="#0969da", label="both fire")
+        edge = t_max + 0.04 * (t_max - t_min)
+        missing = np.isfinite(ref) & ~np.isfinite(hw)
+        extra = ~np.isfinite(ref) & np.isfinite(hw)
+        ax.scatter(
+            ref[missing],
+            np.full(missing.sum(), edge),
+            s=6,
+            color=_BAD,
+            marker="v",
+            label="missing on hardware",
+        )
+        ax.scatter(
+            np.full(extra.sum(), edge),
+            hw[extra],
+            s=6,
+            color="#9a6700",
+            marker="<",
+            label="extra on hardware",
+        )
+        ax.set_xlim(t_min, edge + 0.02 * (t_max - t_min))
+        ax.set_ylim(t_min, edge + 0.02 * (t_max - t_min))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("reference spike time", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("hardware spike time")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def _raster_figure(report: CrossCheckReport) -> str:
+    import matplotlib.pyplot as plt
+
+    raster = report.plots["raster"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    offset = 0
+    ticks, labels = [], []
+    for name, window in raster["windows"].items():
+        if name not in raster["reference"]:
+            continue
+        ref, hw = raster["reference"][name], raster["hardware"][name]
+        idx = np.arange(ref.size) + offset
+        ax.fill_between(window, offset - 2, offset + ref.size + 2, color="#eaeef2", zorder=0, lw=0)
+        ax.scatter(
+            ref[np.isfinite(ref)],
+            idx[np.isfinite(ref)],
+            s=10,
+            facecolors="none",
+            edgecolors="#0969da",
+            linewidths=0.6,
+            label="reference" if offset == 0 else None,
+        )
+        ax.scatter(
+            hw[np.isfinite(hw)],
+            idx[np.isfinite(hw)],
+            s=3,
+            color=_BAD,
+            label="hardware" if offset == 0 else None,
+        )
+        ticks.append(offset + ref.size / 2)
+        labels.append(name)
+        offset += ref.size + 8
+        ax.axhline(offset - 4, color="#d0d7de", lw=0.6)
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("time (time units)")
+    ax.set_title(
+        "Spike raster of the first sample: reference (rings) and hardware (dots); "
+        "grey: each layer's window",
+        fontsize=10,
+    )
+    ax.legend(loc="upper right", fontsize=8)
+    return figure_png(fig)
+
+
+def crosscheck_html(report: CrossCheckReport) -> str:
+    """The whole page as a string."""
+    ok = report.ok
+    headline = (
+        "The hardware computes what the reference SNN computes."
+        if ok
+        else "The hardware diverges from the reference SNN"
+        + (
+            f" at layer <b>{html.escape(report.divergence_layer)}</b>."
+            if report.divergence_layer
+            else "."
+        )
+    )
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in report.reasons)
+    reasons_block = f"<ul>{reasons}</ul>" if reasons else ""
+    summary_rows = [
+        ("Model", report.model),
+        ("Profile", f"{report.profile} ({report.hardware})"),
+        ("Backend", report.backend),
+        ("Samples", report.samples),
+        (
+            "Accuracy reference / hardware",
+            f"{_pct(report.accuracy_reference)} / {_pct(report.accuracy_hardware)}",
+        ),
+        (
+            "Prediction agreement",
+            f"{_pct(report.agreement)} (required {_pct(report.required_agreement)})",
+        ),
+        (
+            "Logit error mean / max",
+            f"{_fmt(report.logit_error_mean)} / {_fmt(report.logit_error_max)}",
+        ),
+        ("Divergence layer", report.divergence_layer or "none"),
+        (
+            "Latency per inference",
+            "–" if report.latency_s is None else f"{report.latency_s * 1e6:.4g} µs",
+        ),
+        (
+            "Energy per inference",
+            "–" if report.energy_j is None else f"{report.energy_j * 1e9:.4g} nJ",
+        ),
+    ]
+    summary = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary_rows
+    )
+    header = (
+        "<tr><th>layer</th><th>kind</th><th>neurons</th><th>window</th><th>step</th>"
+        "<th>mean |err|</th><th>max |err|</th><th>max |err| (steps)</th>"
+        "<th>bound max</th><th>beyond bound</th><th>missing</th><th>extra</th>"
+        "<th>saturated</th><th>overflow</th><th>status</th></tr>"
+    )
+    rows = []
+    for layer in report.layers:
+        css = (
+            "div"
+            if layer.name == report.divergence_layer
+            else ("" if layer.within_bound else "bad")
+        )
+        status = "within bound" if layer.within_bound else "DIVERGES"
+        window = f"[{layer.window[0]:.3g}, {layer.window[1]:.3g}]"
+        rows.append(
+            f"<tr class='{css}'><td>{html.escape(layer.name)}</td><td>{layer.kind}</td>"
+            f"<td>{layer.neurons}</td><td>{window}</td><td>{_fmt(layer.step_size)}</td>"
+            f"<td>{_fmt(layer.error_mean)}</td><td>{_fmt(layer.error_max)}</td>"
+            f"<td>{_fmt(layer.error_max_steps)}</td><td>{_fmt(layer.bound_max)}</td>"
+            f"<td>{_pct(layer.beyond_bound)}</td><td>{layer.missing_spikes}</td>"
+            f"<td>{layer.extra_spikes}</td><td>{layer.saturated}</td><td>{layer.overflow}</td>"
+            f"<td>{status}</td></tr>"
+        )
+    figures = [
+        (
+            "Where the hardware diverges",
+            _overview_figure(report),
+            "Each layer is fed the hardware's own inputs and computed exactly; the bars show the "
+            "share of its outputs the hardware gets wrong by more than quantisation (steps, weight "
+            "resolution, converters) explains. The first red layer is where the hardware diverges.",
+        ),
+        (
+            "Spike-time error per layer (reference − hardware)",
+            _histogram_figure(report),
+            "End-to-end error against the reference on the same samples, in each layer's time "
+            "units; the output layer in logits.",
+        ),
+        (
+            "Reference against hardware spike times",
+            _scatter_figure(report),
+            "Points on the diagonal agree; markers at the top edge are spikes the hardware lost, "
+            "at the right edge spikes it added.",
+        ),
+        ("Spike raster", _raster_figure(report), ""),
+    ]
+    figure_html = "".join(
+        f"<h2>{html.escape(title)}</h2><p class='muted'>{html.escape(text)}</p>"
+        f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+        for title, png, text in figures
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>neurodeploy cross-check: {html.escape(report.model)} on {html.escape(report.profile)}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Cross-check: {html.escape(report.model)} on {html.escape(report.profile)}
+({html.escape(report.backend)})</h1>
+<div class="muted">neurodeploy cross-check report, schema version {report.schema_version}</div>
+<div class="banner" style="background:{_OK if ok else _BAD}">{"OK" if ok else "NOT OK"}:
+{headline}{"" if ok else "<small>" + reasons_block + "</small>"}</div>
+<table>{summary}</table>
+<h2>Layers</h2><table>{header}{"".join(rows)}</table>
+{figure_html}
+</body></html>
+"""
