@@ -11,23 +11,14 @@ reference's and its throughput. Target: each backend within 5x the reference.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
+
+from timing import best_time
 
 import neurodeploy as nd
 from neurodeploy.deploy import deploy
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn"
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

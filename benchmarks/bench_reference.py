@@ -11,22 +11,13 @@ the ReLU pass is the physical limit).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
+
+from timing import best_time
 
 import neurodeploy as nd
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: caches, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
