@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_lava.py
+	$(PY) benchmarks/bench_sweep.py
 
 $(PY):
 	@py="$$(tools/find_python310.sh)" || exit 1; \

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import datasets
 from .convert import convert
 from .crosscheck import crosscheck
+from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
-from .errors import DataError, ModelError, NeurodeployError, UsageError
+from .errors import ModelError, NeurodeployError, UsageError
 from .evaluate import compare_with_relu, hardware_summary, layer_table
 from .fileio import write_text_atomic
 from .modelio import load_model
@@ -79,54 +79,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def load_data(net: Network, data_file: str | None):
-    """(x_calib, x_eval, y_eval, description) for a model.
-
-    From ``--data FILE.npz`` (arrays x, optional y and x_calib; x_calib defaults
-    to x) or from the data set the model names (``dataset:`` in network.yaml):
-    calibration on its train split, evaluation on its test split.
-    """
-    if data_file is not None:
-        path = Path(data_file)
-        if not path.is_file():
-            raise DataError(f"{path}: data file does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
-        if "x" not in arrays:
-            raise DataError(f"{path}: missing array 'x'")
-        x = _shaped(net, arrays["x"], f"{path}: x")
-        x_cal = _shaped(net, arrays.get("x_calib", arrays["x"]), f"{path}: x_calib")
-        y = arrays.get("y")
-        if y is not None and (y.ndim != 1 or len(y) != len(x)):
-            raise DataError(f"{path}: y must be a vector of {len(x)} labels")
-        return x_cal, x, y, str(path)
-    if net.dataset not in datasets.DATASETS:
-        raise DataError(
-            f"model '{net.name}' names no known data set (dataset: {net.dataset!r}); "
-            "pass --data FILE.npz with arrays x, y and optionally x_calib"
-        )
-    load = datasets.DATASETS[net.dataset]
-    x_tr, _ = load("train")
-    x_te, y_te = load("test")
-    return (
-        _shaped(net, x_tr, "train split"),
-        _shaped(net, x_te, "test split"),
-        y_te,
-        f"{net.dataset} test split",
-    )
-
-
-def _shaped(net: Network, x: np.ndarray, what: str) -> np.ndarray:
-    """x reshaped to (N, *net.input_shape) when only its layout differs (e.g. 8x8 vs 64)."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim >= 1 and x[0].size == int(np.prod(net.input_shape)) and x.ndim > 1:
-        x = x.reshape(len(x), *net.input_shape)
-    return net.check_input(x, what=what)
-
-
 def _write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
@@ -176,7 +128,7 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
 def _cmd_reference(args, command: str) -> int:
     model_path = resolve_model_path(args.model)
     net = load_model(model_path)
-    x_cal, x, y, data_desc = load_data(net, args.data)
+    x_cal, x, y, data_desc = load_model_data(net, args.data)
     if args.calibration_size is not None:
         x_cal = x_cal[: args.calibration_size]
     samples = getattr(args, "samples", None)
@@ -226,7 +178,7 @@ def _run_on_hardware(args) -> _HardwareRun:
     backend = args.backend or DEFAULT_BACKEND[profile.hardware]
     if args.tag != "fixed_pt" and backend != "lava":
         raise UsageError("--tag applies to the lava backend only")
-    x_cal, x, y, data_desc = load_data(net, args.data)
+    x_cal, x, y, data_desc = load_model_data(net, args.data)
     if args.calibration_size is not None:
         x_cal = x_cal[: args.calibration_size]
     if args.samples is not None:
@@ -357,11 +309,65 @@ def _cmd_deploy(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import aggregate, make_spec, parse_param, run_sweep
+    from .sweep_report import knee, lines, resilience_sentences, write_report
+
+    model_path = resolve_model_path(args.model)
+    params = [parse_param(item) for item in args.param]
+    spec = make_spec(
+        model_path,
+        args.profile,
+        params,
+        args.seeds,
+        args.samples,
+        args.backend,
+        args.data,
+        args.calibration_size,
+        args.zeta,
+        overrides=parse_overrides(args.set) if args.set else None,
+    )
+    out = Path(args.out)
+    with Progress("sweep", enabled=not args.quiet, unit="runs") as progress:
+        records = run_sweep(
+            spec,
+            out,
+            executor=args.executor,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            progress=progress,
+        )
+    report = write_report(out, tolerance_points=args.tolerance)
+    if not args.quiet:
+        rows = aggregate(spec, records)
+        refs = [r["accuracy_reference"][0] for r in rows if r["accuracy_reference"]]
+        reference = float(np.mean(refs)) if refs else float("nan")
+        knees = [knee(line, reference, args.tolerance / 100) for line in lines(spec, rows)]
+        print(
+            f"sweep: {len(records)} runs ({len(spec.points())} points x {spec.seeds} seeds) "
+            f"in {out}; reference accuracy {_percent(reference)}"
+        )
+        for sentence in resilience_sentences(knees, args.tolerance):
+            print(f"  {sentence}")
+        print(f"report: {report}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .sweep_report import write_report
+
+    print(write_report(Path(args.dir), tolerance_points=args.tolerance))
+    return 0
+
+
 class Progress:
     """A one-line progress bar on stderr, shown on a terminal once a run lasts over 2 s."""
 
-    def __init__(self, label: str, enabled: bool = True, delay_s: float = 2.0):
+    def __init__(
+        self, label: str, enabled: bool = True, delay_s: float = 2.0, unit: str = "samples"
+    ):
         self.label = label
+        self.unit = unit
         self.enabled = enabled and sys.stderr.isatty()
         self.delay_s = delay_s
         self.shown = False
@@ -379,7 +385,7 @@ class Progress:
         width = 30
         filled = int(width * done / max(total, 1))
         bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} samples  {elapsed:.1f} s")
+        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {self.unit}  {elapsed:.1f} s")
         sys.stderr.flush()
         self.shown = True
 
@@ -480,6 +486,57 @@ def build_parser() -> argparse.ArgumentParser:
     common(dep)
     hardware_options(dep)
 
+    sweep = sub.add_parser("sweep", help="sweep profile keys over a grid and Monte Carlo seeds")
+    common(sweep)
+    sweep.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    sweep.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUES",
+        help="a dotted profile key and its values: 2,4,8 or LO:HI:N (repeatable; "
+        "several make a grid)",
+    )
+    sweep.add_argument("--seeds", type=_positive_int, default=3, help="seeds per point")
+    sweep.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="evaluate the first N samples (default all)",
+    )
+    sweep.add_argument("--backend", choices=("emulator", "crossbar"), default=None)
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override of the profile for the whole sweep",
+    )
+    sweep.add_argument("--executor", choices=("local", "dask"), default="local")
+    sweep.add_argument(
+        "--scheduler", default=None, help="dask scheduler address (default: a LocalCluster)"
+    )
+    sweep.add_argument(
+        "--workers", type=_positive_int, default=None, help="worker processes (default: all cores)"
+    )
+    sweep.add_argument(
+        "--tolerance",
+        type=_non_negative_float,
+        default=1.0,
+        help="accuracy tolerance for the knee, in points (default 1)",
+    )
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    sweep.set_defaults(out="sweep_out")
+
+    rep = sub.add_parser("report", help="write DIR/report.html for a sweep directory")
+    rep.add_argument("dir", help="the sweep's --out directory")
+    rep.add_argument(
+        "--tolerance",
+        type=_non_negative_float,
+        default=1.0,
+        help="accuracy tolerance for the knee, in points (default 1)",
+    )
+
     prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
     prof.add_argument("profile", help="profile file, or the name of a shipped profile")
     prof.add_argument(
@@ -529,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "deploy":
             return _cmd_deploy(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        if args.command == "report":
+            return _cmd_report(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

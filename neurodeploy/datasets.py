@@ -8,10 +8,11 @@ split every shipped model was trained and evaluated on.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import DataError, UsageError
 
 DIGITS_RANGE = (0.0, 16.0)
 DIGITS_TEST_FRACTION = 0.3
@@ -46,3 +47,51 @@ def digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 
 DATASETS = {"digits": digits}
+
+
+def load_model_data(net, data_file: str | None):
+    """(x_calib, x_eval, y_eval, description) for a model.
+
+    From ``--data FILE.npz`` (arrays x, optional y and x_calib; x_calib defaults
+    to x) or from the data set the model names (``dataset:`` in network.yaml):
+    calibration on its train split, evaluation on its test split.
+    """
+    if data_file is not None:
+        path = Path(data_file)
+        if not path.is_file():
+            raise DataError(f"{path}: data file does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        if "x" not in arrays:
+            raise DataError(f"{path}: missing array 'x'")
+        x = _shaped(net, arrays["x"], f"{path}: x")
+        x_cal = _shaped(net, arrays.get("x_calib", arrays["x"]), f"{path}: x_calib")
+        y = arrays.get("y")
+        if y is not None and (y.ndim != 1 or len(y) != len(x)):
+            raise DataError(f"{path}: y must be a vector of {len(x)} labels")
+        return x_cal, x, y, str(path)
+    if net.dataset not in DATASETS:
+        raise DataError(
+            f"model '{net.name}' names no known data set (dataset: {net.dataset!r}); "
+            "pass --data FILE.npz with arrays x, y and optionally x_calib"
+        )
+    load = DATASETS[net.dataset]
+    x_tr, _ = load("train")
+    x_te, y_te = load("test")
+    return (
+        _shaped(net, x_tr, "train split"),
+        _shaped(net, x_te, "test split"),
+        y_te,
+        f"{net.dataset} test split",
+    )
+
+
+def _shaped(net, x: np.ndarray, what: str) -> np.ndarray:
+    """x reshaped to (N, *net.input_shape) when only its layout differs (e.g. 8x8 vs 64)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim >= 1 and x[0].size == int(np.prod(net.input_shape)) and x.ndim > 1:
+        x = x.reshape(len(x), *net.input_shape)
+    return net.check_input(x, what=what)

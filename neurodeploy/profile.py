@@ -637,6 +637,19 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     return _build(doc, files, str(path))
 
 
+def profile_from_dict(doc: dict, source: str = "<dict>") -> HardwareProfile:
+    """Validate a profile document (the form of :func:`to_document`, no ``extends``)."""
+    files = _Origins()
+    for key in doc:
+        _mark(files, key, doc[key], source, 0)
+    return _build(json_copy(doc), files, source)
+
+
+def json_copy(doc: dict) -> dict:
+    """A deep copy of a plain nested document."""
+    return {k: json_copy(v) if isinstance(v, dict) else v for k, v in doc.items()}
+
+
 def describe_keys() -> list[tuple[str, str, str]]:
     """(dotted key, kinds, meaning) of every profile key, for documentation."""
     rows = []

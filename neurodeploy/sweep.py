@@ -1,0 +1,399 @@
+"""Parameter sweeps over hardware profiles, resumable, on local processes or Dask.
+
+A sweep is a grid of overrides of dotted profile keys (``--param KEY=VALUES``,
+several params make a grid) times N Monte Carlo seeds. Each (point, seed) is
+one task: deploy the converted network with the overridden profile on the
+emulator or crossbar backend with that seed, run the samples, and record
+accuracy, agreement with the reference SNN, logit error, spikes per neuron,
+latency and energy.
+
+Files in the output directory:
+
+- ``sweep.json``: the definition (model and its checksum, the resolved
+  profile, params, seeds, samples, data). Starting a different sweep in the
+  same directory is refused; starting the same one again resumes it.
+- ``results.jsonl``: one JSON line per finished (point, seed), appended and
+  flushed as each finishes. A line cut short by a kill is dropped on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .errors import UsageError
+from .fileio import write_text_atomic
+from .profile import describe_keys, load_profile, profile_from_dict
+
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.jsonl"
+SWEEP_VERSION = 1
+METRICS = ("accuracy", "agreement", "logit_error", "spikes_per_neuron", "latency_s", "energy_j")
+EXECUTORS = ("local", "dask")
+_FRACTIONS = ("accuracy", "agreement", "accuracy_reference")
+
+
+def parse_values(text: str, key: str) -> list:
+    """``a,b,c`` (YAML scalars: 8, 0.5, null) or ``lo:hi:n`` (n evenly spaced values)."""
+    text = text.strip()
+    if text.count(":") == 2 and "," not in text:
+        lo, hi, n = text.split(":")
+        try:
+            lo_v, hi_v, count = float(lo), float(hi), int(n)
+        except ValueError:
+            raise UsageError(f"--param {key}: range must be LO:HI:N, got {text!r}") from None
+        if count < 1:
+            raise UsageError(f"--param {key}: a range needs N >= 1 values, got {count}")
+        return [float(v) for v in np.linspace(lo_v, hi_v, count)]
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(yaml.safe_load(item) if item.strip() else None)
+        except yaml.YAMLError:
+            raise UsageError(f"--param {key}: cannot parse value {item!r}") from None
+    if not values or any(isinstance(v, (list, dict)) for v in values):
+        raise UsageError(f"--param {key}: expected comma-separated values, got {text!r}")
+    return values
+
+
+def parse_param(item: str) -> tuple[str, list]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not text:
+        raise UsageError(f"--param: expected KEY=VALUES, got {item!r}")
+    if key not in {row[0] for row in describe_keys()}:
+        raise UsageError(f"--param: unknown profile key '{key}'")
+    return key, parse_values(text, key)
+
+
+def file_sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything that defines a sweep's results (see the module docstring)."""
+
+    model: str
+    model_sha256: str
+    profile: dict
+    backend: str
+    params: list  # [[key, [values, ...]], ...]
+    seeds: int
+    samples: int | None = None
+    data: str | None = None
+    data_sha256: str | None = None
+    calibration_size: int | None = None
+    zeta: float = 0.5
+    version: int = SWEEP_VERSION
+
+    def points(self) -> list[dict]:
+        keys = [key for key, _ in self.params]
+        grids = [values for _, values in self.params]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grids)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> SweepSpec:
+        return cls(**doc)
+
+
+def make_spec(
+    model_path: Path,
+    profile_name: str,
+    params: list[tuple[str, list]],
+    seeds: int,
+    samples: int | None,
+    backend: str | None,
+    data: str | None,
+    calibration_size: int | None,
+    zeta: float,
+    overrides: dict | None = None,
+):
+    """Build and validate a sweep definition (every point's profile is checked first)."""
+    from .modelio import NETWORK_FILE, WEIGHTS_FILE
+
+    profile = load_profile(profile_name)
+    if overrides:
+        profile = profile.with_overrides(overrides, origin="--set")
+    if profile.hardware == "ideal":
+        backend = backend or "emulator"
+    default_backend = {"digital": "emulator", "crossbar": "crossbar"}.get(profile.hardware)
+    backend = backend or default_backend
+    if backend not in ("emulator", "crossbar"):
+        raise UsageError(f"--backend: sweeps run the emulator or crossbar backend, got {backend!r}")
+    if not params:
+        raise UsageError("sweep: give at least one --param KEY=VALUES")
+    keys = [key for key, _ in params]
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"--param: a key is given twice: {keys}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"--seeds must be a positive integer, got {seeds!r}")
+    data_sha = file_sha256(Path(data)) if data is not None and Path(data).is_file() else None
+    spec = SweepSpec(
+        model=str(Path(model_path).resolve()),
+        model_sha256=file_sha256(Path(model_path) / NETWORK_FILE, Path(model_path) / WEIGHTS_FILE),
+        profile=profile.to_dict(),
+        backend=backend,
+        params=[[key, list(values)] for key, values in params],
+        seeds=seeds,
+        samples=samples,
+        data=None if data is None else str(Path(data).resolve()),
+        data_sha256=data_sha,
+        calibration_size=calibration_size,
+        zeta=float(zeta),
+    )
+    for point in spec.points():
+        profile.with_overrides(point, origin="--param")
+    return spec
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
+def open_sweep(out_dir: Path, spec: SweepSpec) -> None:
+    """Create the sweep directory, or check that it holds this very sweep."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / SWEEP_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}: not a sweep definition (invalid JSON)") from None
+        diff = _differences(old, json.loads(spec.to_json()))
+        if diff:
+            raise UsageError(
+                f"{out_dir} holds a different sweep ({'; '.join(diff)[:300]}); "
+                "choose another --out or remove it"
+            )
+        return
+    write_text_atomic(path, json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+
+
+def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
+    """The finished records; with ``repair`` a last line cut short by a kill is removed."""
+    path = out_dir / RESULTS_FILE
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good_end = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end < len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return records
+
+
+def load_sweep(out_dir: Path) -> tuple[SweepSpec, list[dict]]:
+    path = out_dir / SWEEP_FILE
+    if not path.is_file():
+        raise UsageError(f"{out_dir}: no {SWEEP_FILE} here (not a sweep directory)")
+    try:
+        spec = SweepSpec.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UsageError(f"{path}: not a sweep definition ({exc})") from None
+    return spec, read_results(out_dir)
+
+
+# -- tasks ------------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    snn: object
+    profile: object
+    x: np.ndarray
+    y: np.ndarray | None
+    reference: object
+    points: list
+
+
+@lru_cache(maxsize=2)
+def _context(spec_json: str) -> _Context:
+    """Per worker process: the converted network and its reference run, built once."""
+    from .convert import convert
+    from .datasets import load_model_data
+    from .modelio import load_model
+    from .simulate import simulate
+
+    spec = SweepSpec.from_dict(json.loads(spec_json))
+    net = load_model(spec.model)
+    x_cal, x, y, _ = load_model_data(net, spec.data)
+    if spec.calibration_size is not None:
+        x_cal = x_cal[: spec.calibration_size]
+    if spec.samples is not None:
+        x = x[: spec.samples]
+        y = None if y is None else y[: spec.samples]
+    snn = convert(net, calibration=x_cal, zeta=spec.zeta)
+    profile = profile_from_dict(spec.profile, source=f"{spec.model} sweep profile")
+    return _Context(snn, profile, x, y, simulate(snn, x), spec.points())
+
+
+def run_task(spec_json: str, point: int, seed: int) -> dict:
+    """One (point, seed) of the sweep; returns its record."""
+    import time
+
+    from .deploy import deploy
+
+    start = time.perf_counter()
+    ctx = _context(spec_json)
+    spec = json.loads(spec_json)
+    params = ctx.points[point]
+    profile = ctx.profile.with_overrides(params, origin="--param")
+    trace = deploy(ctx.snn, profile, backend=spec["backend"], seed=seed).run(ctx.x)
+    ref = ctx.reference
+    return {
+        "point": point,
+        "seed": seed,
+        "params": params,
+        "accuracy": None if ctx.y is None else trace.accuracy(ctx.y),
+        "accuracy_reference": None if ctx.y is None else ref.accuracy(ctx.y),
+        "agreement": float(np.mean(trace.predictions == ref.predictions)),
+        "logit_error": float(np.mean(np.abs(trace.output - ref.output))),
+        "spikes_per_neuron": trace.spikes_per_neuron,
+        "latency_s": float(np.mean(trace.latency_s)),
+        "energy_j": float(np.mean(trace.energy_j)),
+        "saturated": trace.saturated,
+        "overflow": int(sum(trace.overflow.values())),
+        "elapsed_s": time.perf_counter() - start,
+    }
+
+
+def _limit_blas_threads() -> None:
+    """Worker initializer: one BLAS thread per process, so processes share the cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - installed with scikit-learn
+        pass
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: Path,
+    executor: str = "local",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress=None,
+) -> list[dict]:
+    """Run every (point, seed) not yet in ``results.jsonl``; returns all records."""
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor: unknown {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise UsageError("--scheduler applies to --executor dask only")
+    out_dir = Path(out_dir)
+    open_sweep(out_dir, spec)
+    records = read_results(out_dir, repair=True)
+    done = {(r["point"], r["seed"]) for r in records}
+    todo = [
+        (p, s) for p in range(len(spec.points())) for s in range(spec.seeds) if (p, s) not in done
+    ]
+    total = len(spec.points()) * spec.seeds
+    if progress is not None:
+        progress(len(done), total)
+    if not todo:
+        return records
+    spec_json = spec.to_json()
+    with open(out_dir / RESULTS_FILE, "a") as results:
+        for record in _execute(spec_json, todo, executor, workers, scheduler):
+            results.write(json.dumps(record) + "\n")
+            results.flush()
+            os.fsync(results.fileno())
+            records.append(record)
+            if progress is not None:
+                progress(len(records), total)
+    return records
+
+
+def _execute(spec_json: str, todo: list, executor: str, workers: int | None, scheduler: str | None):
+    workers = workers or os.cpu_count() or 1
+    if executor == "local":
+        if workers == 1:
+            for point, seed in todo:
+                yield run_task(spec_json, point, seed)
+            return
+        with ProcessPoolExecutor(max_workers=workers, initializer=_limit_blas_threads) as pool:
+            futures = [pool.submit(run_task, spec_json, p, s) for p, s in todo]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+        return
+    from dask.distributed import Client, LocalCluster
+    from dask.distributed import as_completed as dask_completed
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+    client = Client(scheduler if scheduler is not None else cluster)
+    try:
+        client.run(_limit_blas_threads)
+        futures = [client.submit(run_task, spec_json, p, s, pure=False) for p, s in todo]
+        for future in dask_completed(futures):
+            yield future.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# -- aggregation ------------------------------------------------------------------------------
+def interval95(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t 95 % interval of the mean over seeds."""
+    from scipy.stats import t as student_t
+
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(arr.mean())
+    if arr.size == 1:
+        return (mean, mean, mean)
+    half = float(student_t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
+    return (mean, mean - half, mean + half)
+
+
+def aggregate(spec: SweepSpec, records: list[dict]) -> list[dict]:
+    """Per point: its params, the seeds done and (mean, low, high) of every metric."""
+    by_point: dict[int, list[dict]] = {}
+    for record in records:
+        by_point.setdefault(record["point"], []).append(record)
+    rows = []
+    for index, params in enumerate(spec.points()):
+        recs = sorted(by_point.get(index, []), key=lambda r: r["seed"])
+        row = {"point": index, "params": params, "seeds": len(recs)}
+        for metric in (*METRICS, "accuracy_reference"):
+            row[metric] = interval95([r[metric] for r in recs]) if recs else None
+            if row[metric] is not None and metric in _FRACTIONS:  # bounded quantities
+                row[metric] = tuple(float(np.clip(v, 0.0, 1.0)) for v in row[metric])
+        rows.append(row)
+    return rows

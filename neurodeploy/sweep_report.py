@@ -1,0 +1,306 @@
+"""Sweep reports: accuracy against each swept key with 95 % bands, heat maps for
+two-key grids, the knee of every line and a noise-resilience summary."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import write_text_atomic
+from .sweep import SweepSpec, aggregate, load_sweep
+
+_BLUE, _GREY, _GREEN, _RED = "#0969da", "#59636e", "#1a7f37", "#cf222e"
+
+
+def _order(value):
+    """Sort key of swept values: numbers ascending, null (float / unlimited) last."""
+    return (1, 0.0) if value is None else (0, float(value))
+
+
+def lines(spec: SweepSpec, rows: list[dict]) -> list[dict]:
+    """Every 1-D line of the grid: one key varies, the others are fixed."""
+    keys = [key for key, _ in spec.params]
+    found = []
+    for key in keys:
+        others = [k for k in keys if k != key]
+        groups: dict[tuple, list[dict]] = {}
+        for row in rows:
+            fixed = tuple((k, json_key(row["params"][k])) for k in others)
+            groups.setdefault(fixed, []).append(row)
+        for fixed, members in groups.items():
+            members = sorted(members, key=lambda r: _order(r["params"][key]))
+            found.append({"key": key, "fixed": dict(fixed), "rows": members})
+    return found
+
+
+def json_key(value):
+    return "null" if value is None else value
+
+
+def knee(line: dict, reference: float, tolerance: float) -> dict:
+    """The knee of a line: the least demanding setting that keeps accuracy within
+    ``tolerance`` (a fraction) of the reference.
+
+    If accuracy rises with the value (a resource: bits, levels, steps), the knee is
+    the smallest value from which on every point is within tolerance; if it falls
+    (noise, drift time, faults), the largest value up to which every point is.
+    """
+    key, rows = line["key"], [r for r in line["rows"] if r["accuracy"] is not None]
+    if not rows:
+        return {"key": key, "fixed": line["fixed"], "direction": None, "value": None}
+    means = np.array([r["accuracy"][0] for r in rows])
+    ok = means >= reference - tolerance - 1e-12
+    ranks = np.arange(len(rows))
+    slope = float(np.polyfit(ranks, means, 1)[0]) if len(rows) > 1 else 0.0
+    rising = slope > 0
+    value, index = None, None
+    if rising:
+        for i in range(len(rows)):
+            if ok[i:].all():
+                value, index = rows[i]["params"][key], i
+                break
+    else:
+        for i in range(len(rows) - 1, -1, -1):
+            if ok[: i + 1].all():
+                value, index = rows[i]["params"][key], i
+                break
+    return {
+        "key": key,
+        "fixed": line["fixed"],
+        "direction": "needs at least" if rising else "tolerates up to",
+        "value": value,
+        "accuracy": None if index is None else rows[index]["accuracy"],
+        "found": index is not None,
+    }
+
+
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _line_figure(
+    key: str, key_lines: list[dict], reference: float, tolerance: float, knees: list[dict]
+) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    colors = plt.cm.viridis(np.linspace(0, 0.85, max(1, len(key_lines))))
+    all_values = [r["params"][key] for line in key_lines for r in line["rows"]]
+    numeric = _numeric(all_values)
+    positive = numeric and min(all_values) > 0
+    log_x = positive and max(all_values) / min(all_values) > 100
+    for ax, metric, label in (
+        (axes[0], "accuracy", "accuracy"),
+        (axes[1], "agreement", "agreement with reference"),
+    ):
+        for color, line, kn in zip(colors, key_lines, knees, strict=True):
+            rows = [r for r in line["rows"] if r[metric] is not None]
+            xs = [r["params"][key] for r in rows]
+            xs_plot = xs if numeric else list(range(len(xs)))
+            mean = np.array([r[metric][0] for r in rows]) * 100
+            low = np.array([r[metric][1] for r in rows]) * 100
+            high = np.array([r[metric][2] for r in rows]) * 100
+            name = ", ".join(f"{k}={v}" for k, v in line["fixed"].items()) or "seed mean"
+            ax.plot(xs_plot, mean, "o-", color=color, label=name, ms=4)
+            ax.fill_between(xs_plot, low, high, color=color, alpha=0.2, lw=0)
+            if metric == "accuracy" and kn.get("found") and numeric:
+                ax.axvline(kn["value"], color=color, ls=":", lw=1.2)
+            if not numeric:
+                ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        if metric == "accuracy":
+            ax.axhline(reference * 100, color=_GREY, ls="--", lw=1, label="reference SNN")
+            ax.axhspan(
+                (reference - tolerance) * 100,
+                reference * 100,
+                color=_GREEN,
+                alpha=0.08,
+                label=f"within {tolerance * 100:g} points",
+            )
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{label} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(
+        f"accuracy against {key} (95 % interval over seeds; dotted: knee)", fontsize=10
+    )
+    axes[1].set_title("agreement with the reference SNN", fontsize=10)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _heatmap_figure(spec: SweepSpec, rows: list[dict], reference: float, tolerance: float) -> bytes:
+    import matplotlib.pyplot as plt
+
+    (key_y, values_y), (key_x, values_x) = spec.params[0], spec.params[1]
+    grid = np.full((len(values_y), len(values_x)), np.nan)
+    for row in rows:
+        if row["accuracy"] is None:
+            continue
+        i = values_y.index(row["params"][key_y])
+        j = values_x.index(row["params"][key_x])
+        grid[i, j] = row["accuracy"][0] * 100
+    fig, ax = plt.subplots(figsize=(1.1 * len(values_x) + 3, 0.6 * len(values_y) + 2))
+    image = ax.imshow(
+        grid,
+        cmap="RdYlGn",
+        vmin=max(0, np.nanmin(grid) - 1),
+        vmax=reference * 100,
+        aspect="auto",
+        origin="lower",
+    )
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(grid[i, j]):
+                within = grid[i, j] >= (reference - tolerance) * 100 - 1e-9
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    fontweight="bold" if within else "normal",
+                )
+    ax.set_xticks(range(len(values_x)), [str(v) for v in values_x])
+    ax.set_yticks(range(len(values_y)), [str(v) for v in values_y])
+    ax.set_xlabel(key_x)
+    ax.set_ylabel(key_y)
+    ax.set_title(
+        f"mean accuracy (%) over seeds; bold: within {tolerance * 100:g} points of the reference",
+        fontsize=10,
+    )
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return _png(fig)
+
+
+def _fmt_interval(interval) -> str:
+    if interval is None or any(
+        v is None or (isinstance(v, float) and math.isnan(v)) for v in interval
+    ):
+        return "–"
+    mean, low, high = (100 * v for v in interval)
+    return f"{mean:.2f} % [{low:.2f}, {high:.2f}]"
+
+
+def write_report(out_dir: str | Path, tolerance_points: float = 1.0) -> Path:
+    """Write DIR/report.html and PNG figures for the sweep in ``out_dir``."""
+    out_dir = Path(out_dir)
+    spec, records = load_sweep(out_dir)
+    rows = aggregate(spec, records)
+    done = [r for r in rows if r["seeds"]]
+    tolerance = tolerance_points / 100
+    refs = [r["accuracy_reference"][0] for r in done if r["accuracy_reference"] is not None]
+    reference = float(np.mean(refs)) if refs else math.nan
+    all_lines = lines(spec, done)
+    knees = [knee(line, reference, tolerance) for line in all_lines]
+    figures = []
+    for key, _ in spec.params:
+        key_lines = [line for line in all_lines if line["key"] == key]
+        key_knees = [k for k in knees if k["key"] == key]
+        if not key_lines or math.isnan(reference):
+            continue
+        png = _line_figure(key, key_lines, reference, tolerance, key_knees)
+        name = f"accuracy_{key.replace('.', '_')}.png"
+        (out_dir / name).write_bytes(png)
+        figures.append((f"Accuracy against {key}", png))
+    if len(spec.params) == 2 and done and not math.isnan(reference):
+        png = _heatmap_figure(spec, done, reference, tolerance)
+        (out_dir / "heatmap.png").write_bytes(png)
+        figures.append(("Heat map", png))
+    write_text_atomic(
+        out_dir / "report.html",
+        _page(spec, rows, knees, reference, tolerance_points, figures, len(records)),
+    )
+    return out_dir / "report.html"
+
+
+def resilience_sentences(knees: list[dict], tolerance_points: float) -> list[str]:
+    out = []
+    for kn in knees:
+        fixed = ", ".join(f"{k}={v}" for k, v in kn["fixed"].items())
+        at = f" (with {fixed})" if fixed else ""
+        if kn.get("found"):
+            acc = _fmt_interval(kn["accuracy"])
+            out.append(
+                f"{kn['key']}: {kn['direction']} {kn['value']}{at} within "
+                f"{tolerance_points:g} points of the reference; accuracy there {acc}"
+            )
+        elif kn.get("direction"):
+            out.append(
+                f"{kn['key']}{at}: no swept value keeps accuracy within "
+                f"{tolerance_points:g} points of the reference"
+            )
+    return out
+
+
+def _page(spec, rows, knees, reference, tolerance_points, figures, n_records) -> str:
+    keys = [key for key, _ in spec.params]
+    header = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
+        "<th>seeds</th><th>accuracy (95 % CI)</th><th>agreement (95 % CI)</th>"
+        "<th>logit error</th><th>spikes/neuron</th><th>latency</th><th>energy</th>"
+    )
+    body = []
+    for row in rows:
+        cells = "".join(f"<td>{html.escape(str(row['params'][k]))}</td>" for k in keys)
+        if not row["seeds"]:
+            body.append(f"<tr>{cells}<td>0</td><td colspan='6'>not run yet</td></tr>")
+            continue
+        within = row["accuracy"] is not None and row["accuracy"][0] >= (
+            reference - tolerance_points / 100 - 1e-12
+        )
+        css = "" if within else " class='bad'"
+        body.append(
+            f"<tr{css}>{cells}<td>{row['seeds']}</td><td>{_fmt_interval(row['accuracy'])}</td>"
+            f"<td>{_fmt_interval(row['agreement'])}</td><td>{row['logit_error'][0]:.3g}</td>"
+            f"<td>{row['spikes_per_neuron'][0]:.3f}</td>"
+            f"<td>{row['latency_s'][0] * 1e6:.4g} µs</td>"
+            f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td></tr>"
+        )
+    sentences = "".join(
+        f"<li>{html.escape(s)}</li>" for s in resilience_sentences(knees, tolerance_points)
+    )
+    imgs = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+        f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
+        for title, png in figures
+    )
+    total = len(spec.points()) * spec.seeds
+    model = Path(spec.model).name
+    title = f"{model} on {spec.profile['name']} ({spec.backend})"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>neurodeploy sweep: {html.escape(model)}</title>
+<style>body{{font-family:system-ui,Helvetica,Arial,sans-serif;margin:24px;max-width:1200px;
+color:#1f2328}} table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #d0d7de;
+padding:4px 8px;text-align:right}} th{{background:#f6f8fa}} tr.bad td{{background:#ffebe9}}
+h2{{font-size:17px;margin-top:26px}} img{{max-width:100%}} .muted{{color:#59636e}}</style>
+</head><body>
+<h1>Sweep: {html.escape(title)}</h1>
+<p class="muted">{n_records} of {total} runs done ({len(spec.points())} points x {spec.seeds}
+seeds, {spec.samples or "all"} samples). Reference SNN accuracy {100 * reference:.2f} %;
+tolerance {tolerance_points:g} points; intervals are 95 % Student-t intervals of the mean over
+seeds.</p>
+<h2>Noise resilience and knees</h2><ul>{sentences}</ul>
+{imgs}
+<h2>All points</h2><table><tr>{header}</tr>{"".join(body)}</table>
+</body></html>
+"""

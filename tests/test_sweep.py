@@ -1,0 +1,234 @@
+"""Sweeps: value parsing, trends and knees, resume after a kill, Dask, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neurodeploy as nd
+from neurodeploy.cli import main
+from neurodeploy.sweep import (
+    RESULTS_FILE,
+    aggregate,
+    make_spec,
+    parse_param,
+    parse_values,
+    read_results,
+    run_sweep,
+)
+from neurodeploy.sweep_report import knee, lines, write_report
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def metrics(records):
+    """Records without their timing, in a fixed order."""
+    return sorted(
+        ({k: v for k, v in r.items() if k != "elapsed_s"} for r in records),
+        key=lambda r: (r["point"], r["seed"]),
+    )
+
+
+def test_values_and_ranges_parse():
+    assert parse_values("2,4,8", "k") == [2, 4, 8]
+    assert parse_values("0:4:9", "k") == pytest.approx(list(np.linspace(0, 4, 9)))
+    assert parse_values("8,null", "k") == [8, None]
+    assert parse_param("crossbar.levels=2,4") == ("crossbar.levels", [2, 4])
+    with pytest.raises(nd.UsageError, match="unknown profile key 'crossbar.levles'"):
+        parse_param("crossbar.levles=2")
+    with pytest.raises(nd.UsageError, match="LO:HI:N"):
+        parse_values("0:1:x", "k")
+    with pytest.raises(nd.UsageError, match="KEY=VALUES"):
+        parse_param("crossbar.levels")
+
+
+def test_invalid_point_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(nd.ProfileError, match="'crossbar.levels': must be >= 2"):
+        make_spec(
+            MODELS / "digits_mlp",
+            "pcm",
+            [("crossbar.levels", [8, 1])],
+            1,
+            10,
+            None,
+            None,
+            None,
+            0.5,
+        )
+    with pytest.raises(nd.ProfileError, match="'weights.bits': does not apply"):
+        make_spec(
+            MODELS / "digits_mlp", "pcm", [("weights.bits", [4])], 1, 10, None, None, None, 0.5
+        )
+
+
+def _sweep(tmp_path, profile, params, seeds=3, samples=200, **kwargs):
+    spec = make_spec(MODELS / "digits_mlp", profile, params, seeds, samples, None, None, None, 0.5)
+    return spec, run_sweep(spec, tmp_path, **kwargs)
+
+
+def test_accuracy_does_not_rise_with_noise_and_a_knee_is_found(tmp_path):
+    spec, records = _sweep(
+        tmp_path, "pcm", [("crossbar.read_noise_scale", [0, 1, 2, 4, 8])], workers=2
+    )
+    assert len(records) == 15 and len(read_results(tmp_path)) == 15
+    rows = aggregate(spec, records)
+    means = [r["accuracy"][0] for r in rows]
+    highs = [r["accuracy"][2] for r in rows]
+    for i in range(len(rows) - 1):  # never up by more than the seed interval
+        assert means[i + 1] <= highs[i] + 1e-12
+    assert means[-1] < means[0] - 0.1  # and down for real at 8x the published noise
+    reference = rows[0]["accuracy_reference"][0]
+    (line,) = lines(spec, rows)
+    found = knee(line, reference, tolerance=0.01)
+    assert found["found"] and found["direction"] == "tolerates up to"
+    assert found["value"] in (0, 1, 2, 4)
+
+
+def test_resources_have_a_knee_from_below(tmp_path):
+    spec, records = _sweep(
+        tmp_path, "loihi2", [("timing.steps_per_window", [2, 4, 8, 16, 32])], seeds=1, workers=1
+    )
+    rows = aggregate(spec, records)
+    (line,) = lines(spec, rows)
+    found = knee(line, rows[0]["accuracy_reference"][0], tolerance=0.01)
+    assert found["direction"] == "needs at least" and found["value"] in (4, 8, 16, 32)
+    assert rows[0]["accuracy"][0] < rows[-1]["accuracy"][0]
+
+
+def test_same_seed_same_results_and_resume_skips_done_work(tmp_path):
+    params = [("crossbar.prog_noise_scale", [0.5, 2.0])]
+    spec, first = _sweep(tmp_path / "a", "pcm", params, seeds=2, samples=60, workers=1)
+    # a second start of the same sweep has nothing left to do
+    assert metrics(run_sweep(spec, tmp_path / "a", workers=1)) == metrics(first)
+    assert len(read_results(tmp_path / "a")) == 4
+    # a line cut short by a kill is dropped and recomputed
+    results = tmp_path / "a" / RESULTS_FILE
+    lines_ = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines_[:2]) + lines_[2][:25])
+    again = run_sweep(spec, tmp_path / "a", workers=1)
+    assert metrics(again) == metrics(first)
+    assert len(results.read_text().splitlines()) == 4
+
+
+def test_a_changed_sweep_is_refused_in_an_existing_directory(tmp_path, capsys):
+    argv = [
+        "sweep",
+        "digits_mlp",
+        "--profile",
+        "pcm",
+        "--samples",
+        "30",
+        "--seeds",
+        "1",
+        "--workers",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*argv, "--param", "crossbar.levels=4,8"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--param", "crossbar.levels=4,16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a different sweep" in err and "params" in err
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    argv = [
+        sys.executable,
+        "-m",
+        "neurodeploy",
+        "sweep",
+        "digits_cnn",
+        "--profile",
+        "pcm",
+        "--param",
+        "crossbar.read_noise_scale=0:2:8",
+        "--seeds",
+        "4",
+        "--samples",
+        "300",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*argv, "--out", str(killed)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    results = killed / RESULTS_FILE
+    while time.monotonic() < deadline:
+        if results.exists() and results.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = read_results(killed)
+    assert 5 <= len(partial) < 32, "the kill should land in the middle of the sweep"
+    resumed = subprocess.run([*argv, "--out", str(killed)], capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    whole = subprocess.run(
+        [*argv, "--out", str(tmp_path / "whole")], capture_output=True, timeout=300
+    )
+    assert whole.returncode == 0
+    assert metrics(read_results(killed)) == metrics(read_results(tmp_path / "whole"))
+    assert len(read_results(killed)) == 32
+
+
+def test_dask_local_cluster_gives_the_same_results(tmp_path):
+    params = [("crossbar.read_noise_scale", [0.0, 2.0])]
+    spec, local = _sweep(tmp_path / "local", "pcm", params, seeds=2, samples=50, workers=1)
+    _, dask = _sweep(
+        tmp_path / "dask", "pcm", params, seeds=2, samples=50, executor="dask", workers=2
+    )
+    assert metrics(dask) == metrics(local)
+
+
+def test_report_has_bands_heat_map_and_knees(tmp_path):
+    params = [("crossbar.read_noise_scale", [0.0, 4.0]), ("crossbar.levels", [4, 32])]
+    _sweep(tmp_path, "pcm", params, seeds=2, samples=80, workers=2)
+    page = write_report(tmp_path, tolerance_points=2.0).read_text()
+    assert page.count("src='data:image/png;base64,") == 3
+    for png in (
+        "accuracy_crossbar_read_noise_scale.png",
+        "accuracy_crossbar_levels.png",
+        "heatmap.png",
+    ):
+        assert (tmp_path / png).stat().st_size > 5000
+    assert "Noise resilience and knees" in page and "95 %" in page
+    assert main(["report", str(tmp_path)]) == 0
+
+
+def test_report_of_a_directory_without_a_sweep_is_a_user_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no sweep.json here" in capsys.readouterr().err
+
+
+def test_results_are_one_json_object_per_line(tmp_path):
+    _sweep(tmp_path, "pcm", [("converter.adc_bits", [4, 8])], seeds=1, samples=40, workers=1)
+    for line in (tmp_path / RESULTS_FILE).read_text().splitlines():
+        record = json.loads(line)
+        for key in (
+            "point",
+            "seed",
+            "params",
+            "accuracy",
+            "agreement",
+            "logit_error",
+            "spikes_per_neuron",
+            "latency_s",
+            "energy_j",
+        ):
+            assert key in record
