@@ -69,6 +69,16 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _input_range(text: str) -> tuple[float, float]:
+    try:
+        p, q = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P,Q (two numbers), got {text!r}") from None
+    if not (np.isfinite(p) and np.isfinite(q) and p < q):
+        raise argparse.ArgumentTypeError(f"expected P < Q, both finite, got {text!r}")
+    return (p, q)
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -127,7 +137,7 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
 
 def _cmd_reference(args, command: str) -> int:
     model_path = resolve_model_path(args.model)
-    net = load_model(model_path)
+    net = load_model(model_path, input_range=args.input_range)
     x_cal, x, y, data_desc = load_model_data(net, args.data)
     if args.calibration_size is not None:
         x_cal = x_cal[: args.calibration_size]
@@ -171,7 +181,7 @@ class _HardwareRun:
 def _run_on_hardware(args) -> _HardwareRun:
     """Load, convert, deploy and run, as ``run`` and ``deploy`` both do."""
     model_path = resolve_model_path(args.model)
-    net = load_model(model_path)
+    net = load_model(model_path, input_range=args.input_range)
     profile = load_profile(args.profile)
     if args.set:
         profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
@@ -326,6 +336,7 @@ def _cmd_sweep(args) -> int:
         args.calibration_size,
         args.zeta,
         overrides=parse_overrides(args.set) if args.set else None,
+        input_range=args.input_range,
     )
     out = Path(args.out)
     with Progress("sweep", enabled=not args.quiet, unit="runs") as progress:
@@ -350,6 +361,17 @@ def _cmd_sweep(args) -> int:
         for sentence in resilience_sentences(knees, args.tolerance):
             print(f"  {sentence}")
         print(f"report: {report}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .onnxio import export_onnx
+
+    if Path(args.onnx).suffix.lower() != ".onnx":
+        raise UsageError(f"--onnx: the file name must end in .onnx, got {args.onnx!r}")
+    net = load_model(resolve_model_path(args.model), input_range=args.input_range)
+    path = export_onnx(net, args.onnx, dtype="float64" if args.float64 else "float32")
+    print(path)
     return 0
 
 
@@ -440,7 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p):
-        p.add_argument("model", help="model directory, or the name of a shipped model")
+        p.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
+        p.add_argument(
+            "--input-range",
+            type=_input_range,
+            default=None,
+            metavar="P,Q",
+            help="range of the raw input (needed for ONNX models that do not record it)",
+        )
         p.add_argument(
             "--neuron", choices=NEURON_MODELS, default="b1", help="TTFS neuron model (default b1)"
         )
@@ -528,6 +557,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     sweep.set_defaults(out="sweep_out")
 
+    exp = sub.add_parser("export", help="write a model as ONNX")
+    exp.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
+    exp.add_argument("--onnx", required=True, help="the .onnx file to write")
+    exp.add_argument(
+        "--float64",
+        action="store_true",
+        help="keep float64 weights (exact for any model; few runtimes run it)",
+    )
+    exp.add_argument("--input-range", type=_input_range, default=None, metavar="P,Q")
+
     rep = sub.add_parser("report", help="write DIR/report.html for a sweep directory")
     rep.add_argument("dir", help="the sweep's --out directory")
     rep.add_argument(
@@ -590,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sweep(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

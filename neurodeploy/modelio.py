@@ -138,11 +138,27 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
     return cls(name=name, **hp, **arrays)
 
 
-def load_model(path: str | os.PathLike) -> Network:
-    """Read a model directory (or its network.yaml) into a :class:`Network`.
+def load_model(path: str | os.PathLike, input_range=None) -> Network:
+    """Read a model directory (or its network.yaml), or an ``.onnx`` file, into a
+    :class:`Network`.
 
-    Raises :class:`ModelError` naming the file, key or layer at fault.
+    input_range: (p, q) of the raw input; required for ONNX files without the
+    ``neurodeploy.input_range`` metadata, and overrides the model's own range.
+    Raises :class:`ModelError` naming the file, key, node or layer at fault.
     """
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnxio import load_onnx
+
+        return load_onnx(path, input_range=input_range)
+    net = _load_directory(path)
+    if input_range is not None:
+        net = Network(
+            net.name, net.input_shape, tuple(input_range), net.layers, net.classes, net.dataset
+        )
+    return net
+
+
+def _load_directory(path: str | os.PathLike) -> Network:
     net_file, weights_file = _model_files(path)
     doc = _read_yaml(net_file)
     unknown = set(doc) - _TOP_KEYS

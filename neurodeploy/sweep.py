@@ -98,6 +98,7 @@ class SweepSpec:
     data_sha256: str | None = None
     calibration_size: int | None = None
     zeta: float = 0.5
+    input_range: list | None = None
     version: int = SWEEP_VERSION
 
     def points(self) -> list[dict]:
@@ -124,6 +125,7 @@ def make_spec(
     calibration_size: int | None,
     zeta: float,
     overrides: dict | None = None,
+    input_range=None,
 ):
     """Build and validate a sweep definition (every point's profile is checked first)."""
     from .modelio import NETWORK_FILE, WEIGHTS_FILE
@@ -147,7 +149,7 @@ def make_spec(
     data_sha = file_sha256(Path(data)) if data is not None and Path(data).is_file() else None
     spec = SweepSpec(
         model=str(Path(model_path).resolve()),
-        model_sha256=file_sha256(Path(model_path) / NETWORK_FILE, Path(model_path) / WEIGHTS_FILE),
+        model_sha256=_model_sha256(Path(model_path), NETWORK_FILE, WEIGHTS_FILE),
         profile=profile.to_dict(),
         backend=backend,
         params=[[key, list(values)] for key, values in params],
@@ -157,10 +159,17 @@ def make_spec(
         data_sha256=data_sha,
         calibration_size=calibration_size,
         zeta=float(zeta),
+        input_range=None if input_range is None else [float(v) for v in input_range],
     )
     for point in spec.points():
         profile.with_overrides(point, origin="--param")
     return spec
+
+
+def _model_sha256(path: Path, network_file: str, weights_file: str) -> str:
+    if path.is_file():  # an ONNX model
+        return file_sha256(path)
+    return file_sha256(path / network_file, path / weights_file)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -242,7 +251,7 @@ def _context(spec_json: str) -> _Context:
     from .simulate import simulate
 
     spec = SweepSpec.from_dict(json.loads(spec_json))
-    net = load_model(spec.model)
+    net = load_model(spec.model, input_range=spec.input_range)
     x_cal, x, y, _ = load_model_data(net, spec.data)
     if spec.calibration_size is not None:
         x_cal = x_cal[: spec.calibration_size]

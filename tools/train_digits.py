@@ -55,6 +55,9 @@ from neurodeploy.network import (
 )
 
 SEED = 20240607
+# 1e-5, the frameworks' default, rounded to float32 so that ONNX's float32
+# attribute carries it exactly.
+BATCHNORM_EPS = float(np.float32(1e-5))
 INPUT_SCALE = 1.0 / 16.0  # raw pixels 0..16 -> 0..1 for training; folded into layer 1
 CLASSES = tuple(str(digit) for digit in range(10))
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models"
@@ -243,7 +246,7 @@ class TrainBatchNorm(TrainLayer):
     Inference mode uses the running statistics, as the exported record does.
     """
 
-    def __init__(self, name: str, channels: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, name: str, channels: int, momentum: float = 0.1, eps: float = BATCHNORM_EPS):
         super().__init__(name)
         self.momentum, self.eps = momentum, eps
         self.gamma = Param(np.ones(channels), decay=False)
@@ -379,10 +382,18 @@ class Sequential:
             grad = layer.backward(grad)
 
     def to_network(self, name: str, input_shape: tuple[int, ...]) -> Network:
-        """The inference network on raw pixels: INPUT_SCALE folded into layer 1's weight."""
+        """The inference network on raw pixels: INPUT_SCALE folded into layer 1's weight.
+
+        Every parameter is rounded to float32, as a framework's would be, so that the
+        ONNX export (float32, what ONNX runtimes execute) carries the model exactly.
+        """
         layers = [layer.export() for layer in self.layers]
         first = layers[0]
         layers[0] = dataclasses.replace(first, weight=first.weight * INPUT_SCALE)
+        layers = [
+            dataclasses.replace(layer, **{k: _float32(v) for k, v in layer.params().items()})
+            for layer in layers
+        ]
         return Network(
             name=name,
             input_shape=input_shape,
@@ -391,6 +402,11 @@ class Sequential:
             classes=CLASSES,
             dataset="digits",
         )
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """The nearest float32 values, held in float64."""
+    return values.astype(np.float32).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- training
