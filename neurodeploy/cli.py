@@ -79,6 +79,20 @@ def _input_range(text: str) -> tuple[float, float]:
     return (p, q)
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -375,10 +389,95 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from .datasets import load_training_data
+    from .finetune import finetune
+    from .modelio import save_model
+
+    model_path = resolve_model_path(args.model)
+    if args.out is None:
+        raise UsageError("finetune: --out DIR is required (where the fine-tuned model goes)")
+    if Path(args.out).resolve() == model_path.resolve():
+        raise UsageError("finetune: --out must not be the model being fine-tuned")
+    net = load_model(model_path, input_range=args.input_range)
+    profile = load_profile(args.profile)
+    if args.set:
+        profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
+    backend = DEFAULT_BACKEND[profile.hardware]
+    x_cal, x, y, data_desc = load_model_data(net, args.data)
+    x_train, y_train = load_training_data(net, args.data)
+    if args.calibration_size is not None:
+        x_cal = x_cal[: args.calibration_size]
+    if args.samples is not None:
+        x, y = x[: args.samples], None if y is None else y[: args.samples]
+    snn = convert(net, calibration=x_cal, zeta=args.zeta)
+
+    def on_hardware(s) -> tuple[float, float]:
+        runs = [deploy(s, profile, backend=backend, seed=k).run(x) for k in range(args.eval_seeds)]
+        return (
+            float(np.mean([r.accuracy(y) for r in runs])) if y is not None else float("nan"),
+            float(np.mean([r.spikes_per_neuron for r in runs])),
+        )
+
+    before, spikes_before = on_hardware(snn)
+
+    def show(epoch, epochs, loss, accuracy):
+        if not args.quiet:
+            print(
+                f"epoch {epoch}/{epochs}: loss {loss:.4f}, training accuracy on the hardware "
+                f"forward {_percent(accuracy)}",
+                flush=True,
+            )
+
+    result = finetune(
+        snn,
+        profile,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        window_scale=args.window_scale,
+        progress=show,
+    )
+    after, spikes_after = on_hardware(result.snn)
+    out = save_model(result.network, args.out)
+    summary = {
+        "model": net.name,
+        "profile": profile.name,
+        "backend": backend,
+        "data": data_desc,
+        "eval_seeds": args.eval_seeds,
+        "accuracy_reference_before": simulate(snn, x).accuracy(y) if y is not None else None,
+        "accuracy_reference_after": simulate(result.snn, x).accuracy(y) if y is not None else None,
+        "accuracy_hardware_before": before,
+        "accuracy_hardware_after": after,
+        "spikes_per_neuron_before": spikes_before,
+        "spikes_per_neuron_after": spikes_after,
+        "latency_before": snn.latency,
+        "latency_after": result.snn.latency,
+        "history": result.history,
+    }
+    _write_json_atomic(out / "finetune.json", summary)
+    print(
+        f"{net.name} on {profile.name} ({backend}, mean of {args.eval_seeds} seeds, {data_desc}):"
+    )
+    print(f"  hardware accuracy  {_percent(before)} -> {_percent(after)}")
+    print(
+        f"  reference SNN      {_percent(summary['accuracy_reference_before'])} -> "
+        f"{_percent(summary['accuracy_reference_after'])}"
+    )
+    print(f"  spikes/neuron      {spikes_before:.3f} -> {spikes_after:.3f}")
+    print(f"  latency            {snn.latency:.4g} -> {result.snn.latency:.4g} time units")
+    print(f"saved {out} (a model directory: deploy, crosscheck and sweep take it)")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .sweep_report import write_report
 
-    print(write_report(Path(args.dir), tolerance_points=args.tolerance))
+    print(write_report(Path(args.dir), tolerance_points=args.tolerance, compare=args.compare))
     return 0
 
 
@@ -557,6 +656,35 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     sweep.set_defaults(out="sweep_out")
 
+    tune = sub.add_parser("finetune", help="fine-tune the converted SNN for a hardware profile")
+    common(tune)
+    tune.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    tune.add_argument("--epochs", type=_positive_int, default=10)
+    tune.add_argument("--batch-size", type=_positive_int, default=64)
+    tune.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    tune.add_argument("--seed", type=_non_negative_int, default=0)
+    tune.add_argument(
+        "--window-scale",
+        type=_fraction,
+        default=None,
+        help="shorten every window by this factor (0 < s <= 1) for latency",
+    )
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        help="evaluate on the first N test samples (default all)",
+    )
+    tune.add_argument(
+        "--eval-seeds",
+        type=_positive_int,
+        default=10,
+        help="hardware seeds averaged before and after (default 10)",
+    )
+    tune.add_argument("--quiet", action="store_true")
+    tune.set_defaults(out=None)
+
     exp = sub.add_parser("export", help="write a model as ONNX")
     exp.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
     exp.add_argument("--onnx", required=True, help="the .onnx file to write")
@@ -569,6 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write DIR/report.html for a sweep directory")
     rep.add_argument("dir", help="the sweep's --out directory")
+    rep.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another sweep of the same keys (e.g. of a fine-tuned model) to draw "
+        "beside it (repeatable)",
+    )
     rep.add_argument(
         "--tolerance",
         type=_non_negative_float,
@@ -631,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "finetune":
+            return _cmd_finetune(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

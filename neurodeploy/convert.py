@@ -74,6 +74,7 @@ class _Block:
     input_shape: Shape  # shape entering ``linear``
     output_shape: Shape
     relu: bool = False
+    window: float | None = None  # a window stored on the ReLU (fine-tuned), else calibrated
     source_layers: list[str] = field(default_factory=list)
 
     @property
@@ -105,7 +106,11 @@ def _fold_input_transform(
         weight = layer.weight * scale[None, :, None, None]
     folded = _zero_bias(layer, weight)
     const = np.broadcast_to(_per_channel(shift, in_shape), in_shape)[None]
-    bias = layer.linear(const)[0] + _per_channel(layer.bias, layer.output_shape(in_shape))
+    out_shape = layer.output_shape(in_shape)
+    own_bias = (
+        layer.bias if layer.bias.ndim == len(out_shape) else _per_channel(layer.bias, out_shape)
+    )
+    bias = layer.linear(const)[0] + own_bias
     return folded, bias
 
 
@@ -150,6 +155,7 @@ def _fold(net: Network) -> list[_Block]:
                     f"layer '{layer.name}' (relu) does not follow a dense or conv2d layer"
                 )
             blocks[-1].relu = True
+            blocks[-1].window = layer.window
             blocks[-1].source_layers.append(layer.name)
             state = "relu"
             scale, shift = np.ones(shape[0]), np.zeros(shape[0])
@@ -340,7 +346,8 @@ def convert(
             )
             break
         x_n = x_max[i]
-        window = (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
+        stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
+        window = stored or (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
         t_max = t_min + window
         extra = {}
         if neuron == "b1":
@@ -429,3 +436,63 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
             )
             t_min_prev, t_min = t_min, t_max
     return replace(snn, stages=tuple(stages))
+
+
+def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
+    """The ReLU network a b1 TTFS network computes, as an ordinary :class:`Network`.
+
+    Batch norms and the input rescaling stay folded into the dense/conv layers
+    (a shift through zero padding gives per-position conv biases); each ReLU
+    records its layer's window, so converting the result gives this SNN again
+    (up to float rounding). Min pools (max pools after a negative batch-norm
+    scale) are written as max pools between two batch norms of scale -1.
+    """
+    if snn.neuron != "b1":
+        raise ConversionError("snn_to_network: only b1 networks map back to ReLU networks")
+    p, q = snn.input_range
+    layers: list[Layer] = []
+    first = True
+    for stage in snn.stages:
+        if isinstance(stage, TimePool):
+            flip = stage.sign < 0
+            if flip.any():
+                layers.append(_sign_norm(f"{stage.name}_sign_in", stage.sign))
+            layers.append(MaxPool2d(stage.name, stage.kernel, stage.stride))
+            if flip.any():
+                layers.append(_sign_norm(f"{stage.name}_sign_out", stage.sign))
+            continue
+        *linear, affine = stage.synapses
+        weight, bias = affine.weight, stage.bias
+        if first:  # undo the folded rescaling x' = (x - p) / (q - p)
+            shift = np.full((1, *stage.input_shape), p / (q - p))
+            bias = bias - apply_synapses(stage.synapses, shift)[0]
+            weight = weight / (q - p)
+            first = False
+        if isinstance(affine, Dense):
+            bias = bias.reshape(-1)
+        layers.extend(linear)
+        layers.append(replace(affine, weight=weight, bias=bias))
+        if isinstance(stage, SpikingLayer):
+            layers.append(ReLU(f"{stage.name}_relu", window=stage.window))
+    source = snn.source
+    return Network(
+        name=name or snn.name,
+        input_shape=snn.input_shape,
+        input_range=snn.input_range,
+        layers=tuple(layers),
+        classes=snn.classes,
+        dataset=None if source is None else source.dataset,
+    )
+
+
+def _sign_norm(name: str, sign: np.ndarray) -> BatchNorm:
+    """A batch norm that multiplies each channel by its sign (+1 or -1) exactly."""
+    eps = 1e-5
+    return BatchNorm(
+        name,
+        gamma=sign.astype(np.float64),
+        beta=np.zeros(sign.size),
+        mean=np.zeros(sign.size),
+        var=np.full(sign.size, 1.0 - eps),
+        eps=eps,
+    )

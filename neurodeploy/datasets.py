@@ -95,3 +95,24 @@ def _shaped(net, x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim >= 1 and x[0].size == int(np.prod(net.input_shape)) and x.ndim > 1:
         x = x.reshape(len(x), *net.input_shape)
     return net.check_input(x, what=what)
+
+
+def load_training_data(net, data_file: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) to train on: the model's data set's train split, or arrays ``x_train`` and
+    ``y_train`` of a ``--data`` file."""
+    if data_file is not None:
+        path = Path(data_file)
+        if not path.is_file():
+            raise DataError(f"{path}: data file does not exist")
+        with np.load(path, allow_pickle=False) as npz:
+            if "x_train" not in npz.files or "y_train" not in npz.files:
+                raise DataError(f"{path}: training needs arrays 'x_train' and 'y_train'")
+            x, y = npz["x_train"], npz["y_train"]
+        return _shaped(net, x, f"{path}: x_train"), np.asarray(y)
+    if net.dataset not in DATASETS:
+        raise DataError(
+            f"model '{net.name}' names no known data set; pass --data FILE.npz with x_train, "
+            "y_train, x and y"
+        )
+    x, y = DATASETS[net.dataset]("train")
+    return _shaped(net, x, "train split"), y

@@ -37,7 +37,7 @@ _LAYER_KEYS: dict[str, dict[str, object]] = {
     "dense": {"out_features": None},
     "conv2d": {"out_channels": None, "kernel": None, "stride": 1, "padding": 0},
     "batchnorm": {"eps": 1e-5},
-    "relu": {},
+    "relu": {"window": "optional"},
     "maxpool2d": {"kernel": None, "stride": None},
     "avgpool2d": {"kernel": None, "stride": None},
     "flatten": {},
@@ -106,9 +106,13 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
             value = spec[key]
             if key in _INT_KEYS and value is not None:
                 value = _int_key(file, where, key, value)
-            elif key == "eps" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ModelError(f"{file}: {where}.eps must be a number")
+            elif key in ("eps", "window") and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ModelError(f"{file}: {where}.{key} must be a number")
             hp[key] = value
+        elif default == "optional":
+            hp[key] = None
         elif default is None and key != "stride":
             raise ModelError(f"{file}: {where}: missing key '{key}'")
         else:

@@ -102,7 +102,8 @@ class Dense(Layer):
 
 @dataclass(frozen=True, eq=False)
 class Conv2d(Layer):
-    """2-D cross-correlation with zero padding. weight (O, C, k, k), bias (O,)."""
+    """2-D cross-correlation with zero padding. weight (O, C, k, k), bias (O,) per channel
+    or (O, Ho, Wo) per output position (what folding a shift through zero padding gives)."""
 
     weight: np.ndarray = field(default=None, repr=False)
     bias: np.ndarray = field(default=None, repr=False)
@@ -120,7 +121,13 @@ class Conv2d(Layer):
         if self.stride < 1 or self.padding < 0:
             raise ModelError(f"layer '{self.name}': stride must be >= 1 and padding >= 0")
         object.__setattr__(self, "weight", w)
-        object.__setattr__(self, "bias", _as_float_array(self.name, "bias", self.bias, w.shape[:1]))
+        bias = _as_float_array(self.name, "bias", self.bias)
+        if bias.ndim not in (1, 3) or bias.shape[0] != w.shape[0]:
+            raise ModelError(
+                f"layer '{self.name}': '{self.name}.bias' has shape {bias.shape}, expected "
+                f"({w.shape[0]},) or ({w.shape[0]}, out_height, out_width)"
+            )
+        object.__setattr__(self, "bias", bias)
 
     @property
     def out_channels(self) -> int:
@@ -151,13 +158,19 @@ class Conv2d(Layer):
         wo = ops.conv_output_size(w, self.kernel, self.stride, self.padding)
         if ho < 1 or wo < 1:
             raise ModelError(f"layer '{self.name}' (conv2d): kernel larger than its input {h}x{w}")
+        if self.bias.ndim == 3 and self.bias.shape[1:] != (ho, wo):
+            raise ModelError(
+                f"layer '{self.name}': '{self.name}.bias' has shape {self.bias.shape}, expected "
+                f"({self.out_channels},) or ({self.out_channels}, {ho}, {wo})"
+            )
         return (self.out_channels, ho, wo)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         return ops.conv2d(x, self.weight, self.stride, self.padding)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(x) + self.bias[:, None, None]
+        bias = self.bias if self.bias.ndim == 3 else self.bias[:, None, None]
+        return self.linear(x) + bias
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,7 +224,24 @@ class BatchNorm(Layer):
 
 @dataclass(frozen=True, eq=False)
 class ReLU(Layer):
+    """max(x, 0). window: the TTFS window length B (time units) this layer's spikes get
+    when converted; None (the default) lets the calibration set decide. Fine-tuning
+    stores the windows it trained with here."""
+
+    window: float | None = None
     type: ClassVar[str] = "relu"
+
+    def __post_init__(self):
+        if self.window is not None:
+            if isinstance(self.window, bool) or not np.isfinite(self.window) or self.window <= 0:
+                raise ModelError(f"layer '{self.name}': window must be a positive number")
+            object.__setattr__(self, "window", float(self.window))
+
+    def config(self) -> dict:
+        cfg = super().config()
+        if self.window is not None:
+            cfg["window"] = self.window
+        return cfg
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)

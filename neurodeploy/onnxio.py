@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ META_CLASSES = "neurodeploy.classes"
 META_DATASET = "neurodeploy.dataset"
 # ONNX float attributes are float32: the exact batch-norm epsilons travel in metadata.
 META_BN_EPS = "neurodeploy.batchnorm_eps"
+META_RELU_WINDOWS = "neurodeploy.relu_windows"  # TTFS windows stored by fine-tuning
 
 
 class _Importer:
@@ -67,6 +69,7 @@ class _Importer:
         self.layers: list[Layer] = []
         self.names: set[str] = set()
         self.exact_eps: dict = {}
+        self.relu_windows: dict = {}
 
     def fail(self, node, message: str):
         name = node.name or "(unnamed)"
@@ -128,10 +131,11 @@ def load_onnx(path: str | os.PathLike, input_range=None) -> Network:
         raise ModelError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from None
     imp = _Importer(model, path)
     meta = {p.key: p.value for p in model.metadata_props}
-    try:
-        imp.exact_eps = json.loads(meta.get(META_BN_EPS, "{}"))
-    except json.JSONDecodeError:
-        raise ModelError(f"{path}: metadata '{META_BN_EPS}' must be a JSON object") from None
+    for key, attr in ((META_BN_EPS, "exact_eps"), (META_RELU_WINDOWS, "relu_windows")):
+        try:
+            setattr(imp, attr, json.loads(meta.get(key, "{}")))
+        except json.JSONDecodeError:
+            raise ModelError(f"{path}: metadata '{key}' must be a JSON object") from None
     graph = model.graph
     inputs = [i for i in graph.input if i.name not in imp.constants]
     if len(inputs) != 1 or len(graph.output) != 1:
@@ -220,7 +224,8 @@ def _import_node(imp: _Importer, node, op: str, attrs: dict) -> None:
     if op in ("Identity", "Dropout"):
         return
     if op == "Relu":
-        layers.append(ReLU(imp.layer_name(node, "relu")))
+        window = imp.relu_windows.get(node.name)
+        layers.append(ReLU(imp.layer_name(node, "relu"), window=window))
     elif op == "Gemm":
         if attrs.get("transA", 0):
             imp.fail(node, "transA=1 not supported")
@@ -244,14 +249,24 @@ def _import_node(imp: _Importer, node, op: str, attrs: dict) -> None:
             imp.fail(node, "adds a constant that is not the bias of a Gemm, MatMul or Conv")
         out = last.bias.shape[0]
         if isinstance(last, Conv2d):
-            const = const.reshape(-1) if const.size == out else None
+            shape = _tensor_shape(imp, node.input[0])
+            positions = None if shape is None or None in shape[2:] else tuple(shape[1:])
+            if const.size == out:
+                const = const.reshape(-1)
+            elif positions is not None and const.size == int(np.prod(positions)):
+                const = const.reshape(positions)  # one bias per output position
+            else:
+                const = None
         else:
             const = const.reshape(-1) if const.size in (1, out) else None
         if const is None:
             imp.fail(node, "the added constant does not broadcast as one bias per output")
-        from dataclasses import replace
-
-        layers[-1] = replace(last, bias=last.bias + np.broadcast_to(const, (out,)))
+        if const.ndim == 1:  # one bias per output (channel)
+            const = np.broadcast_to(const, (out,))
+            bias = last.bias + (const if last.bias.ndim == 1 else const[:, None, None])
+        else:  # one bias per output position
+            bias = (last.bias if last.bias.ndim == 3 else last.bias[:, None, None]) + const
+        layers[-1] = replace(last, bias=bias)
     elif op == "Conv":
         w = imp.const(node, node.input[1])
         if attrs.get("group", 1) != 1:
@@ -371,21 +386,27 @@ def export_onnx(net: Network, path: str | os.PathLike, dtype: str = "float32") -
             )
         elif isinstance(layer, Conv2d):
             p = layer.padding
+            per_position = layer.bias.ndim == 3
+            conv_inputs = [current, init(f"{layer.name}.weight", layer.weight)]
+            if not per_position:
+                conv_inputs.append(init(f"{layer.name}.bias", layer.bias))
+            conv_out = f"{layer.name}_conv" if per_position else out
             nodes.append(
                 helper.make_node(
                     "Conv",
-                    [
-                        current,
-                        init(f"{layer.name}.weight", layer.weight),
-                        init(f"{layer.name}.bias", layer.bias),
-                    ],
-                    [out],
+                    conv_inputs,
+                    [conv_out],
                     name=layer.name,
                     kernel_shape=[layer.kernel] * 2,
                     strides=[layer.stride] * 2,
                     pads=[p] * 4,
                 )
             )
+            if per_position:  # a bias per output position: Conv, then Add
+                bias = init(f"{layer.name}.bias", layer.bias[None])
+                nodes.append(
+                    helper.make_node("Add", [conv_out, bias], [out], name=f"{layer.name}_bias")
+                )
         elif isinstance(layer, BatchNorm):
             names = [
                 init(f"{layer.name}.{k}", getattr(layer, k))
@@ -434,6 +455,13 @@ def export_onnx(net: Network, path: str | os.PathLike, dtype: str = "float32") -
     eps = {layer.name: float(layer.eps) for layer in net.layers if isinstance(layer, BatchNorm)}
     if eps:
         meta[META_BN_EPS] = json.dumps(eps)
+    windows = {
+        layer.name: layer.window
+        for layer in net.layers
+        if isinstance(layer, ReLU) and layer.window is not None
+    }
+    if windows:
+        meta[META_RELU_WINDOWS] = json.dumps(windows)
     if net.classes is not None:
         meta[META_CLASSES] = json.dumps(list(net.classes))
     if net.dataset is not None:

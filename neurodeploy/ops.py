@@ -66,3 +66,72 @@ def avgpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out)."""
     return x @ weight.T
+
+
+# -- vector-Jacobian products (gradients of the kernels above) ------------------------------
+def dense_grad_input(grad: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """d loss / d x of dense(x, weight), grad (N, F_out) -> (N, F_in)."""
+    return grad @ weight
+
+
+def dense_grad_weight(x: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """d loss / d weight of dense(x, weight): (F_out, F_in)."""
+    return grad.T @ x
+
+
+def _grad_cols(grad: np.ndarray) -> np.ndarray:
+    n, o, ho, wo = grad.shape
+    return grad.transpose(0, 2, 3, 1).reshape(n * ho * wo, o)
+
+
+def conv2d_grad_weight(
+    x: np.ndarray, grad: np.ndarray, kernel: int, stride: int, padding: int
+) -> np.ndarray:
+    """d loss / d weight of conv2d: (O, C, k, k); grad (N, O, Ho, Wo)."""
+    cols, _, _ = im2col(x, kernel, stride, padding)
+    out = _grad_cols(grad).T @ cols
+    return out.reshape(grad.shape[1], x.shape[1], kernel, kernel)
+
+
+def conv2d_grad_input(
+    grad: np.ndarray, weight: np.ndarray, input_shape: tuple, stride: int, padding: int
+) -> np.ndarray:
+    """d loss / d x of conv2d, (N, C, H, W): the column gradients summed back (col2im)."""
+    n = grad.shape[0]
+    o, c, k, _ = weight.shape
+    _, h, w = input_shape
+    ho, wo = grad.shape[2:]
+    cols = (_grad_cols(grad) @ weight.reshape(o, -1)).reshape(n, ho, wo, c, k, k)
+    padded = np.zeros((n, c, h + 2 * padding, w + 2 * padding))
+    for i in range(k):
+        for j in range(k):
+            padded[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += cols[
+                :, :, :, :, i, j
+            ].transpose(0, 3, 1, 2)
+    return padded[:, :, padding : padding + h, padding : padding + w]
+
+
+def avgpool2d_grad_input(
+    grad: np.ndarray, input_shape: tuple, kernel: int, stride: int
+) -> np.ndarray:
+    """d loss / d x of avgpool2d: each window's gradient spread evenly over it."""
+    n, c, ho, wo = grad.shape
+    out = np.zeros((n, *input_shape))
+    share = grad / (kernel * kernel)
+    for i in range(kernel):
+        for j in range(kernel):
+            out[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += share
+    return out
+
+
+def maxpool2d_grad_input(x: np.ndarray, grad: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """d loss / d x of maxpool2d: each window's gradient to its (first) largest input."""
+    windows = _windows(x, kernel, stride)  # (N, C, Ho, Wo, k, k)
+    n, c, ho, wo = windows.shape[:4]
+    winner = windows.reshape(n, c, ho, wo, kernel * kernel).argmax(axis=-1)
+    out = np.zeros_like(x)
+    for i in range(kernel):
+        for j in range(kernel):
+            mask = winner == i * kernel + j
+            out[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += grad * mask
+    return out

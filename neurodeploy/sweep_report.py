@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
 from .fileio import write_text_atomic
 from .sweep import SweepSpec, aggregate, load_sweep
 
@@ -94,7 +95,12 @@ def _numeric(values) -> bool:
 
 
 def _line_figure(
-    key: str, key_lines: list[dict], reference: float, tolerance: float, knees: list[dict]
+    key: str,
+    key_lines: list[dict],
+    reference: float,
+    tolerance: float,
+    knees: list[dict],
+    labelled: bool = False,
 ) -> bytes:
     import matplotlib
 
@@ -119,6 +125,8 @@ def _line_figure(
             low = np.array([r[metric][1] for r in rows]) * 100
             high = np.array([r[metric][2] for r in rows]) * 100
             name = ", ".join(f"{k}={v}" for k, v in line["fixed"].items()) or "seed mean"
+            if labelled:
+                name = f"{line['label']}: {name}" if line["fixed"] else line["label"]
             ax.plot(xs_plot, mean, "o-", color=color, label=name, ms=4)
             ax.fill_between(xs_plot, low, high, color=color, alpha=0.2, lw=0)
             if metric == "accuracy" and kn.get("found") and numeric:
@@ -202,35 +210,61 @@ def _fmt_interval(interval) -> str:
     return f"{mean:.2f} % [{low:.2f}, {high:.2f}]"
 
 
-def write_report(out_dir: str | Path, tolerance_points: float = 1.0) -> Path:
-    """Write DIR/report.html and PNG figures for the sweep in ``out_dir``."""
-    out_dir = Path(out_dir)
+def _load(out_dir: Path, tolerance: float):
     spec, records = load_sweep(out_dir)
     rows = aggregate(spec, records)
     done = [r for r in rows if r["seeds"]]
-    tolerance = tolerance_points / 100
     refs = [r["accuracy_reference"][0] for r in done if r["accuracy_reference"] is not None]
     reference = float(np.mean(refs)) if refs else math.nan
-    all_lines = lines(spec, done)
-    knees = [knee(line, reference, tolerance) for line in all_lines]
+    label = Path(spec.model).stem if Path(spec.model).suffix else Path(spec.model).name
+    found = lines(spec, done)
+    for line in found:
+        line["label"] = label
+    knees = [knee(line, reference, tolerance) for line in found]
+    return {
+        "spec": spec,
+        "records": records,
+        "rows": rows,
+        "done": done,
+        "reference": reference,
+        "lines": found,
+        "knees": knees,
+        "label": label,
+    }
+
+
+def write_report(out_dir: str | Path, tolerance_points: float = 1.0, compare=()) -> Path:
+    """Write DIR/report.html and PNG figures for the sweep in ``out_dir``.
+
+    compare: other sweep directories over the same keys (e.g. the same sweep of a
+    fine-tuned model); their lines are drawn beside this sweep's.
+    """
+    out_dir = Path(out_dir)
+    tolerance = tolerance_points / 100
+    main = _load(out_dir, tolerance)
+    others = [_load(Path(d), tolerance) for d in compare]
+    keys = [key for key, _ in main["spec"].params]
+    for other in others:
+        other_keys = [key for key, _ in other["spec"].params]
+        if other_keys != keys:
+            raise UsageError(f"--compare: {other['label']} sweeps {other_keys}, not {keys}")
+    spec, reference = main["spec"], main["reference"]
     figures = []
-    for key, _ in spec.params:
-        key_lines = [line for line in all_lines if line["key"] == key]
-        key_knees = [k for k in knees if k["key"] == key]
+    for key in keys:
+        groups = [main, *others]
+        key_lines = [line for g in groups for line in g["lines"] if line["key"] == key]
+        key_knees = [k for g in groups for k in g["knees"] if k["key"] == key]
         if not key_lines or math.isnan(reference):
             continue
-        png = _line_figure(key, key_lines, reference, tolerance, key_knees)
+        png = _line_figure(key, key_lines, reference, tolerance, key_knees, labelled=bool(others))
         name = f"accuracy_{key.replace('.', '_')}.png"
         (out_dir / name).write_bytes(png)
         figures.append((f"Accuracy against {key}", png))
-    if len(spec.params) == 2 and done and not math.isnan(reference):
-        png = _heatmap_figure(spec, done, reference, tolerance)
+    if len(spec.params) == 2 and main["done"] and not math.isnan(reference):
+        png = _heatmap_figure(spec, main["done"], reference, tolerance)
         (out_dir / "heatmap.png").write_bytes(png)
         figures.append(("Heat map", png))
-    write_text_atomic(
-        out_dir / "report.html",
-        _page(spec, rows, knees, reference, tolerance_points, figures, len(records)),
-    )
+    write_text_atomic(out_dir / "report.html", _page(main, others, tolerance_points, figures))
     return out_dir / "report.html"
 
 
@@ -253,7 +287,8 @@ def resilience_sentences(knees: list[dict], tolerance_points: float) -> list[str
     return out
 
 
-def _page(spec, rows, knees, reference, tolerance_points, figures, n_records) -> str:
+def _points_table(group: dict, tolerance_points: float) -> str:
+    spec, rows, reference = group["spec"], group["rows"], group["reference"]
     keys = [key for key, _ in spec.params]
     header = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
         "<th>seeds</th><th>accuracy (95 % CI)</th><th>agreement (95 % CI)</th>"
@@ -276,19 +311,35 @@ def _page(spec, rows, knees, reference, tolerance_points, figures, n_records) ->
             f"<td>{row['latency_s'][0] * 1e6:.4g} µs</td>"
             f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td></tr>"
         )
+    title = f"{group['label']} (reference SNN accuracy {100 * reference:.2f} %)"
+    return (
+        f"<h2>All points: {html.escape(title)}</h2><table><tr>{header}</tr>{''.join(body)}</table>"
+    )
+
+
+def _page(main: dict, others: list[dict], tolerance_points, figures) -> str:
+    spec = main["spec"]
     sentences = "".join(
-        f"<li>{html.escape(s)}</li>" for s in resilience_sentences(knees, tolerance_points)
+        f"<li>{html.escape((g['label'] + ': ') if others else '')}{html.escape(s)}</li>"
+        for g in (main, *others)
+        for s in resilience_sentences(g["knees"], tolerance_points)
     )
     imgs = "".join(
         f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
         f"src='data:image/png;base64,{base64.b64encode(png).decode('ascii')}'>"
         for title, png in figures
     )
+    tables = "".join(_points_table(g, tolerance_points) for g in (main, *others))
     total = len(spec.points()) * spec.seeds
-    model = Path(spec.model).name
-    title = f"{model} on {spec.profile['name']} ({spec.backend})"
+    n_records = len(main["records"])
+    reference = main["reference"]
+    compared = ", ".join(g["label"] for g in others)
+    title = f"{main['label']} on {spec.profile['name']} ({spec.backend})" + (
+        f", compared with {compared}" if others else ""
+    )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>neurodeploy sweep: {html.escape(model)}</title>
+<html lang="en"><head><meta charset="utf-8">
+<title>neurodeploy sweep: {html.escape(main["label"])}</title>
 <style>body{{font-family:system-ui,Helvetica,Arial,sans-serif;margin:24px;max-width:1200px;
 color:#1f2328}} table{{border-collapse:collapse;font-size:13px}} td,th{{border:1px solid #d0d7de;
 padding:4px 8px;text-align:right}} th{{background:#f6f8fa}} tr.bad td{{background:#ffebe9}}
@@ -301,6 +352,6 @@ tolerance {tolerance_points:g} points; intervals are 95 % Student-t intervals of
 seeds.</p>
 <h2>Noise resilience and knees</h2><ul>{sentences}</ul>
 {imgs}
-<h2>All points</h2><table><tr>{header}</tr>{"".join(body)}</table>
+{tables}
 </body></html>
 """
