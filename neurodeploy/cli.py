@@ -474,6 +474,86 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_fileclass(args) -> int:
+    from .fileclass.data import load_snapshot, one_hot, split
+
+    records, labels, classes = load_snapshot(args.snapshot)
+    train_idx, test_idx = split(labels)
+    if getattr(args, "samples", None):
+        test_idx = test_idx[: args.samples]
+    test_records = [records[i] for i in test_idx]
+    if args.action == "train":
+        from .fileclass.model import Hyper, train
+
+        if args.out is None:
+            raise UsageError("fileclass train: --out DIR is required")
+        if args.train_samples:
+            train_idx = train_idx[: args.train_samples]
+        hyper = Hyper(**({} if args.quick is False else {"stdp_epochs": 1, "readout_epochs": 3}))
+        started = time.perf_counter()
+        model = train(
+            [records[i] for i in train_idx],
+            labels[train_idx],
+            classes,
+            hyper,
+            seed=args.seed,
+            progress=None if args.quiet else print,
+        )
+        seconds = time.perf_counter() - started
+        path = model.save(args.out)
+        started = time.perf_counter()
+        accuracy = float(np.mean(model.classify(model.spikes(test_records))[0] == labels[test_idx]))
+        print(
+            f"trained on {len(train_idx)} files in {seconds:.1f} s; test accuracy "
+            f"{_percent(accuracy)} on {len(test_idx)} files "
+            f"({time.perf_counter() - started:.1f} s); saved {path}"
+        )
+        return 0
+    if args.action == "baselines":
+        from sklearn.feature_extraction import DictVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import SVC, LinearSVC
+
+        vec = DictVectorizer()
+        x_train = vec.fit_transform(one_hot([records[i] for i in train_idx]))
+        x_test = vec.transform(one_hot(test_records))
+        for name, clf in (
+            ("logistic regression", LogisticRegression(max_iter=2000)),
+            ("linear SVM", LinearSVC()),
+            ("RBF SVM", SVC(kernel="rbf")),
+        ):
+            started = time.perf_counter()
+            clf.fit(x_train, labels[train_idx])
+            accuracy = clf.score(x_test, labels[test_idx])
+            print(f"{name:<20} {_percent(accuracy)}  ({time.perf_counter() - started:.1f} s)")
+        return 0
+    from .fileclass.inference import classify
+    from .fileclass.model import FileClassModel
+
+    model = FileClassModel.load(args.model)
+    profile = None
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+        if args.set:
+            profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
+    backend = args.backend or ("crossbar" if profile is not None else "reference")
+    started = time.perf_counter()
+    accuracies = []
+    for seed in range(args.seeds if backend == "crossbar" else 1):
+        predicted = classify(
+            model, test_records, backend=backend, profile=profile, seed=args.seed + seed
+        )
+        accuracies.append(float(np.mean(predicted == labels[test_idx])))
+    where = backend + (f" ({profile.name})" if profile is not None else "")
+    spread = f" +- {np.std(accuracies) * 100:.2f}" if len(accuracies) > 1 else ""
+    print(
+        f"{where}: accuracy {_percent(float(np.mean(accuracies)))}{spread} on "
+        f"{len(test_idx)} test files, {len(accuracies)} seed(s), "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .sweep_report import write_report
 
@@ -685,6 +765,37 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--quiet", action="store_true")
     tune.set_defaults(out=None)
 
+    fc = sub.add_parser("fileclass", help="file classification SNN with memristive synapses")
+    fc_sub = fc.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    fc_train = fc_sub.add_parser("train", help="train on the snapshot's training split")
+    fc_eval = fc_sub.add_parser("eval", help="classify the snapshot's test split")
+    fc_base = fc_sub.add_parser("baselines", help="logistic regression and SVMs, same split")
+    for p in (fc_train, fc_eval, fc_base):
+        p.add_argument(
+            "--snapshot", default=None, help="snapshot file (default data/files_snapshot.jsonl.gz)"
+        )
+        p.add_argument(
+            "--samples", type=_positive_int, default=None, help="use the first N test files"
+        )
+    fc_train.add_argument("--out", default=None, help="model directory to write")
+    fc_train.add_argument("--seed", type=_non_negative_int, default=0)
+    fc_train.add_argument("--train-samples", type=_positive_int, default=None)
+    fc_train.add_argument(
+        "--quick", action="store_true", help="1 STDP and 3 readout epochs (for trying things out)"
+    )
+    fc_train.add_argument("--quiet", action="store_true")
+    fc_eval.add_argument("model", help="a directory written by 'fileclass train'")
+    fc_eval.add_argument("--backend", choices=("reference", "crossbar", "lava"), default=None)
+    fc_eval.add_argument("--profile", default=None, help="crossbar profile for the synapses")
+    fc_eval.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    fc_eval.add_argument("--seed", type=_non_negative_int, default=0)
+    fc_eval.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=5,
+        help="device draws averaged on the crossbar (default 5)",
+    )
+
     exp = sub.add_parser("export", help="write a model as ONNX")
     exp.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
     exp.add_argument("--onnx", required=True, help="the .onnx file to write")
@@ -769,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "finetune":
             return _cmd_finetune(args)
+        if args.command == "fileclass":
+            return _cmd_fileclass(args)
         return _cmd_reference(args, args.command)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)

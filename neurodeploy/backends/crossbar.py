@@ -147,7 +147,7 @@ def _drift_exponents(g_target: np.ndarray, cb: Crossbar, rng) -> np.ndarray:
     return np.abs(mean + std * rng.standard_normal(g_target.shape)) * cb.drift_scale
 
 
-def _read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarray:
+def read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarray:
     if cb.device_model == "generic":
         return cb.generic.read_sigma_rel * np.abs(g_now) * cb.read_noise_scale
     a, b, c, d = PCM_READ_Q
@@ -161,7 +161,7 @@ def _read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarr
     )
 
 
-def _program(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int):
+def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int):
     """Target, programmed and inference-time conductance pairs for W (rows, cols)."""
     span = cb.g_max_us - cb.g_min_us
     w_max = float(np.abs(w).max()) or 1.0
@@ -247,7 +247,7 @@ class CrossbarDeployment(Deployment):
         *pre_ops, affine = stage.synapses
         w = _weight_matrix(affine)
         rows, cols = w.shape
-        target, programmed, now, weight_scale = _program(w, cb, self.faults, self.seed, index)
+        target, programmed, now, weight_scale = program_pairs(w, cb, self.faults, self.seed, index)
         compensation = 1.0
         if cb.drift_compensation:
             reference = np.abs(programmed[0] - programmed[1]).mean()
@@ -259,8 +259,8 @@ class CrossbarDeployment(Deployment):
         read_var = None
         if cb.read_noise_scale > 0:
             read_var = (
-                _read_sigma(now[0], programmed[0], cb) ** 2
-                + _read_sigma(now[1], programmed[1], cb) ** 2
+                read_sigma(now[0], programmed[0], cb) ** 2
+                + read_sigma(now[1], programmed[1], cb) ** 2
             )
         conv = affine if isinstance(affine, Conv2d) else None
         patches = None
