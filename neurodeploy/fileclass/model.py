@@ -10,11 +10,13 @@ Training (numpy, batched):
    applied as a whole number of programming pulses of (g_max - g_min) / pulses each
    (stochastic rounding, seeded), clipped at the conductance range. Adaptive
    thresholds (homeostasis) spread the winners of the lateral inhibition.
-2. The output layer (one LIF neuron per class) learns from labels by a
-   spike-pattern rule: each class has a target spike train (its neuron firing
-   every ``period`` steps, the others silent); the weight change is
-   eta sum_t (target(t) - output(t)) x_hidden(t - 1), the error of the two trains
-   times the presynaptic trace, which descends their van Rossum distance.
+2. The output layer (a population of LIF neurons per class, reading the inputs
+   and the hidden layer) learns from labels by a spike-pattern rule: each class
+   has a target spike train (its population firing every ``period`` steps, the
+   others silent); the weight change is eta sum_t e(t) x(t - 1), the van Rossum
+   error e (filtered target minus filtered output train) times the filtered
+   presynaptic trains, which descends their van Rossum distance. Files already
+   classified right count ``correct_weight`` of a misclassified one.
 
 Inference classifies by the nearest target pattern in van Rossum distance. On
 memristive hardware the weights are conductance pairs programmed with the
@@ -59,12 +61,13 @@ class Hyper:
     homeostasis: float = 3.0
     target_activity: float = 0.1  # fraction of files each hidden neuron should answer
     stdp_epochs: int = 3
-    population: int = 4  # output neurons per class
-    readout_epochs: int = 12
-    eta_out: float = 0.02
+    population: int = 8  # output neurons per class
+    readout_epochs: int = 20
+    eta_out: float = 0.03
+    correct_weight: float = 0.1  # share of the update a correctly classified file gets
     period: int = 2
     start: int = 6
-    tau_vr: float = 4.0
+    tau_vr: float = 6.0
     batch: int = 128
 
 
@@ -275,12 +278,15 @@ def train(
                 axis=2,
             )
             s_o = output_spikes(both, w_out, output)
-            # Van Rossum error of the output trains times the presynaptic traces.
+            # Van Rossum error of the output trains times the presynaptic traces; files
+            # already classified right weigh less (the margin comes from the errors).
+            guess = van_rossum(s_o, targets, hyper.tau_vr).argmin(axis=1)
+            right = guess == labels[idx]
+            correct += int(right.sum())
             error = filtered_targets[labels[idx]] - trace(s_o, hyper.tau_vr)
+            error *= np.where(right, hyper.correct_weight, 1.0)[:, None, None]
             pre = trace(both, hyper.tau_vr)[:, :-1]
             w_out += eta * _pairs(error[:, 1:], pre) / len(idx)
-            guess = van_rossum(s_o, targets, hyper.tau_vr).argmin(axis=1)
-            correct += int((guess == labels[idx]).sum())
         history.append(
             {
                 "phase": "readout",
