@@ -123,7 +123,43 @@ class Synapses(AbstractProcess):
         self.a_out = OutPort(shape=(batch, int(np.prod(out_shape))))
 
 
-class TTFSNeuron(AbstractProcess):
+class _Membranes(AbstractProcess):
+    """What TTFSNeuron and TTFSReadout share: a batch of (u, v) pairs that integrate
+    weighted spikes from ``first_step`` on, saturating at ``limit``, and record per
+    sample into ``result_path`` once the ``total_steps`` have run (never instantiated)."""
+
+    def __init__(
+        self,
+        *,
+        batch: int,
+        size: int,
+        limit: float,
+        first_step: int,
+        steps: int,
+        chunk_steps: int,
+        samples: int,
+        result_path: str,
+        total_steps: int,
+        **kwargs,
+    ):
+        super().__init__(
+            batch=batch,
+            size=size,
+            first_step=first_step,
+            steps=steps,
+            chunk_steps=chunk_steps,
+            samples=samples,
+            result_path=result_path,
+            total_steps=total_steps,
+            **kwargs,
+        )
+        self.limit = Var(shape=(1,), init=limit)
+        self.u = Var(shape=(batch, size), init=0)
+        self.v = Var(shape=(batch, size), init=0)
+        self.a_in = InPort(shape=(batch, size))
+
+
+class TTFSNeuron(_Membranes):
     """B1 neurons on the step grid, one layer, batched.
 
     During the K steps of the previous layer's window (chunk-local steps
@@ -138,75 +174,18 @@ class TTFSNeuron(AbstractProcess):
     the window opened) and whether u or v saturated.
     """
 
-    def __init__(
-        self,
-        *,
-        batch: int,
-        size: int,
-        threshold: np.ndarray,
-        ramp: float,
-        limit: float,
-        first_step: int,
-        steps: int,
-        chunk_steps: int,
-        samples: int,
-        result_path: str,
-        total_steps: int,
-        **kwargs,
-    ):
-        super().__init__(
-            batch=batch,
-            size=size,
-            first_step=first_step,
-            steps=steps,
-            chunk_steps=chunk_steps,
-            samples=samples,
-            result_path=result_path,
-            total_steps=total_steps,
-            **kwargs,
-        )
+    def __init__(self, *, batch: int, size: int, threshold: np.ndarray, ramp: float, **kwargs):
+        super().__init__(batch=batch, size=size, **kwargs)
         self.threshold = Var(shape=(size,), init=threshold)
         self.ramp = Var(shape=(1,), init=ramp)
-        self.limit = Var(shape=(1,), init=limit)
-        self.u = Var(shape=(batch, size), init=0)
-        self.v = Var(shape=(batch, size), init=0)
-        self.a_in = InPort(shape=(batch, size))
         self.s_out = OutPort(shape=(batch, size))
 
 
-class TTFSReadout(AbstractProcess):
+class TTFSReadout(_Membranes):
     """The non-spiking output layer: u and v integrate like a TTFSNeuron's during the
     last hidden window, v starting from the (integer) bias; v at the end of that
     window is recorded per sample (the logits, in membrane units)."""
 
-    def __init__(
-        self,
-        *,
-        batch: int,
-        size: int,
-        bias: np.ndarray,
-        limit: float,
-        first_step: int,
-        steps: int,
-        chunk_steps: int,
-        samples: int,
-        result_path: str,
-        total_steps: int,
-        **kwargs,
-    ):
-        super().__init__(
-            batch=batch,
-            size=size,
-            first_step=first_step,
-            steps=steps,
-            chunk_steps=chunk_steps,
-            samples=samples,
-            result_path=result_path,
-            total_steps=total_steps,
-            **kwargs,
-        )
+    def __init__(self, *, batch: int, size: int, bias: np.ndarray, **kwargs):
+        super().__init__(batch=batch, size=size, **kwargs)
         self.bias = Var(shape=(size,), init=bias)
-        self.limit = Var(shape=(1,), init=limit)
-        self.u = Var(shape=(batch, size), init=0)
-        self.v = Var(shape=(batch, size), init=0)
-        self.a_in = InPort(shape=(batch, size))
