@@ -152,13 +152,9 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
 def _cmd_reference(args, command: str) -> int:
     model_path = resolve_model_path(args.model)
     net = load_model(model_path, input_range=args.input_range)
-    x_cal, x, y, data_desc = load_model_data(net, args.data)
-    if args.calibration_size is not None:
-        x_cal = x_cal[: args.calibration_size]
-    samples = getattr(args, "samples", None)
-    if samples is not None:
-        x = x[:samples]
-        y = None if y is None else y[:samples]
+    x_cal, x, y, data_desc = load_model_data(
+        net, args.data, args.calibration_size, getattr(args, "samples", None)
+    )
     snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
     trace = simulate(snn, x)
     summary = compare_with_relu(net, snn, trace, x, y)
@@ -202,12 +198,7 @@ def _run_on_hardware(args) -> _HardwareRun:
     backend = args.backend or DEFAULT_BACKEND[profile.hardware]
     if args.tag != "fixed_pt" and backend != "lava":
         raise UsageError("--tag applies to the lava backend only")
-    x_cal, x, y, data_desc = load_model_data(net, args.data)
-    if args.calibration_size is not None:
-        x_cal = x_cal[: args.calibration_size]
-    if args.samples is not None:
-        x = x[: args.samples]
-        y = None if y is None else y[: args.samples]
+    x_cal, x, y, data_desc = load_model_data(net, args.data, args.calibration_size, args.samples)
     snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
     options = {"tag": args.tag} if backend == "lava" else {}
     dep = deploy(snn, profile, backend=backend, seed=args.seed, **options)
@@ -404,12 +395,8 @@ def _cmd_finetune(args) -> int:
     if args.set:
         profile = profile.with_overrides(parse_overrides(args.set), origin="--set")
     backend = DEFAULT_BACKEND[profile.hardware]
-    x_cal, x, y, data_desc = load_model_data(net, args.data)
+    x_cal, x, y, data_desc = load_model_data(net, args.data, args.calibration_size, args.samples)
     x_train, y_train = load_training_data(net, args.data)
-    if args.calibration_size is not None:
-        x_cal = x_cal[: args.calibration_size]
-    if args.samples is not None:
-        x, y = x[: args.samples], None if y is None else y[: args.samples]
     snn = convert(net, calibration=x_cal, zeta=args.zeta)
 
     def on_hardware(s) -> tuple[float, float]:

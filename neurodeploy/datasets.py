@@ -49,13 +49,24 @@ def digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 DATASETS = {"digits": digits}
 
 
-def load_model_data(net, data_file: str | None):
+def load_model_data(
+    net, data_file: str | None, calibration_size: int | None = None, samples: int | None = None
+):
     """(x_calib, x_eval, y_eval, description) for a model.
 
     From ``--data FILE.npz`` (arrays x, optional y and x_calib; x_calib defaults
     to x) or from the data set the model names (``dataset:`` in network.yaml):
-    calibration on its train split, evaluation on its test split.
+    calibration on its train split, evaluation on its test split. The first
+    ``calibration_size`` calibration and ``samples`` evaluation samples are kept
+    (all when None).
     """
+    x_cal, x, y, description = _model_data(net, data_file)
+    x_cal = x_cal[:calibration_size]
+    x = x[:samples]
+    return x_cal, x, None if y is None else y[:samples], description
+
+
+def _model_data(net, data_file: str | None):
     if data_file is not None:
         path = Path(data_file)
         if not path.is_file():

@@ -252,12 +252,7 @@ def _context(spec_json: str) -> _Context:
 
     spec = SweepSpec.from_dict(json.loads(spec_json))
     net = load_model(spec.model, input_range=spec.input_range)
-    x_cal, x, y, _ = load_model_data(net, spec.data)
-    if spec.calibration_size is not None:
-        x_cal = x_cal[: spec.calibration_size]
-    if spec.samples is not None:
-        x = x[: spec.samples]
-        y = None if y is None else y[: spec.samples]
+    x_cal, x, y, _ = load_model_data(net, spec.data, spec.calibration_size, spec.samples)
     snn = convert(net, calibration=x_cal, zeta=spec.zeta)
     profile = profile_from_dict(spec.profile, source=f"{spec.model} sweep profile")
     return _Context(snn, profile, x, y, simulate(snn, x), spec.points())
