@@ -254,12 +254,9 @@ class _NeuronModel(_NeuronBase):
         self._save_if_done(spike_step=self.spike_step, early=self.early, clipped=self.clipped)
 
 
-@implements(proc=TTFSNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("fixed_pt")
-class PyTTFSNeuronFixed(_NeuronModel):
-    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
-    ramp: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
+class _FixedState:
+    """fixed_pt: int64 membrane state (the emulator's integers); drives arrive exact."""
+
     limit: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
     u: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
     v: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
@@ -269,12 +266,9 @@ class PyTTFSNeuronFixed(_NeuronModel):
         return np.rint(a).astype(np.int64)
 
 
-@implements(proc=TTFSNeuron, protocol=LoihiProtocol)
-@requires(CPU)
-@tag("floating_pt")
-class PyTTFSNeuronFloat(_NeuronModel):
-    threshold: np.ndarray = LavaPyType(np.ndarray, float)
-    ramp: np.ndarray = LavaPyType(np.ndarray, float)
+class _FloatState:
+    """floating_pt: float64 membrane state, no saturation."""
+
     limit: np.ndarray = LavaPyType(np.ndarray, float)
     u: np.ndarray = LavaPyType(np.ndarray, float)
     v: np.ndarray = LavaPyType(np.ndarray, float)
@@ -282,6 +276,22 @@ class PyTTFSNeuronFloat(_NeuronModel):
     @staticmethod
     def _as_state(a):
         return a
+
+
+@implements(proc=TTFSNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt")
+class PyTTFSNeuronFixed(_FixedState, _NeuronModel):
+    threshold: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
+    ramp: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
+
+
+@implements(proc=TTFSNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("floating_pt")
+class PyTTFSNeuronFloat(_FloatState, _NeuronModel):
+    threshold: np.ndarray = LavaPyType(np.ndarray, float)
+    ramp: np.ndarray = LavaPyType(np.ndarray, float)
 
 
 class _ReadoutModel(_NeuronBase):
@@ -312,26 +322,12 @@ class _ReadoutModel(_NeuronBase):
 @implements(proc=TTFSReadout, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("fixed_pt")
-class PyTTFSReadoutFixed(_ReadoutModel):
+class PyTTFSReadoutFixed(_FixedState, _ReadoutModel):
     bias: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
-    limit: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
-    u: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
-    v: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
-
-    @staticmethod
-    def _as_state(a):
-        return np.rint(a).astype(np.int64)
 
 
 @implements(proc=TTFSReadout, protocol=LoihiProtocol)
 @requires(CPU)
 @tag("floating_pt")
-class PyTTFSReadoutFloat(_ReadoutModel):
+class PyTTFSReadoutFloat(_FloatState, _ReadoutModel):
     bias: np.ndarray = LavaPyType(np.ndarray, float)
-    limit: np.ndarray = LavaPyType(np.ndarray, float)
-    u: np.ndarray = LavaPyType(np.ndarray, float)
-    v: np.ndarray = LavaPyType(np.ndarray, float)
-
-    @staticmethod
-    def _as_state(a):
-        return a
