@@ -35,6 +35,7 @@ from .convert import retime, snn_to_network
 from .errors import DataError, UsageError
 from .grad import backward, forward_cached, maxpool_backward
 from .network import Network
+from .optim import Adam
 from .profile import HardwareProfile, load_profile
 from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
@@ -47,26 +48,6 @@ class FinetuneResult:
     snn: TTFSNetwork
     network: Network
     history: list[dict] = field(default_factory=list)
-
-
-class _Adam:
-    """Adam (Kingma & Ba 2015) with its usual defaults beta1 0.9, beta2 0.999, eps 1e-8."""
-
-    def __init__(self, params: dict, lr: float):
-        self.lr = lr
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in params.items()}
-        self.t = 0
-
-    def step(self, params: dict, grads: dict) -> None:
-        self.t += 1
-        b1, b2 = 0.9, 0.999
-        for key, g in grads.items():
-            self.m[key] = b1 * self.m[key] + (1 - b1) * g
-            self.v[key] = b2 * self.v[key] + (1 - b2) * g * g
-            m_hat = self.m[key] / (1 - b1**self.t)
-            v_hat = self.v[key] / (1 - b2**self.t)
-            params[key] = params[key] - self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
 
 
 class _Hardware:
@@ -245,7 +226,7 @@ def finetune(
         if isinstance(stage, (SpikingLayer, OutputLayer)):
             params[f"{stage.name}.w"] = stage.synapses[-1].weight.copy()
             params[f"{stage.name}.b"] = stage.bias.copy()
-    optimiser = _Adam(params, learning_rate)
+    optimiser = Adam(params, learning_rate)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
     history = []
     current = _with_params(snn, params, windows)

@@ -16,7 +16,16 @@ from neurodeploy.cli import main
 from neurodeploy.fileclass.data import load_snapshot, split
 from neurodeploy.fileclass.encoding import SILENT, Encoder, KeySpec, similarity, spike_overlap
 from neurodeploy.fileclass.inference import classify, lava_classify
-from neurodeploy.fileclass.model import FileClassModel, Hyper, _quantised_update, train
+from neurodeploy.fileclass.model import (
+    FileClassModel,
+    Hyper,
+    _quantised_update,
+    distance_loss,
+    output_dynamics,
+    surrogate_gradient,
+    train,
+)
+from neurodeploy.fileclass.snn import LIF, trace, van_rossum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +134,47 @@ def test_stdp_updates_are_whole_bounded_pulses():
     assert 0.4 < np.mean(same != g) < 0.6  # half a pulse rounds up half of the time
 
 
+def test_distance_loss_derivative_matches_finite_differences():
+    rng = np.random.default_rng(4)
+    spikes = (rng.random((3, 10, 6)) < 0.3).astype(float)
+    targets = (rng.random((4, 10, 6)) < 0.3).astype(float)
+    labels = np.array([0, 3, 1])
+    tau, temperature = 3.0, 1.5
+    loss, d_spikes, distances = distance_loss(spikes, labels, trace(targets, tau), tau, temperature)
+    np.testing.assert_allclose(distances, van_rossum(spikes, targets, tau), rtol=1e-12)
+    # The filtered trains are linear in the spikes, so the loss is smooth in them.
+    eps = 1e-6
+    for index in [(0, 0, 0), (0, 9, 5), (1, 4, 2), (2, 7, 3), (1, 0, 5)]:
+        bumped = spikes.copy()
+        bumped[index] += eps
+        up = distance_loss(bumped, labels, trace(targets, tau), tau, temperature)[0]
+        bumped[index] -= 2 * eps
+        down = distance_loss(bumped, labels, trace(targets, tau), tau, temperature)[0]
+        numeric = (up - down).sum() / (2 * eps)
+        assert d_spikes[index] == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def test_surrogate_gradient_is_exact_below_threshold():
+    # No spikes and a flat surrogate (slope 0): the spike derivative stands for the
+    # membrane itself, so the gradient is the exact one of sum(d * v) through the LIF.
+    rng = np.random.default_rng(5)
+    lif = LIF(du=0.3, dv=0.2, vth=1e9)
+    pre = (rng.random((2, 12, 7)) < 0.4).astype(float)
+    w = rng.normal(0, 1, (3, 7))
+    d = rng.normal(0, 1, (2, 12, 3))
+    s_out, v_out = output_dynamics(pre, w, lif)
+    assert not s_out.any()
+    grad = surrogate_gradient(pre, s_out, v_out, d, lif, slope=0.0)
+    eps = 1e-6
+    for index in [(0, 0), (1, 3), (2, 6), (0, 5)]:
+        bumped = w.copy()
+        bumped[index] += eps
+        up = (d * output_dynamics(pre, bumped, lif)[1]).sum()
+        bumped[index] -= 2 * eps
+        down = (d * output_dynamics(pre, bumped, lif)[1]).sum()
+        assert grad[index] == pytest.approx((up - down) / (2 * eps), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def small_model(snapshot):
     records, labels, classes, train_idx, _ = snapshot
@@ -143,6 +193,8 @@ def test_training_learns_and_models_round_trip(snapshot, small_model, tmp_path):
     test = [records[i] for i in test_idx[:600]]
     predicted = classify(small_model, test)
     assert np.mean(predicted == labels[test_idx[:600]]) > 0.6  # seven classes: chance 1/7
+    readout = [h for h in small_model.history if h["phase"] == "readout"]
+    assert readout[-1]["train_loss"] < 0.7 * readout[0]["train_loss"]
     assert (small_model.g_in * small_model.hyper.pulses) == pytest.approx(
         np.round(small_model.g_in * small_model.hyper.pulses), abs=1e-6
     )

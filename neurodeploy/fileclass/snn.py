@@ -108,7 +108,11 @@ def trace(spikes: np.ndarray, tau: float) -> np.ndarray:
 def van_rossum(a: np.ndarray, b: np.ndarray, tau: float) -> np.ndarray:
     """Van Rossum distance (squared, summed over neurons and steps) between spike trains
     a (N, T, O) and b (C, T, O): returns (N, C)."""
-    fa, fb = trace(a, tau), trace(b, tau)
+    return filtered_distances(trace(a, tau), trace(b, tau))
+
+
+def filtered_distances(fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """Squared distances (N, C) between filtered trains fa (N, T, O) and fb (C, T, O)."""
     fa = fa.reshape(len(fa), -1)
     fb = fb.reshape(len(fb), -1)
     return (fa**2).sum(1)[:, None] + (fb**2).sum(1)[None, :] - 2.0 * fa @ fb.T
