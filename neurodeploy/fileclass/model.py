@@ -362,13 +362,9 @@ def distance_loss(
     excess = np.exp(log_p)
     excess[rows, labels] -= 1.0
     d_filtered = (2.0 / temperature) * (excess @ targets).reshape(filtered.shape)
-    # filtered(t) = sum_{t' <= t} s(t') decay^(t - t'): run the filter backwards in time.
-    decay = np.exp(-1.0 / tau)
-    d_spikes = np.empty_like(d_filtered)
-    acc = np.zeros((len(filtered), filtered.shape[2]))
-    for t in range(filtered.shape[1] - 1, -1, -1):
-        acc = acc * decay + d_filtered[:, t]
-        d_spikes[:, t] = acc
+    # filtered(t) = sum_{t' <= t} s(t') decay^(t - t'), so dL/ds(t) is the same filter
+    # run backwards in time over dL/dfiltered.
+    d_spikes = trace(d_filtered[:, ::-1], tau)[:, ::-1]
     return loss, d_spikes, distances
 
 
