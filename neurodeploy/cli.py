@@ -850,26 +850,25 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+# The function that carries out each subcommand of build_parser.
+COMMANDS = {
+    "convert": lambda args: _cmd_reference(args, "convert"),
+    "simulate": lambda args: _cmd_reference(args, "simulate"),
+    "deploy": _cmd_deploy,
+    "run": _cmd_run,
+    "sweep": _cmd_sweep,
+    "finetune": _cmd_finetune,
+    "fileclass": _cmd_fileclass,
+    "export": _cmd_export,
+    "report": _cmd_report,
+    "profile": _cmd_profile,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "profile":
-            return _cmd_profile(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "deploy":
-            return _cmd_deploy(args)
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "finetune":
-            return _cmd_finetune(args)
-        if args.command == "fileclass":
-            return _cmd_fileclass(args)
-        return _cmd_reference(args, args.command)
+        return COMMANDS[args.command](args)
     except NeurodeployError as exc:
         print(f"neurodeploy: error: {exc}", file=sys.stderr)
         return 2

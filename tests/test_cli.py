@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 from netgen import random_inputs, random_network
 
 import neurodeploy as nd
-from neurodeploy.cli import main
+from neurodeploy.cli import COMMANDS, build_parser, main
 
 
 def run(capsys, *argv):
@@ -204,3 +205,8 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
         bar(10, 10)
     err = capsys.readouterr().err
     assert "lava [" in err and "10/10 samples" in err and err.endswith("\n")
+
+
+def test_every_subcommand_has_a_handler():
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(COMMANDS)
