@@ -114,8 +114,29 @@ def _fold_input_transform(
     return folded, bias
 
 
+def _require_convertible(net: Network) -> None:
+    """Refuse, naming the layer, what the converter does not map yet."""
+    if not net.is_chain:
+        branch = next(
+            layer for layer, srcs in zip(net.layers, net.sources, strict=True)
+            if len(srcs) > 1 or layer.inputs
+        )
+        raise ConversionError(
+            f"layer '{branch.name}' ({branch.type}) takes {list(branch.inputs)}: branching and "
+            "residual networks do not convert yet"
+        )
+    for layer in net.layers:
+        if isinstance(layer, ReLU) and layer.clip is not None:
+            raise ConversionError(f"layer '{layer.name}': clipped ReLUs do not convert yet")
+        if isinstance(layer, (MaxPool2d, AvgPool2d)) and layer.padding:
+            raise ConversionError(
+                f"layer '{layer.name}' ({layer.type}): padded pooling does not convert yet"
+            )
+
+
 def _fold(net: Network) -> list[_Block]:
     """Fold input rescaling and batch norms; split the network into affine blocks."""
+    _require_convertible(net)
     p, q = net.input_range
     shape: Shape = net.input_shape
     # Pending per-channel transform on the current tensor: original = scale * v + shift.

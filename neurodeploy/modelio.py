@@ -35,14 +35,15 @@ WEIGHTS_FILE = "weights.npz"
 # Allowed hyper-parameter keys per layer type, with defaults (None: required).
 _LAYER_KEYS: dict[str, dict[str, object]] = {
     "dense": {"out_features": None},
-    "conv2d": {"out_channels": None, "kernel": None, "stride": 1, "padding": 0},
+    "conv2d": {"out_channels": None, "kernel": None, "stride": 1, "padding": 0, "groups": 1},
     "batchnorm": {"eps": 1e-5},
-    "relu": {"window": "optional"},
-    "maxpool2d": {"kernel": None, "stride": None},
-    "avgpool2d": {"kernel": None, "stride": None},
+    "relu": {"window": "optional", "clip": "optional"},
+    "maxpool2d": {"kernel": None, "stride": None, "padding": 0},
+    "avgpool2d": {"kernel": None, "stride": None, "padding": 0, "count_include_pad": True},
     "flatten": {},
+    "add": {},
 }
-_INT_KEYS = {"out_features", "out_channels", "kernel", "stride", "padding"}
+_INT_KEYS = {"out_features", "out_channels", "kernel", "stride", "padding", "groups"}
 _TOP_KEYS = {"name", "input", "classes", "dataset", "layers"}
 
 
@@ -97,19 +98,30 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
             f"{file}: {where}: unknown layer type {ltype!r}; supported: {', '.join(_LAYER_KEYS)}"
         )
     allowed = _LAYER_KEYS[ltype]
-    unknown = set(spec) - {"name", "type"} - set(allowed)
+    unknown = set(spec) - {"name", "type", "inputs"} - set(allowed)
     if unknown:
         raise ModelError(f"{file}: {where}: unknown key(s) {sorted(unknown)} for type {ltype}")
     hp = {}
+    if "inputs" in spec or ltype == "add":
+        inputs = spec.get("inputs")
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(i, str) and i for i in inputs)
+        ):
+            raise ModelError(f"{file}: {where}.inputs must be a non-empty list of layer names")
+        hp["inputs"] = tuple(inputs)
     for key, default in allowed.items():
         if key in spec:
             value = spec[key]
             if key in _INT_KEYS and value is not None:
                 value = _int_key(file, where, key, value)
-            elif key in ("eps", "window") and (
+            elif key in ("eps", "window", "clip") and (
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
                 raise ModelError(f"{file}: {where}.{key} must be a number")
+            elif key == "count_include_pad" and not isinstance(value, bool):
+                raise ModelError(f"{file}: {where}.{key} must be true or false")
             hp[key] = value
         elif default == "optional":
             hp[key] = None
@@ -137,9 +149,12 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
         if len(shape) != 4 or shape[0] != out or shape[2:] != (k, k):
             raise ModelError(
                 f"{file.parent / WEIGHTS_FILE}: '{name}.weight' has shape {shape}, "
-                f"expected ({out}, in_channels, {k}, {k})"
+                f"expected ({out}, in_channels / groups, {k}, {k})"
             )
-    return cls(name=name, **hp, **arrays)
+    try:
+        return cls(name=name, **hp, **arrays)
+    except ModelError as exc:
+        raise ModelError(f"{file}: {where}: {exc}") from None
 
 
 def load_model(path: str | os.PathLike, input_range=None) -> Network:

@@ -31,11 +31,18 @@ def _as_float_array(layer: str, param: str, value, shape: Shape | None = None) -
 
 @dataclass(frozen=True, eq=False)
 class Layer:
-    """Base record. ``type`` is the name used in network.yaml."""
+    """Base record. ``type`` is the name used in network.yaml.
+
+    inputs: names of the layers (or ``"input"``, the network input) whose outputs
+    this layer takes; empty (the default) means the layer listed just before it,
+    so a chain needs no names. Only :class:`Add` takes more than one.
+    """
 
     name: str
+    inputs: tuple[str, ...] = field(default=(), kw_only=True)
     type: ClassVar[str] = ""
     param_names: ClassVar[tuple[str, ...]] = ()
+    arity: ClassVar[int] = 1  # number of inputs (0: any number >= 2)
 
     def params(self) -> dict[str, np.ndarray]:
         """The arrays of this layer keyed by parameter name (no layer prefix)."""
@@ -43,7 +50,10 @@ class Layer:
 
     def config(self) -> dict:
         """The layer's network.yaml entry (without arrays)."""
-        return {"name": self.name, "type": self.type}
+        cfg = {"name": self.name, "type": self.type}
+        if self.inputs:
+            cfg["inputs"] = list(self.inputs)
+        return cfg
 
     def output_shape(self, input_shape: Shape) -> Shape:
         """Shape of one sample's output for one sample's input shape; raises ModelError."""
@@ -102,13 +112,15 @@ class Dense(Layer):
 
 @dataclass(frozen=True, eq=False)
 class Conv2d(Layer):
-    """2-D cross-correlation with zero padding. weight (O, C, k, k), bias (O,) per channel
-    or (O, Ho, Wo) per output position (what folding a shift through zero padding gives)."""
+    """2-D cross-correlation with zero padding. weight (O, C / groups, k, k), bias (O,) per
+    channel or (O, Ho, Wo) per output position (what folding a shift through zero padding
+    gives). groups: grouped convolution as in PyTorch (depthwise: groups = C = O)."""
 
     weight: np.ndarray = field(default=None, repr=False)
     bias: np.ndarray = field(default=None, repr=False)
     stride: int = 1
     padding: int = 0
+    groups: int = 1
     type: ClassVar[str] = "conv2d"
     param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
 
@@ -120,6 +132,11 @@ class Conv2d(Layer):
             )
         if self.stride < 1 or self.padding < 0:
             raise ModelError(f"layer '{self.name}': stride must be >= 1 and padding >= 0")
+        if self.groups < 1 or w.shape[0] % self.groups:
+            raise ModelError(
+                f"layer '{self.name}': groups must be >= 1 and divide the {w.shape[0]} output "
+                f"channels, got {self.groups}"
+            )
         object.__setattr__(self, "weight", w)
         bias = _as_float_array(self.name, "bias", self.bias)
         if bias.ndim not in (1, 3) or bias.shape[0] != w.shape[0]:
@@ -137,21 +154,28 @@ class Conv2d(Layer):
     def kernel(self) -> int:
         return self.weight.shape[2]
 
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
     def config(self) -> dict:
-        return {
+        cfg = {
             **super().config(),
             "out_channels": self.out_channels,
             "kernel": self.kernel,
             "stride": self.stride,
             "padding": self.padding,
         }
+        if self.groups != 1:
+            cfg["groups"] = self.groups
+        return cfg
 
     def output_shape(self, input_shape: Shape) -> Shape:
         self._require_image(input_shape)
         c, h, w = input_shape
-        if c != self.weight.shape[1]:
+        if c != self.in_channels:
             raise ModelError(
-                f"layer '{self.name}' (conv2d) expects {self.weight.shape[1]} input channels, "
+                f"layer '{self.name}' (conv2d) expects {self.in_channels} input channels, "
                 f"got {c}"
             )
         ho = ops.conv_output_size(h, self.kernel, self.stride, self.padding)
@@ -166,7 +190,7 @@ class Conv2d(Layer):
         return (self.out_channels, ho, wo)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        return ops.conv2d(x, self.weight, self.stride, self.padding)
+        return ops.conv2d(x, self.weight, self.stride, self.padding, self.groups)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         bias = self.bias if self.bias.ndim == 3 else self.bias[:, None, None]
@@ -224,48 +248,71 @@ class BatchNorm(Layer):
 
 @dataclass(frozen=True, eq=False)
 class ReLU(Layer):
-    """max(x, 0). window: the TTFS window length B (time units) this layer's spikes get
-    when converted; None (the default) lets the calibration set decide. Fine-tuning
-    stores the windows it trained with here."""
+    """max(x, 0), or min(max(x, 0), clip) for a clipped ReLU (ReLU6: clip = 6).
+
+    window: the TTFS window length B (time units) this layer's spikes get when
+    converted; None (the default) lets the calibration set decide. Fine-tuning
+    stores the windows it trained with here. clip: upper clip value M > 0 of a
+    clipped ReLU (ReLU6, Hardtanh(0, M), Clip(0, M)); None for a plain ReLU.
+    """
 
     window: float | None = None
+    clip: float | None = None
     type: ClassVar[str] = "relu"
 
     def __post_init__(self):
-        if self.window is not None:
-            if isinstance(self.window, bool) or not np.isfinite(self.window) or self.window <= 0:
-                raise ModelError(f"layer '{self.name}': window must be a positive number")
-            object.__setattr__(self, "window", float(self.window))
+        for key in ("window", "clip"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not np.isfinite(value) or value <= 0:
+                raise ModelError(f"layer '{self.name}': {key} must be a positive number")
+            object.__setattr__(self, key, float(value))
 
     def config(self) -> dict:
         cfg = super().config()
         if self.window is not None:
             cfg["window"] = self.window
+        if self.clip is not None:
+            cfg["clip"] = self.clip
         return cfg
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(x, 0.0)
+        out = np.maximum(x, 0.0)
+        return out if self.clip is None else np.minimum(out, self.clip, out=out)
 
 
 @dataclass(frozen=True, eq=False)
 class _Pool2d(Layer):
+    """k x k pooling with stride (default k) and symmetric padding (< k / 2 + 1, as in
+    PyTorch: every window holds at least one input position)."""
+
     kernel: int = 2
     stride: int | None = None
+    padding: int = 0
 
     def __post_init__(self):
         if self.stride is None:
             object.__setattr__(self, "stride", self.kernel)
         if self.kernel < 1 or self.stride < 1:
             raise ModelError(f"layer '{self.name}': kernel and stride must be >= 1")
+        if self.padding < 0 or 2 * self.padding > self.kernel:
+            raise ModelError(
+                f"layer '{self.name}': padding must lie in [0, kernel / 2], got {self.padding} "
+                f"for kernel {self.kernel}"
+            )
 
     def config(self) -> dict:
-        return {**super().config(), "kernel": self.kernel, "stride": self.stride}
+        cfg = {**super().config(), "kernel": self.kernel, "stride": self.stride}
+        if self.padding:
+            cfg["padding"] = self.padding
+        return cfg
 
     def output_shape(self, input_shape: Shape) -> Shape:
         self._require_image(input_shape)
         c, h, w = input_shape
-        ho = ops.conv_output_size(h, self.kernel, self.stride, 0)
-        wo = ops.conv_output_size(w, self.kernel, self.stride, 0)
+        ho = ops.conv_output_size(h, self.kernel, self.stride, self.padding)
+        wo = ops.conv_output_size(w, self.kernel, self.stride, self.padding)
         if ho < 1 or wo < 1:
             raise ModelError(f"layer '{self.name}' ({self.type}): kernel larger than input {h}x{w}")
         return (c, ho, wo)
@@ -276,15 +323,31 @@ class MaxPool2d(_Pool2d):
     type: ClassVar[str] = "maxpool2d"
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return ops.maxpool2d(x, self.kernel, self.stride)
+        return ops.maxpool2d(x, self.kernel, self.stride, self.padding)
 
 
 @dataclass(frozen=True, eq=False)
 class AvgPool2d(_Pool2d):
+    """Average pooling. count_include_pad: padded zeros count in each window's mean
+    (PyTorch's default) or not."""
+
+    count_include_pad: bool = True
     type: ClassVar[str] = "avgpool2d"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.count_include_pad, (bool, np.bool_)):
+            raise ModelError(f"layer '{self.name}': count_include_pad must be true or false")
+        object.__setattr__(self, "count_include_pad", bool(self.count_include_pad))
+
+    def config(self) -> dict:
+        cfg = super().config()
+        if self.padding and not self.count_include_pad:
+            cfg["count_include_pad"] = False
+        return cfg
+
     def linear(self, x: np.ndarray) -> np.ndarray:
-        return ops.avgpool2d(x, self.kernel, self.stride)
+        return ops.avgpool2d(x, self.kernel, self.stride, self.padding, self.count_include_pad)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)
@@ -306,9 +369,40 @@ class Flatten(Layer):
         return self.linear(x)
 
 
+@dataclass(frozen=True, eq=False)
+class Add(Layer):
+    """Elementwise sum of two or more layers' outputs of one shape (a residual join).
+
+    inputs: the names of the summed layers (required, at least two).
+    """
+
+    type: ClassVar[str] = "add"
+    arity: ClassVar[int] = 0
+
+    def __post_init__(self):
+        if len(self.inputs) < 2:
+            raise ModelError(f"layer '{self.name}' (add) needs at least two inputs")
+
+    def merged_shape(self, input_shapes: list[Shape]) -> Shape:
+        """The common shape of the summed inputs; raises ModelError naming them otherwise."""
+        if any(shape != input_shapes[0] for shape in input_shapes):
+            pairs = ", ".join(
+                f"'{n}' {sh}" for n, sh in zip(self.inputs, input_shapes, strict=True)
+            )
+            raise ModelError(f"layer '{self.name}' (add) sums inputs of different shapes: {pairs}")
+        return input_shapes[0]
+
+    def forward_many(self, values: list[np.ndarray]) -> np.ndarray:
+        out = values[0] + values[1]
+        for v in values[2:]:
+            out += v
+        return out
+
+
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.type: cls for cls in (Dense, Conv2d, BatchNorm, ReLU, MaxPool2d, AvgPool2d, Flatten)
+    cls.type: cls for cls in (Dense, Conv2d, BatchNorm, ReLU, MaxPool2d, AvgPool2d, Flatten, Add)
 }
+INPUT = "input"  # the name by which layers refer to the network input
 AFFINE_TYPES = (Dense, Conv2d)
 
 
@@ -319,11 +413,15 @@ def channel_broadcast(values: np.ndarray, ndim: int) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Network:
-    """A trained ReLU network.
+    """A trained ReLU network: a chain of layers, or a small DAG (residual blocks).
 
     input_shape: one sample's shape, channels-first. input_range: (p, q), the
-    range of the raw input. layers: applied in order; the last affine layer
-    gives the logits (no ReLU after it).
+    range of the raw input. layers: in an order in which every layer comes after
+    the layers it takes (``Layer.inputs``; by default the one before it). The
+    last layer's output is the network's; the last affine layer gives the logits
+    (no ReLU after it). shapes: the input's shape, then every layer's output
+    shape, in ``layers`` order. sources: per layer, the resolved names of its
+    inputs (``"input"`` for the network input).
     """
 
     name: str
@@ -333,6 +431,7 @@ class Network:
     classes: tuple[str, ...] | None = None
     dataset: str | None = None
     shapes: tuple[Shape, ...] = field(init=False, repr=False)
+    sources: tuple[tuple[str, ...], ...] = field(init=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -347,10 +446,41 @@ class Network:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ModelError(f"network '{self.name}': duplicate layer names {sorted(dup)}")
+        if INPUT in names:
+            raise ModelError(f"network '{self.name}': '{INPUT}' names the network input")
         shapes = [self.input_shape]
-        for layer in self.layers:
-            shapes.append(layer.output_shape(shapes[-1]))
+        shape_of = {INPUT: self.input_shape}
+        sources, consumed = [], set()
+        for i, layer in enumerate(self.layers):
+            srcs = tuple(layer.inputs) or ((names[i - 1] if i else INPUT),)
+            for src in srcs:
+                if src not in shape_of:
+                    later = "a later layer" if src in names else "no layer"
+                    raise ModelError(
+                        f"network '{self.name}': layer '{layer.name}' takes '{src}', which is "
+                        f"{later}; list every layer after its inputs"
+                    )
+            if layer.arity and len(srcs) != layer.arity:
+                raise ModelError(
+                    f"layer '{layer.name}' ({layer.type}) takes {layer.arity} input, "
+                    f"got {list(srcs)}"
+                )
+            consumed.update(srcs)
+            if isinstance(layer, Add):
+                shape = layer.merged_shape([shape_of[s] for s in srcs])
+            else:
+                shape = layer.output_shape(shape_of[srcs[0]])
+            shapes.append(shape)
+            shape_of[layer.name] = shape
+            sources.append(srcs)
+        dangling = [n for n in names[:-1] if n not in consumed]
+        if dangling:
+            raise ModelError(
+                f"network '{self.name}': the outputs of {dangling} go nowhere (only the last "
+                "layer gives the network's output)"
+            )
         object.__setattr__(self, "shapes", tuple(shapes))
+        object.__setattr__(self, "sources", tuple(sources))
         affine = [i for i, layer in enumerate(self.layers) if isinstance(layer, AFFINE_TYPES)]
         if not affine:
             raise ModelError(f"network '{self.name}' has no dense or conv2d layer")
@@ -376,6 +506,19 @@ class Network:
         return self.shapes[-1]
 
     @property
+    def is_chain(self) -> bool:
+        """True when every layer takes the one before it (no branch, no join)."""
+        prev = [INPUT, *(layer.name for layer in self.layers[:-1])]
+        return all(srcs == (p,) for srcs, p in zip(self.sources, prev, strict=True))
+
+    def input_shape_of(self, index: int) -> Shape:
+        """The shape entering layers[index] (its first input's)."""
+        src = self.sources[index][0]
+        if src == INPUT:
+            return self.input_shape
+        return self.shapes[1 + [layer.name for layer in self.layers].index(src)]
+
+    @property
     def num_classes(self) -> int:
         return self.shapes[-1][0]
 
@@ -393,19 +536,31 @@ class Network:
 
     def forward(self, x) -> np.ndarray:
         """Float64 ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes)."""
-        out = self.check_input(x)
-        for layer in self.layers:
-            out = layer.forward(out)
-        return out
+        return self._run(x, keep=False)[self.layers[-1].name]
 
     def activations(self, x) -> dict[str, np.ndarray]:
         """Every layer's output keyed by layer name (the forward pass, kept)."""
-        out = self.check_input(x)
-        acts = {}
-        for layer in self.layers:
-            out = layer.forward(out)
-            acts[layer.name] = out
+        acts = self._run(x, keep=True)
+        del acts[INPUT]
         return acts
+
+    def _run(self, x, keep: bool) -> dict[str, np.ndarray]:
+        values = {INPUT: self.check_input(x)}
+        last_use = {}
+        for i, srcs in enumerate(self.sources):
+            for src in srcs:
+                last_use[src] = i
+        for i, (layer, srcs) in enumerate(zip(self.layers, self.sources, strict=True)):
+            if isinstance(layer, Add):
+                out = layer.forward_many([values[s] for s in srcs])
+            else:
+                out = layer.forward(values[srcs[0]])
+            values[layer.name] = out
+            if not keep:  # free what no later layer reads: memory grows with the widest cut
+                for src in srcs:
+                    if last_use[src] == i:
+                        del values[src]
+        return values
 
     def predict(self, x) -> np.ndarray:
         """Predicted class indices (N,)."""

@@ -37,30 +37,61 @@ def im2col(x: np.ndarray, kernel: int, stride: int = 1, padding: int = 0):
     return cols, ho, wo
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0) -> np.ndarray:
+def conv2d(
+    x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0, groups: int = 1
+) -> np.ndarray:
     """Cross-correlation without bias, as in PyTorch/ONNX Conv.
 
-    x: (N, C, H, W); weight: (O, C, k, k). Returns (N, O, Ho, Wo). Zero padding.
+    x: (N, C, H, W); weight: (O, C / groups, k, k). Returns (N, O, Ho, Wo). Zero
+    padding. With groups > 1, input channels [g C/G, (g+1) C/G) feed output
+    channels [g O/G, (g+1) O/G) only (depthwise: groups = C).
     """
     out_ch, _, k, _ = weight.shape
-    cols, ho, wo = im2col(x, k, stride, padding)
-    out = cols @ weight.reshape(out_ch, -1).T  # im2col: one BLAS product
-    return out.reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
+    if groups == 1:
+        cols, ho, wo = im2col(x, k, stride, padding)
+        out = cols @ weight.reshape(out_ch, -1).T  # im2col: one BLAS product
+        return out.reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
+    c_in = x.shape[1] // groups
+    o_per = out_ch // groups
+    parts = [
+        conv2d(x[:, g * c_in : (g + 1) * c_in], weight[g * o_per : (g + 1) * o_per], stride,
+               padding)
+        for g in range(groups)
+    ]
+    return np.concatenate(parts, axis=1)
 
 
-def maxpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
-    """Max over k x k windows of x (N, C, H, W); no padding."""
-    return _windows(x, kernel, stride).max(axis=(4, 5))
+def _pad_spatial(x: np.ndarray, padding: int, value: float) -> np.ndarray:
+    if not padding:
+        return x
+    pad = ((0, 0), (0, 0), (padding, padding), (padding, padding))
+    return np.pad(x, pad, constant_values=value)
 
 
-def minpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
-    """Min over k x k windows of x (N, C, H, W); no padding."""
-    return _windows(x, kernel, stride).min(axis=(4, 5))
+def maxpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
+    """Max over k x k windows of x (N, C, H, W); padded positions never win (-inf)."""
+    return _windows(_pad_spatial(x, padding, -np.inf), kernel, stride).max(axis=(4, 5))
 
 
-def avgpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
-    """Mean over k x k windows of x (N, C, H, W); no padding."""
-    return _windows(x, kernel, stride).mean(axis=(4, 5))
+def minpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
+    """Min over k x k windows of x (N, C, H, W); padded positions never win (+inf)."""
+    return _windows(_pad_spatial(x, padding, np.inf), kernel, stride).min(axis=(4, 5))
+
+
+def avgpool2d(
+    x: np.ndarray, kernel: int, stride: int, padding: int = 0, count_include_pad: bool = True
+) -> np.ndarray:
+    """Mean over k x k windows of x (N, C, H, W) with zero padding.
+
+    count_include_pad: divide by k*k (PyTorch's default) or by the number of
+    positions of each window that lie inside the input.
+    """
+    total = _windows(_pad_spatial(x, padding, 0.0), kernel, stride).sum(axis=(4, 5))
+    if count_include_pad or not padding:
+        return total / (kernel * kernel)
+    ones = np.ones((1, 1, *x.shape[2:]))
+    count = _windows(_pad_spatial(ones, padding, 0.0), kernel, stride).sum(axis=(4, 5))
+    return total / count
 
 
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
