@@ -52,9 +52,25 @@ def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
     return np.maximum(values, 0.0, out=values)
 
 
-def _b1_layer(layer: SpikingLayer, t_in: np.ndarray) -> tuple[np.ndarray, int]:
+def _b1_layer(
+    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
+) -> tuple[np.ndarray, int]:
     v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
+    v = add_shortcuts(layer, v, shortcut_in)
     return b1_fire(layer, v)
+
+
+def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
+    """Add the shortcut synapses' contributions to the membrane v at t_min (in place).
+
+    shortcut_in: spike times of each shortcut's source, aligned with
+    ``layer.shortcuts``. A source spike at t arrives at t + delay and adds its
+    weight times (t_min - t - delay) = (t_source - t): the source's own value.
+    """
+    for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
+        delayed = t_src + layer.delay(shortcut)
+        v += apply_synapses(shortcut.synapses, spike_values(delayed, layer.t_min))
+    return v
 
 
 def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int]:
@@ -83,7 +99,11 @@ def _silence_from(t: np.ndarray, t_end: float) -> None:
         np.divide(t, np.less(t, t_end), out=t)
 
 
-def _alpha1_layer(layer: SpikingLayer, t_in: np.ndarray) -> tuple[np.ndarray, int]:
+def _alpha1_layer(
+    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
+) -> tuple[np.ndarray, int]:
+    if shortcut_in:  # pragma: no cover - convert refuses residual alpha1 networks
+        raise NotImplementedError("alpha1 layers take no shortcuts")
     n = t_in.shape[0]
     t_flat = t_in.reshape(n, -1)
     coupling = layer.coupling  # (N_out, N_in)
@@ -123,30 +143,36 @@ def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride) * s
 
 
-def output_potential(layer: OutputLayer, t_in: np.ndarray) -> np.ndarray:
+def output_potential(layer: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = ()) -> np.ndarray:
     potential = apply_synapses(layer.synapses, spike_values(t_in, layer.t_read))
+    potential = add_shortcuts(layer, potential, shortcut_in)
     return (potential + layer.bias).reshape(t_in.shape[0], -1)
 
 
 def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, output_layer):
     """Run every stage in order; the backends supply how each kind of stage computes.
 
-    spiking_layer(stage, t_in) -> (t_out, saturated neurons); time_pool(stage, t_in)
-    -> t_out; output_layer(stage, t_in) -> logits (N, classes). Spike times are
-    in time units with inf for silence. Returns (logits, spike_times, saturated).
+    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons);
+    time_pool(stage, t_in) -> t_out; output_layer(stage, t_in, shortcut_in) ->
+    logits (N, classes). t_in: spike times of the stage before; shortcut_in: a
+    tuple with the spike times of each of ``stage.shortcuts``' sources (empty
+    for a chain). Spike times are in time units with inf for silence. Returns
+    (logits, spike_times, saturated).
     """
     spike_times = {"input": t_input}
     saturated = {}
     t = t_input
     output = None
     for stage in snn.stages:
-        if isinstance(stage, SpikingLayer):
-            t, saturated[stage.name] = spiking_layer(stage, t)
-        elif isinstance(stage, TimePool):
+        if isinstance(stage, TimePool):
             t = time_pool(stage, t)
         else:
-            output = output_layer(stage, t)
-            break
+            shortcut_in = tuple(spike_times[sc.source] for sc in stage.shortcuts)
+            if isinstance(stage, SpikingLayer):
+                t, saturated[stage.name] = spiking_layer(stage, t, shortcut_in)
+            else:
+                output = output_layer(stage, t, shortcut_in)
+                break
         spike_times[stage.name] = t
     return output, spike_times, saturated
 

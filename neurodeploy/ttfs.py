@@ -14,6 +14,10 @@ Stages, in order:
   it owns no window;
 - :class:`OutputLayer`: non-spiking; its potential read at ``t_read`` is the
   logits.
+
+A stage takes the spikes of the stage before it. A layer that joins a residual
+branch also takes :class:`Shortcut` synapses from an earlier stage, whose
+spikes are delayed so they arrive aligned with its own input window.
 """
 
 from __future__ import annotations
@@ -34,6 +38,29 @@ def apply_synapses(synapses: tuple[Layer, ...], values: np.ndarray) -> np.ndarra
     for op in synapses:
         out = op.linear(out)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class Shortcut:
+    """Synapses from an earlier stage's spikes into a layer that joins a residual branch.
+
+    source: the stage (or ``"input"``) whose spikes feed it; its window ends at
+    ``t_source`` (time units). synapses: linear maps (an identity shortcut is a
+    unit-weight 1x1 map, a projection a folded 1x1 conv or dense) from that
+    stage's values, input_shape -> the joining layer's output_shape.
+
+    Alignment: the joining layer integrates inputs that arrive before its
+    ``t_min`` (the read time ``t_read`` for the output layer) and reads a spike
+    at t as the value t_min - t. The source encodes x as a spike at t_source - x,
+    so every shortcut spike is delayed by ``t_min - t_source`` (the windows of
+    the layers in between: whole windows, as Loihi's synaptic delays give) and
+    arrives at t_min - x: the join adds exactly x.
+    """
+
+    source: str
+    synapses: tuple[Layer, ...]
+    input_shape: Shape
+    t_source: float
 
 
 class _SpikingStage:
@@ -68,6 +95,8 @@ class SpikingLayer(_SpikingStage):
     with slope 1 from t_min). alpha1: vartheta_i of the exact-mapping paper.
     alpha1 also has ``alpha`` (the constant input current) and ``coupling``
     (N_out, N_in), the effective synaptic matrix J = alpha W / (1 - sum_j W_ij).
+    shortcuts: residual inputs from earlier stages (b1 only), added to the
+    membrane at t_min.
     """
 
     name: str
@@ -82,10 +111,15 @@ class SpikingLayer(_SpikingStage):
     threshold: np.ndarray = field(repr=False)
     alpha: float = 1.0
     coupling: np.ndarray | None = field(default=None, repr=False)
+    shortcuts: tuple[Shortcut, ...] = ()
 
     @property
     def window(self) -> float:
         return self.t_max - self.t_min
+
+    def delay(self, shortcut: Shortcut) -> float:
+        """Delay (time units) of a shortcut's spikes: t_min - its source's window end."""
+        return self.t_min - shortcut.t_source
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +147,8 @@ class OutputLayer:
     """Non-spiking readout: potential = bias + sum_j W_ij (t_read - t_j) at t_read.
 
     Inputs arrive in [t_min_prev, t_read]; the bias enters as a constant
-    current bias / (t_read - t_min_prev) over that window.
+    current bias / (t_read - t_min_prev) over that window. shortcuts: residual
+    inputs from earlier stages, delayed by t_read - t_source.
     """
 
     name: str
@@ -123,6 +158,16 @@ class OutputLayer:
     output_shape: Shape
     t_min_prev: float
     t_read: float
+    shortcuts: tuple[Shortcut, ...] = ()
+
+    @property
+    def t_min(self) -> float:
+        """The read time: shortcut alignment treats it as the layer's t_min."""
+        return self.t_read
+
+    def delay(self, shortcut: Shortcut) -> float:
+        """Delay (time units) of a shortcut's spikes: t_read - its source's window end."""
+        return self.t_read - shortcut.t_source
 
 
 Stage = SpikingLayer | TimePool | OutputLayer
@@ -165,6 +210,11 @@ class TTFSNetwork:
     @property
     def spiking_layers(self) -> tuple[SpikingLayer, ...]:
         return tuple(s for s in self.stages if isinstance(s, SpikingLayer))
+
+    @property
+    def has_shortcuts(self) -> bool:
+        """True for a residual network (some layer takes shortcut synapses)."""
+        return any(getattr(s, "shortcuts", ()) for s in self.stages)
 
     @property
     def num_classes(self) -> int:

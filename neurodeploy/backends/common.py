@@ -31,6 +31,16 @@ def require_b1(snn: TTFSNetwork, backend: str) -> None:
         )
 
 
+def require_chain(snn: TTFSNetwork, backend: str) -> None:
+    """Refuse residual networks on a backend that does not map shortcut synapses yet."""
+    joins = [s.name for s in snn.stages if getattr(s, "shortcuts", ())]
+    if joins:
+        raise DeployError(
+            f"the {backend} backend does not map residual shortcuts yet (layers {joins} "
+            "take one); run residual networks on the reference simulator"
+        )
+
+
 def step_sizes(snn: TTFSNetwork, steps: int) -> dict[str, float]:
     """Time units per step of every stage's window (and of the input window)."""
     sizes = {"input": (INPUT_WINDOW[1] - INPUT_WINDOW[0]) / steps}

@@ -59,7 +59,7 @@ from ..simulate import (
 )
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, apply_synapses
-from .common import child_rng, encode_on_grid, require_b1, step_sizes
+from .common import child_rng, encode_on_grid, require_b1, require_chain, step_sizes
 
 # aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
 # et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
@@ -201,6 +201,7 @@ class CrossbarDeployment(Deployment):
     def __init__(self, snn, profile, seed: int = 0):
         super().__init__(snn, profile, seed)
         require_b1(snn, self.backend)
+        require_chain(snn, self.backend)
         ideal = profile.hardware == "ideal"
         self.device = _IDEAL_CROSSBAR if ideal else profile.crossbar
         self.converter = Converter() if ideal else profile.converter
@@ -348,7 +349,7 @@ class CrossbarDeployment(Deployment):
             name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
         }
 
-        def spiking(stage: SpikingLayer, t_in):
+        def spiking(stage: SpikingLayer, t_in, shortcut_in=()):
             v = self._read(
                 self.layers[stage.name], spike_values(t_in, stage.t_min), rngs[stage.name], stats
             )
@@ -362,7 +363,7 @@ class CrossbarDeployment(Deployment):
             t[m >= self.steps] = np.inf
             return t, early
 
-        def output(stage: OutputLayer, t_in):
+        def output(stage: OutputLayer, t_in, shortcut_in=()):
             v = self._read(
                 self.layers[stage.name], spike_values(t_in, stage.t_read), rngs[stage.name], stats
             )

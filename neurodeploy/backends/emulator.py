@@ -39,6 +39,7 @@ from .common import (
     encode_on_grid,
     fold_average_pools,
     require_b1,
+    require_chain,
     step_sizes,
 )
 
@@ -230,6 +231,7 @@ class EmulatorDeployment(Deployment):
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
+        require_chain(snn, self.backend)
         self._build_programs(profile.weights.bits, profile.neuron.membrane_bits)
 
     def _build_programs(self, bits: int | None, membrane_bits: int | None) -> None:
@@ -241,7 +243,7 @@ class EmulatorDeployment(Deployment):
 
     # -- running ---------------------------------------------------------------------------
     def _spiking(self, overflow: dict):
-        def layer(stage: SpikingLayer, t_in: np.ndarray):
+        def layer(stage: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_min, prog.dt_in)
             v, clipped = _integrate(prog, d)
@@ -266,7 +268,7 @@ class EmulatorDeployment(Deployment):
         return layer
 
     def _output(self, overflow: dict):
-        def layer(stage: OutputLayer, t_in: np.ndarray):
+        def layer(stage: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_read, prog.dt_in)
             v, clipped = _integrate(prog, d, start=prog.bias)

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import UsageError
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
+from .common import require_chain
 from .emulator import EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
@@ -52,6 +53,7 @@ class LavaDeployment(EmulatorDeployment):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UsageError(f"batch must be a positive integer, got {batch!r}")
         super().__init__(snn, profile, seed)
+        require_chain(snn, self.backend)
         self.tag = tag
         self.batch = batch
         if tag == "floating_pt":  # float weights and membrane on the same step grid
