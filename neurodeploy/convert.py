@@ -291,8 +291,14 @@ def _calibrate(blocks: list[_Block], x01: np.ndarray) -> list[float]:
     for block in blocks[:-1]:
         for pool, sign, _, _ in block.pools:
             v = _pool_values(v, pool, sign)
-        v = np.maximum(apply_synapses(block.synapses, v) + block.bias, 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.maximum(apply_synapses(block.synapses, v) + block.bias, 0.0)
         x_max.append(float(v.max()))
+        if not np.isfinite(x_max[-1]):
+            raise ConversionError(
+                f"layer '{block.name}': its activations overflow float64 on the calibration "
+                "data (weights or inputs far too large)"
+            )
     return x_max
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, UsageError
+from .npzio import read_npz
 
 DIGITS_RANGE = (0.0, 16.0)
 DIGITS_TEST_FRACTION = 0.3
@@ -71,18 +72,14 @@ def _model_data(net, data_file: str | None):
         path = Path(data_file)
         if not path.is_file():
             raise DataError(f"{path}: data file does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        arrays = read_npz(path, DataError)
         if "x" not in arrays:
             raise DataError(f"{path}: missing array 'x'")
         x = _shaped(net, arrays["x"], f"{path}: x")
         x_cal = _shaped(net, arrays.get("x_calib", arrays["x"]), f"{path}: x_calib")
         y = arrays.get("y")
-        if y is not None and (y.ndim != 1 or len(y) != len(x)):
-            raise DataError(f"{path}: y must be a vector of {len(x)} labels")
+        if y is not None:
+            y = check_labels(y, len(x), net.num_classes, f"{path}: y")
         return x_cal, x, y, str(path)
     if net.dataset not in DATASETS:
         raise DataError(
@@ -100,10 +97,28 @@ def _model_data(net, data_file: str | None):
     )
 
 
+def check_labels(y, count: int, num_classes: int, what: str) -> np.ndarray:
+    """y as int64 class indices (count,) in [0, num_classes); DataError naming ``what``."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != count:
+        raise DataError(f"{what} must be a vector of {count} labels, got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind != "f" or not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise DataError(f"{what} must hold integer class indices, got {y.dtype} values")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(
+            f"{what} holds labels in [{y.min()}, {y.max()}]; the network has {num_classes} "
+            f"classes (0 to {num_classes - 1})"
+        )
+    return y.astype(np.int64)
+
+
 def _shaped(net, x: np.ndarray, what: str) -> np.ndarray:
     """x reshaped to (N, *net.input_shape) when only its layout differs (e.g. 8x8 vs 64)."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim >= 1 and x[0].size == int(np.prod(net.input_shape)) and x.ndim > 1:
+    x = np.asarray(x)
+    if x.ndim == 0 or len(x) == 0:
+        raise DataError(f"{what} holds no samples (shape {x.shape})")
+    if x.ndim > 1 and x[0].size == int(np.prod(net.input_shape)):
         x = x.reshape(len(x), *net.input_shape)
     return net.check_input(x, what=what)
 
@@ -115,11 +130,11 @@ def load_training_data(net, data_file: str | None) -> tuple[np.ndarray, np.ndarr
         path = Path(data_file)
         if not path.is_file():
             raise DataError(f"{path}: data file does not exist")
-        with np.load(path, allow_pickle=False) as npz:
-            if "x_train" not in npz.files or "y_train" not in npz.files:
-                raise DataError(f"{path}: training needs arrays 'x_train' and 'y_train'")
-            x, y = npz["x_train"], npz["y_train"]
-        return _shaped(net, x, f"{path}: x_train"), np.asarray(y)
+        arrays = read_npz(path, DataError)
+        if "x_train" not in arrays or "y_train" not in arrays:
+            raise DataError(f"{path}: training needs arrays 'x_train' and 'y_train'")
+        x = _shaped(net, arrays["x_train"], f"{path}: x_train")
+        return x, check_labels(arrays["y_train"], len(x), net.num_classes, f"{path}: y_train")
     if net.dataset not in DATASETS:
         raise DataError(
             f"model '{net.name}' names no known data set; pass --data FILE.npz with x_train, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import yaml
 
 from .errors import ModelError
 from .network import LAYER_TYPES, Dense, Flatten, Layer, Network, ReLU
+from .npzio import read_npz
 from .yamlio import read_yaml
 
 NETWORK_FILE = "network.yaml"
@@ -72,11 +72,7 @@ def _read_yaml(file: Path) -> dict:
 def _read_weights(file: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
         raise ModelError(f"{file}: missing")
-    try:
-        with np.load(file, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{file}: not a readable .npz archive ({exc})") from None
+    return read_npz(file, ModelError)
 
 
 def _int_key(file: Path, where: str, key: str, value) -> int:

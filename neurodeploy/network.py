@@ -17,15 +17,35 @@ from .errors import DataError, ModelError
 
 Shape = tuple[int, ...]
 
+# Largest parameter magnitude accepted. Trained weights are O(1); a product of
+# three parameters of 1e100 already overflows float64 (1.8e308), so anything
+# larger cannot be a network this tool can compute with.
+MAX_PARAMETER_MAGNITUDE = 1e100
+# Largest tensor of one sample (elements) any layer may produce: 2^28 float64
+# values are 2 GiB per sample, far beyond ImageNet-sized networks (VGG-16's
+# largest activation is 3.2e6 values).
+MAX_SAMPLE_ELEMENTS = 2**28
+
 
 def _as_float_array(layer: str, param: str, value, shape: Shape | None = None) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+    raw = np.asarray(value)
+    if raw.dtype.kind not in "fiu":
+        raise ModelError(
+            f"layer '{layer}': '{layer}.{param}' holds {raw.dtype} values; expected real numbers"
+        )
+    arr = raw.astype(np.float64, copy=False)
     if shape is not None and arr.shape != tuple(shape):
         raise ModelError(
             f"layer '{layer}': '{layer}.{param}' has shape {arr.shape}, expected {tuple(shape)}"
         )
     if not np.all(np.isfinite(arr)):
         raise ModelError(f"layer '{layer}': '{layer}.{param}' contains NaN or infinite values")
+    if arr.size and np.abs(arr).max() > MAX_PARAMETER_MAGNITUDE:
+        raise ModelError(
+            f"layer '{layer}': '{layer}.{param}' has values of magnitude "
+            f"{np.abs(arr).max():.3g}, beyond {MAX_PARAMETER_MAGNITUDE:g} (float64 products "
+            "of such values overflow)"
+        )
     return arr
 
 
@@ -448,6 +468,13 @@ class Network:
             raise ModelError(f"network '{self.name}': duplicate layer names {sorted(dup)}")
         if INPUT in names:
             raise ModelError(f"network '{self.name}': '{INPUT}' names the network input")
+        if not self.input_shape or min(self.input_shape) < 1:
+            raise ModelError(f"network '{self.name}': input shape {self.input_shape} is empty")
+        if int(np.prod(self.input_shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
+            raise ModelError(
+                f"network '{self.name}': input shape {self.input_shape} holds more than "
+                f"{MAX_SAMPLE_ELEMENTS} values per sample"
+            )
         shapes = [self.input_shape]
         shape_of = {INPUT: self.input_shape}
         sources, consumed = [], set()
@@ -470,6 +497,11 @@ class Network:
                 shape = layer.merged_shape([shape_of[s] for s in srcs])
             else:
                 shape = layer.output_shape(shape_of[srcs[0]])
+            if int(np.prod(shape, dtype=np.float64)) > MAX_SAMPLE_ELEMENTS:
+                raise ModelError(
+                    f"layer '{layer.name}' ({layer.type}) outputs {shape} per sample, more than "
+                    f"{MAX_SAMPLE_ELEMENTS} values (check its padding, kernel and stride)"
+                )
             shapes.append(shape)
             shape_of[layer.name] = shape
             sources.append(srcs)
@@ -524,7 +556,10 @@ class Network:
 
     def check_input(self, x, what: str = "x") -> np.ndarray:
         """Return x as float64 of shape (N, *input_shape); raise DataError otherwise."""
-        arr = np.asarray(x, dtype=np.float64)
+        raw = np.asarray(x)
+        if raw.dtype.kind not in "fiub":
+            raise DataError(f"{what} holds {raw.dtype} values; expected real numbers")
+        arr = raw.astype(np.float64, copy=False)
         if arr.ndim != len(self.input_shape) + 1 or arr.shape[1:] != self.input_shape:
             raise DataError(
                 f"{what} has shape {arr.shape}, network '{self.name}' expects "

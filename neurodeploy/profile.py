@@ -76,13 +76,33 @@ DIGITAL = ("digital",)
 CROSSBAR = ("crossbar",)
 DISCRETE = ("digital", "crossbar")
 
+# Sanity bounds on sizes and counts: they keep a typo (1e11) from hanging or
+# exhausting memory before anything runs. Each lies far above real hardware:
+# - 2^16 steps per window: a window resolution of 16 bits, twice Loihi 2's
+#   graded-spike payload of 8 bits (Intel, "Loihi 2 brief", 2021); the
+#   simulators' work grows linearly with it.
+MAX_STEPS_PER_WINDOW = 2**16
+# - 2^16 conductance levels: 16 bits per device, far beyond what analog PCM
+#   or RRAM cells are programmed to.
+MAX_LEVELS = 2**16
+# - 2^16 rows or columns per tile: the IBM HERMES chip's crossbars are
+#   256 x 256 (Le Gallo et al., "A 64-core mixed-signal in-memory compute chip
+#   based on phase-change memory", Nature Electronics 2023).
+MAX_TILE_SIDE = 2**16
+# - 2^32 neurons, synapses or cores: beyond any chip's address space (Loihi 2:
+#   8192 neurons and 128 cores per chip).
+MAX_CORE_COUNT = 2**32
+
 
 @dataclass(frozen=True)
 class Timing:
     steps_per_window: int | None = field(
         default=None,
         metadata=_spec(
-            "time steps per layer window; null = continuous time", minimum=1, kinds=DISCRETE
+            "time steps per layer window; null = continuous time",
+            minimum=1,
+            maximum=MAX_STEPS_PER_WINDOW,
+            kinds=DISCRETE,
         ),
     )
     step_time_s: float | None = field(
@@ -130,13 +150,16 @@ class Neuron:
 @dataclass(frozen=True)
 class Cores:
     neurons_per_core: int = field(
-        default=8192, metadata=_spec("neurons one core holds", minimum=1, kinds=DIGITAL)
+        default=8192,
+        metadata=_spec("neurons one core holds", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
     )
     synapses_per_core: int = field(
-        default=1_000_000, metadata=_spec("synapses one core holds", minimum=1, kinds=DIGITAL)
+        default=1_000_000,
+        metadata=_spec("synapses one core holds", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
     )
     cores_per_chip: int = field(
-        default=128, metadata=_spec("cores on one chip", minimum=1, kinds=DIGITAL)
+        default=128,
+        metadata=_spec("cores on one chip", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
     )
 
 
@@ -182,14 +205,23 @@ class Crossbar:
     levels: int | None = field(
         default=None,
         metadata=_spec(
-            "conductance levels per device; null = continuous", minimum=2, kinds=CROSSBAR
+            "conductance levels per device; null = continuous",
+            minimum=2,
+            maximum=MAX_LEVELS,
+            kinds=CROSSBAR,
         ),
     )
     tile_rows: int = field(
-        default=256, metadata=_spec("word lines (inputs) per tile", minimum=1, kinds=CROSSBAR)
+        default=256,
+        metadata=_spec(
+            "word lines (inputs) per tile", minimum=1, maximum=MAX_TILE_SIDE, kinds=CROSSBAR
+        ),
     )
     tile_cols: int = field(
-        default=256, metadata=_spec("bit-line pairs (outputs) per tile", minimum=1, kinds=CROSSBAR)
+        default=256,
+        metadata=_spec(
+            "bit-line pairs (outputs) per tile", minimum=1, maximum=MAX_TILE_SIDE, kinds=CROSSBAR
+        ),
     )
     prog_noise_scale: float = field(
         default=1.0,

@@ -441,9 +441,9 @@ def _floats(lo, hi, exclude_min=False):
 
 
 SPECS = [
-    Spec("pcm", "crossbar.levels", st.integers(2, 10**6), 2, None),
-    Spec("pcm", "crossbar.tile_rows", st.integers(1, 4096), 1, None),
-    Spec("rram", "crossbar.tile_cols", st.integers(1, 4096), 1, None),
+    Spec("pcm", "crossbar.levels", st.integers(2, 2**16), 2, 2**16),
+    Spec("pcm", "crossbar.tile_rows", st.integers(1, 4096), 1, 2**16),
+    Spec("rram", "crossbar.tile_cols", st.integers(1, 4096), 1, 2**16),
     Spec("pcm", "crossbar.prog_noise_scale", _floats(0, 1e6), 0, None),
     Spec("rram", "crossbar.read_noise_scale", _floats(0, 1e6), 0, None),
     Spec("rram", "crossbar.drift_scale", _floats(0, 1e6), 0, None),
@@ -457,7 +457,7 @@ SPECS = [
     Spec("pcm", "converter.adc_headroom", _floats(0, 100, exclude_min=True), 0, None),
     Spec("rram", "faults.stuck_on", _floats(0, 0.99), 0, 1),
     Spec("pcm", "faults.stuck_off", _floats(0, 1), 0, 1),
-    Spec("loihi2", "timing.steps_per_window", st.integers(1, 10**6), 1, None),
+    Spec("loihi2", "timing.steps_per_window", st.integers(1, 2**16), 1, 2**16),
     Spec("loihi2", "timing.step_time_s", _floats(0, 1, exclude_min=True), 0, None),
     Spec("loihi2", "weights.bits", st.integers(1, 32), 1, 32),
     Spec("loihi2", "neuron.membrane_bits", st.integers(2, 52), 2, 52),
