@@ -200,24 +200,53 @@ def open_sweep(out_dir: Path, spec: SweepSpec) -> None:
 
 
 def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
-    """The finished records; with ``repair`` a last line cut short by a kill is removed."""
+    """The finished records; with ``repair`` a last line cut short by a kill is removed.
+
+    A complete line that is not a valid record is an error naming the file and line
+    (it was not written by a sweep, and dropping it silently would lose runs).
+    """
     path = out_dir / RESULTS_FILE
     if not path.exists():
         return []
     raw = path.read_bytes()
     records, good_end = [], 0
-    for line in raw.splitlines(keepends=True):
+    for number, line in enumerate(raw.splitlines(keepends=True), start=1):
         if not line.endswith(b"\n"):
-            break
+            break  # the last line of a killed run: not yet a record
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{path}: line {number} is not JSON") from None
+        _check_record(path, number, record)
+        records.append(record)
         good_end += len(line)
     if repair and good_end < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
     return records
+
+
+def _check_record(path: Path, number: int, record) -> None:
+    """Raise UsageError unless ``record`` has the keys and value types run_task writes."""
+    where = f"{path}: line {number}"
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: a record must be a JSON object")
+    for key in ("point", "seed"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UsageError(f"{where}: '{key}' must be a non-negative integer, got {value!r}")
+    if not isinstance(record.get("params"), dict):
+        raise UsageError(f"{where}: 'params' must be a mapping")
+    for key in (*METRICS, "accuracy_reference"):
+        value = record.get(key)
+        if value is None and key in ("accuracy", "accuracy_reference"):
+            continue  # runs without labels
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise UsageError(f"{where}: '{key}' must be a finite number, got {value!r}")
 
 
 def load_sweep(out_dir: Path) -> tuple[SweepSpec, list[dict]]:
@@ -228,7 +257,15 @@ def load_sweep(out_dir: Path) -> tuple[SweepSpec, list[dict]]:
         spec = SweepSpec.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as exc:
         raise UsageError(f"{path}: not a sweep definition ({exc})") from None
-    return spec, read_results(out_dir)
+    records = read_results(out_dir)
+    points = len(spec.points())
+    for record in records:
+        if record["point"] >= points or record["seed"] >= spec.seeds:
+            raise UsageError(
+                f"{out_dir / RESULTS_FILE}: a record of point {record['point']}, seed "
+                f"{record['seed']} lies outside this sweep ({points} points x {spec.seeds} seeds)"
+            )
+    return spec, records
 
 
 # -- tasks ------------------------------------------------------------------------------------
