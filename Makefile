@@ -10,7 +10,7 @@ OUT    := out
 .PHONY: run test lint bench clean
 
 run: $(STAMP)
-	$(VENV)/bin/neurodeploy deploy models/digits_cnn --profile loihi2 --backend lava --out $(OUT)
+	$(VENV)/bin/neurodeploy deploy digits_cnn --profile loihi2 --backend lava --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

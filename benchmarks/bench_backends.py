@@ -11,14 +11,14 @@ reference's and its throughput. Target: each backend within 5x the reference.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from timing import best_time
 
 import neurodeploy as nd
 from neurodeploy.deploy import deploy
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn"
+MODEL = SHIPPED_MODELS_DIR / "digits_cnn"
 
 
 def main() -> None:

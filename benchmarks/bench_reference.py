@@ -11,13 +11,13 @@ the ReLU pass is the physical limit).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from timing import best_time
 
 import neurodeploy as nd
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 
 def main() -> None:

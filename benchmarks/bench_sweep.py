@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 from neurodeploy.sweep import make_spec, run_sweep
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn"
+MODEL = SHIPPED_MODELS_DIR / "digits_cnn"
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from .errors import (
     NeurodeployError,
     UsageError,
 )
-from .modelio import from_sklearn, load_model, save_model
+from .modelio import from_sklearn, load_model, resolve_model_path, save_model
 from .network import (
     AvgPool2d,
     BatchNorm,
@@ -24,6 +24,7 @@ from .network import (
     ReLU,
 )
 
+# The one place the version is written: pyproject.toml reads it (dynamic version).
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "datasets",
     "from_sklearn",
     "load_model",
+    "resolve_model_path",
     "save_model",
 ]
 
@@ -74,3 +76,8 @@ from .convert import retime  # noqa: E402
 from .crosscheck import CrossCheckReport, crosscheck  # noqa: E402
 
 __all__ += ["CrossCheckReport", "crosscheck", "retime"]
+
+from .finetune import FinetuneResult, finetune  # noqa: E402
+from .torchio import from_torch  # noqa: E402  (imports torch only when called)
+
+__all__ += ["FinetuneResult", "finetune", "from_torch"]

@@ -17,37 +17,25 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from . import __version__
 from .convert import convert
 from .crosscheck import crosscheck
 from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
-from .errors import ModelError, NeurodeployError, UsageError
+from .errors import NeurodeployError, UsageError
 from .evaluate import compare_with_relu, hardware_summary, layer_table
 from .fileio import write_text_atomic
-from .modelio import load_model
+from .modelio import load_model, resolve_model_path
 from .network import Network
 from .profile import HardwareProfile, load_profile
 from .simulate import simulate
 from .trace import Trace
 from .ttfs import NEURON_MODELS, TTFSNetwork
 
-PROJECT_MODELS = Path(__file__).resolve().parent.parent / "models"
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, via main()
         raise UsageError(f"{self.prog}: {message}")
-
-
-def resolve_model_path(model: str) -> Path:
-    """MODEL as given, or the name of a model shipped in the project's models/."""
-    path = Path(model)
-    if path.exists():
-        return path
-    shipped = PROJECT_MODELS / model
-    if shipped.exists():
-        return shipped
-    raise ModelError(f"{model}: model path does not exist")
 
 
 def _int_at_least(minimum: int):
@@ -517,7 +505,7 @@ def _cmd_fileclass(args) -> int:
     from .fileclass.inference import classify
     from .fileclass.model import FileClassModel
 
-    model = FileClassModel.load(args.model)
+    model = FileClassModel.load(resolve_model_path(args.model))
     profile = None
     if args.profile is not None:
         profile = load_profile(args.profile)
@@ -625,6 +613,7 @@ def hardware_options(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neurodeploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"neurodeploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p):
@@ -759,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     fc_base = fc_sub.add_parser("baselines", help="logistic regression and SVMs, same split")
     for p in (fc_train, fc_eval, fc_base):
         p.add_argument(
-            "--snapshot", default=None, help="snapshot file (default data/files_snapshot.jsonl.gz)"
+            "--snapshot",
+            default=None,
+            help="snapshot file (default: the shipped files_snapshot.jsonl.gz)",
         )
         p.add_argument(
             "--samples", type=_positive_int, default=None, help="use the first N test files"
@@ -771,7 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="1 STDP and 3 readout epochs (for trying things out)"
     )
     fc_train.add_argument("--quiet", action="store_true")
-    fc_eval.add_argument("model", help="a directory written by 'fileclass train'")
+    fc_eval.add_argument(
+        "model", help="a directory written by 'fileclass train', or the shipped 'fileclass'"
+    )
     fc_eval.add_argument("--backend", choices=("reference", "crossbar", "lava"), default=None)
     fc_eval.add_argument("--profile", default=None, help="crossbar profile for the synapses")
     fc_eval.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

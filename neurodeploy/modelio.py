@@ -1,4 +1,7 @@
-"""Load and save models: ``models/<name>/network.yaml`` + ``weights.npz``.
+"""Load and save models: ``<model dir>/network.yaml`` + ``weights.npz``.
+
+Shipped models live in the package (``neurodeploy/models/<name>/``, installed as
+package data); :func:`resolve_model_path` turns a shipped name into its directory.
 
 network.yaml::
 
@@ -31,6 +34,8 @@ from .yamlio import read_yaml
 
 NETWORK_FILE = "network.yaml"
 WEIGHTS_FILE = "weights.npz"
+# Package data: models shipped with neurodeploy, loadable by name ("digits_cnn").
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 # Allowed hyper-parameter keys per layer type, with defaults (None: required).
 _LAYER_KEYS: dict[str, dict[str, object]] = {
@@ -47,6 +52,32 @@ _INT_KEYS = {"out_features", "out_channels", "kernel", "stride", "padding", "gro
 _TOP_KEYS = {"name", "input", "classes", "dataset", "layers"}
 
 
+def shipped_model_names() -> list[str]:
+    """Names of the models shipped in the package, sorted."""
+    if not SHIPPED_MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_MODELS_DIR.iterdir() if p.is_dir())
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """``model`` as a path if it exists, else the directory of the shipped model of
+    that name (a bare name such as ``digits_cnn``, no folder part).
+
+    Raises :class:`ModelError` naming ``model`` and listing the shipped names.
+    """
+    path = Path(model)
+    if path.exists():
+        return path
+    if len(path.parts) == 1 and path.name not in (".", ".."):
+        shipped = SHIPPED_MODELS_DIR / path.name
+        if shipped.is_dir():
+            return shipped
+    names = ", ".join(shipped_model_names()) or "none"
+    raise ModelError(
+        f"{model}: model path does not exist and is not a shipped model (shipped: {names})"
+    )
+
+
 def _model_files(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.is_file() and p.name == NETWORK_FILE:
@@ -56,6 +87,11 @@ def _model_files(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.is_dir():
         raise ModelError(
             f"{p}: expected a model directory holding {NETWORK_FILE} and {WEIGHTS_FILE}"
+        )
+    if not (p / NETWORK_FILE).exists() and (p / "fileclass.json").is_file():
+        raise ModelError(
+            f"{p}: a file-classification model (fileclass.json), not a network; "
+            "load it with neurodeploy.fileclass.model.FileClassModel.load"
         )
     return p / NETWORK_FILE, p / WEIGHTS_FILE
 
@@ -154,14 +190,16 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
 
 
 def load_model(path: str | os.PathLike, input_range=None) -> Network:
-    """Read a model directory (or its network.yaml), or an ``.onnx`` file, into a
+    """Read a model directory (or its network.yaml), an ``.onnx`` file, or a shipped
+    model by name (``"digits_cnn"``; see :func:`resolve_model_path`) into a
     :class:`Network`.
 
     input_range: (p, q) of the raw input; required for ONNX files without the
     ``neurodeploy.input_range`` metadata, and overrides the model's own range.
     Raises :class:`ModelError` naming the file, key, node or layer at fault.
     """
-    if Path(path).suffix.lower() == ".onnx":
+    path = resolve_model_path(path)
+    if path.suffix.lower() == ".onnx":
         from .onnxio import load_onnx
 
         return load_onnx(path, input_range=input_range)

@@ -26,7 +26,8 @@ from typing import Any
 from .errors import ProfileError
 from .yamlio import read_yaml
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+# Package data: the shipped profiles, loadable by name ("pcm").
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 HARDWARE_KINDS = ("ideal", "digital", "crossbar")
 
 
@@ -624,7 +625,7 @@ def _mark(files: _Origins, dotted: str, value, file: str, depth: int) -> None:
 
 def resolve_profile_path(name_or_path: str | Path) -> Path:
     """A profile file path (ends in .yaml/.yml or names a folder), or the name of a shipped
-    profile in hardware_profiles/."""
+    profile (package data in neurodeploy/profiles/)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         if not path.is_file():

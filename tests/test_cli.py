@@ -210,3 +210,16 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
 def test_every_subcommand_has_a_handler():
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(sub.choices) == set(COMMANDS)
+
+
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"neurodeploy {nd.__version__}\n"
+
+
+def test_shipped_file_classification_model_evaluates_by_name(capsys):
+    code, out, err = run(capsys, "fileclass", "eval", "fileclass", "--samples", "50")
+    assert code == 0 and err == ""
+    assert out.startswith("reference: accuracy ") and "on 50 test files" in out

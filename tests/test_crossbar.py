@@ -3,8 +3,6 @@ expected direction."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from netgen import random_inputs, random_network
@@ -14,8 +12,9 @@ from test_emulator import assert_same_spikes
 import neurodeploy as nd
 from neurodeploy.backends.crossbar import DRIFT_T0_S, PCM_NU_MEAN, PCM_NU_STD
 from neurodeploy.deploy import deploy
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 # A crossbar with every non-ideality switched off; each test turns one on.
 CLEAN = {

@@ -15,8 +15,9 @@ import pytest
 import neurodeploy as nd
 from neurodeploy.cli import main
 from neurodeploy.crosscheck import SCHEMA_PATH
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 CLEAN_CROSSBAR = {
     "crossbar.prog_noise_scale": 0.0,
     "crossbar.read_noise_scale": 0.0,

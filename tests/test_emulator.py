@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from netgen import random_inputs, random_network
@@ -11,10 +9,11 @@ from netgen import random_inputs, random_network
 import neurodeploy as nd
 from neurodeploy.backends.emulator import EmulatorDeployment
 from neurodeploy.deploy import deploy
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 from neurodeploy.simulate import time_pool
 from neurodeploy.ttfs import OutputLayer, SpikingLayer, TimePool, apply_synapses
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 
 def loihi(**overrides) -> nd.HardwareProfile:

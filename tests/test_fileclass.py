@@ -264,4 +264,7 @@ def test_fileclass_cli(tmp_path, capsys):
     )
     assert "crossbar (rram): accuracy" in capsys.readouterr().out
     assert main(["fileclass", "eval", str(tmp_path / "nothing")]) == 2
+    assert "nothing: model path does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["fileclass", "eval", str(tmp_path / "empty")]) == 2
     assert "not a file-classification model" in capsys.readouterr().err

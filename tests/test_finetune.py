@@ -4,7 +4,6 @@ and a result that is an ordinary model."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from netgen import random_inputs, random_network
 import neurodeploy as nd
 from neurodeploy.cli import main
 from neurodeploy.finetune import _cross_entropy, finetune, loss_and_gradients
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 
 @pytest.fixture(scope="module")

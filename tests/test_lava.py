@@ -9,15 +9,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import neurodeploy as nd
 from neurodeploy.backends.lava import LavaRunError
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 
 def converted(name: str, samples: int):

@@ -11,7 +11,13 @@ import yaml
 from netgen import random_inputs, random_network
 
 import neurodeploy as nd
-from neurodeploy.modelio import NETWORK_FILE, WEIGHTS_FILE
+from neurodeploy.modelio import (
+    NETWORK_FILE,
+    SHIPPED_MODELS_DIR,
+    WEIGHTS_FILE,
+    resolve_model_path,
+    shipped_model_names,
+)
 
 
 @pytest.fixture
@@ -130,6 +136,41 @@ def test_bad_model_files_give_clear_errors(model_dir, case, pattern):
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(nd.ModelError, match="nowhere: model path does not exist"):
         nd.load_model(tmp_path / "nowhere")
+
+
+def test_shipped_models_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shipped_model_names() == ["digits_cnn", "digits_mlp", "fileclass"]
+    assert resolve_model_path("digits_cnn") == SHIPPED_MODELS_DIR / "digits_cnn"
+    net = nd.load_model("digits_cnn")
+    assert net.name == "digits_cnn" and net.input_shape == (1, 8, 8)
+    x = nd.datasets.digits("test")[0][:5]
+    shipped = nd.load_model(SHIPPED_MODELS_DIR / "digits_cnn")
+    np.testing.assert_array_equal(net.forward(x), shipped.forward(x))
+
+
+def test_an_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    nd.save_model(random_network(3), tmp_path / "digits_cnn")
+    assert nd.load_model("digits_cnn").name == "random3"
+
+
+def test_unknown_name_lists_the_shipped_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(nd.ModelError) as info:
+        nd.load_model("digits_rnn")
+    assert str(info.value) == (
+        "digits_rnn: model path does not exist and is not a shipped model "
+        "(shipped: digits_cnn, digits_mlp, fileclass)"
+    )
+    # A path with a folder part is never taken for a shipped name.
+    with pytest.raises(nd.ModelError, match="^models/digits_cnn: model path does not exist"):
+        nd.load_model("models/digits_cnn")
+
+
+def test_file_classification_model_is_named_as_such():
+    with pytest.raises(nd.ModelError, match="fileclass: a file-classification model"):
+        nd.load_model("fileclass")
 
 
 def test_layer_shapes_are_checked_against_the_input(model_dir):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import neurodeploy as nd
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 # Test-split accuracy the ReLU networks must reach (issue: foundation).
 TARGETS = {"digits_mlp": 0.96, "digits_cnn": 0.97}
 

@@ -15,9 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import neurodeploy as nd
 from neurodeploy.cli import main
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 from neurodeploy.onnxio import export_onnx
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 RNG = np.random.default_rng(42)
 
 

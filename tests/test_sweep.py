@@ -8,13 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import neurodeploy as nd
 from neurodeploy.cli import main
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 from neurodeploy.sweep import (
     RESULTS_FILE,
     aggregate,
@@ -26,7 +26,7 @@ from neurodeploy.sweep import (
 )
 from neurodeploy.sweep_report import knee, lines, write_report
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 
 
 def metrics(records):

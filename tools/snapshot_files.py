@@ -50,9 +50,9 @@ of scikit-learn baselines on one-hot features of all keys.
 
 Usage, from the repository root::
 
-    .venv/bin/python tools/snapshot_files.py ROOT [ROOT ...] --out data/files_snapshot.jsonl.gz \\
-        [--max-per-class N] [--seed S] [--now EPOCH]
-    .venv/bin/python tools/snapshot_files.py --check data/files_snapshot.jsonl.gz
+    .venv/bin/python tools/snapshot_files.py ROOT [ROOT ...] \\
+        --out neurodeploy/data/files_snapshot.jsonl.gz [--max-per-class N] [--seed S] [--now EPOCH]
+    .venv/bin/python tools/snapshot_files.py --check neurodeploy/data/files_snapshot.jsonl.gz
 """
 
 from __future__ import annotations

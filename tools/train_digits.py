@@ -26,7 +26,7 @@ still written).
 
 Run from the repository root::
 
-    .venv/bin/python tools/train_digits.py [--out models] [--only mlp|cnn]
+    .venv/bin/python tools/train_digits.py [--out neurodeploy/models] [--only mlp|cnn]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SEED = 20240607
 BATCHNORM_EPS = float(np.float32(1e-5))
 INPUT_SCALE = 1.0 / 16.0  # raw pixels 0..16 -> 0..1 for training; folded into layer 1
 CLASSES = tuple(str(digit) for digit in range(10))
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "neurodeploy" / "models"  # package data
 
 
 # --------------------------------------------------------------------------- parameters

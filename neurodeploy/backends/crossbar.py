@@ -15,7 +15,7 @@ device-to-device variability (a fixed relative gain per device), programming
 noise, drift G(t) = G_prog (t / t0)^-nu with t = t_inference + t0, t0 = 20 s,
 and a per-device nu, stuck-at-on (g_max) and stuck-at-off (g_min) faults.
 With ``device_model: pcm`` the statistics are IBM aihwkit's PCMLikeNoiseModel
-(see hardware_profiles/pcm.yaml for the formulas); ``generic`` uses the
+(see neurodeploy/profiles/pcm.yaml for the formulas); ``generic`` uses the
 Gaussian figures of the profile. Global drift compensation rescales each
 layer's output by the ratio of its mean |G+ - G-| just after programming to
 the one at inference time (aihwkit's GlobalDriftCompensation readout).

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import DataError
 
-DEFAULT_SNAPSHOT = Path(__file__).resolve().parents[2] / "data" / "files_snapshot.jsonl.gz"
+# Package data: the shipped snapshot (see neurodeploy/data/README.md).
+DEFAULT_SNAPSHOT = Path(__file__).resolve().parents[1] / "data" / "files_snapshot.jsonl.gz"
 TEST_FRACTION = 0.3
 SPLIT_SEED = 0
 
