@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from neurodeploy.cli import main
+from neurodeploy.modelio import SHIPPED_MODELS_DIR
 
 TESTS = Path(__file__).resolve().parent
-MODELS = TESTS.parent / "models"
+MODELS = SHIPPED_MODELS_DIR
 BAD_PROFILES = sorted((TESTS / "profiles_bad").glob("*.yaml"))
 
 
