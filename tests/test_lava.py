@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,7 +99,41 @@ def test_a_failing_model_raises_and_leaves_no_lava_process(monkeypatch):
     assert child_processes() == []
 
 
-def test_ctrl_c_stops_the_runtime_and_leaves_no_process(tmp_path):
+def _shm_segments() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _orphaned(segments: set[str]) -> set[str]:
+    """The shared-memory segments among ``segments`` that still exist and that no live
+    process maps (other runs on the machine may own new segments of their own)."""
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                mapped.update(
+                    line.rsplit("/dev/shm/", 1)[1].split()[0]
+                    for line in maps
+                    if "/dev/shm/" in line
+                )
+        except OSError:
+            continue
+    return {name for name in segments if os.path.exists(f"/dev/shm/{name}")} - mapped
+
+
+def _our_temp_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("neurodeploy-lava-*")}
+
+
+@pytest.mark.parametrize(
+    "signum, code, word",
+    [
+        (signal.SIGINT, 130, "interrupted"),  # Ctrl-C: the whole process group
+        (signal.SIGTERM, -signal.SIGTERM, ""),  # `kill PID`: the parent only
+        (signal.SIGHUP, -signal.SIGHUP, ""),  # closed terminal: the whole group
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_a_terminating_signal_stops_the_runtime_and_leaves_nothing(tmp_path, signum, code, word):
     script = tmp_path / "long_run.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -116,6 +152,7 @@ def test_ctrl_c_stops_the_runtime_and_leaves_no_process(tmp_path):
         print("finished", flush=True)
     """)
     )
+    shm_before, tmp_before = _shm_segments(), _our_temp_dirs()
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
@@ -126,12 +163,15 @@ def test_ctrl_c_stops_the_runtime_and_leaves_no_process(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "running"
         time.sleep(3)  # inside the Lava run
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        if signum == signal.SIGTERM:
+            os.kill(proc.pid, signum)
+        else:
+            os.killpg(proc.pid, signum)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and out.strip() == "interrupted", err[-2000:]
+    assert proc.returncode == code and out.strip() == word, err[-2000:]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
@@ -139,6 +179,8 @@ def test_ctrl_c_stops_the_runtime_and_leaves_no_process(tmp_path):
             break
         time.sleep(0.2)
     assert left.stdout.split() == []
+    assert _orphaned(_shm_segments() - shm_before) == set()
+    assert _our_temp_dirs() - tmp_before == set()
 
 
 def test_lava_needs_a_digital_profile():

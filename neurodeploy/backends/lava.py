@@ -12,6 +12,7 @@ model fails or the user presses Ctrl-C, so no Lava process outlives a run.
 
 from __future__ import annotations
 
+import os
 import signal
 import tempfile
 import threading
@@ -33,12 +34,41 @@ class LavaRunError(RuntimeError):
     carries the model's traceback. The runtime has been stopped."""
 
 
-def _catch_sigint(flags: list):
-    """Make SIGINT append to ``flags``; returns the previous handler (None off the main
-    thread, where handlers cannot be set)."""
+# Signals that end a run: Ctrl-C, `kill` and a closed terminal. Each stops the Lava
+# runtime (and its processes) and removes our temporary files before the process
+# acts on it as it would have.
+TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Terminated(Exception):
+    """A terminating signal arrived during a run; raised after the runtime stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _catch_signals(flags: list) -> dict:
+    """Make every terminating signal append its number to ``flags``; returns the previous
+    handlers (empty off the main thread, where handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, lambda signum, frame: flags.append(signum))
+        return {}
+    previous = {}
+    for signum in TERMINATING_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # ignored by choice (nohup): it must not stop the run either
+        previous[signum] = signal.signal(signum, lambda number, frame: flags.append(number))
+    return previous
+
+
+def _redeliver(signum: int) -> None:
+    """Act on a signal caught during a run, now that everything is cleaned up: Ctrl-C
+    raises KeyboardInterrupt, other signals go to whatever handler was there before
+    (by default they end the process as they would have)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), signum)
+    raise _Terminated(signum)  # a handler that returned: do not carry on as if complete
 
 
 class LavaDeployment(EmulatorDeployment):
@@ -67,10 +97,13 @@ class LavaDeployment(EmulatorDeployment):
         n = t_input.shape[0]
         steps = self.profile.timing.steps_per_window
         input_steps = np.where(np.isfinite(t_input), np.rint(t_input * steps), steps)
-        with tempfile.TemporaryDirectory(prefix="neurodeploy-lava-") as tmp:
-            results = self._run_graph(
-                input_steps.reshape(n, -1).astype(np.int64), Path(tmp), progress
-            )
+        try:
+            with tempfile.TemporaryDirectory(prefix="neurodeploy-lava-") as tmp:
+                results = self._run_graph(
+                    input_steps.reshape(n, -1).astype(np.int64), Path(tmp), progress
+                )
+        except _Terminated as stop:  # runtime stopped, temporary files gone
+            _redeliver(stop.signum)
         return self.with_costs(self._trace(t_input, outside, results))
 
     # -- the process graph ----------------------------------------------------------------
@@ -169,25 +202,26 @@ class LavaDeployment(EmulatorDeployment):
                 synapses.a_out.connect(readout.a_in)
             recorders[stage.name] = path
         config = Loihi2SimCfg(select_tag=self.tag)
-        # Ctrl-C goes to the whole process group, Lava's processes included; one of
-        # them dying would hang the runtime's stop. While the runtime lives, SIGINT
-        # only sets a flag (Lava forks its processes, which inherit the handler); the
-        # run stops after the current chunk and KeyboardInterrupt is raised here.
-        interrupted: list[int] = []
-        previous = _catch_sigint(interrupted)
+        # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
+        # processes included; one of them dying would hang the runtime's stop. While
+        # the runtime lives, a terminating signal only sets a flag (Lava forks its
+        # processes, which inherit the handler); the run stops after the current
+        # chunk, the runtime is stopped, and the signal is acted on by the caller.
+        caught: list[int] = []
+        previous = _catch_signals(caught)
         try:
             for chunk in range(chunks):
                 source.run(condition=RunSteps(num_steps=chunk_steps), run_cfg=config)
                 if progress is not None:
                     progress(min(samples, (chunk + 1) * batch), samples)
-                if interrupted or any(errors.iterdir()):
+                if caught or any(errors.iterdir()):
                     break
         finally:
             source.stop()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        if interrupted:
-            raise KeyboardInterrupt
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if caught:
+            raise _Terminated(caught[0])
         failures = sorted(errors.iterdir())
         if failures:
             raise LavaRunError(failures[0].read_text())
