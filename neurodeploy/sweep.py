@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
-from .fileio import write_text_atomic
+from .fileio import claim_output_dir, owned_names, write_text_atomic
 from .profile import describe_keys, load_profile, profile_from_dict
 
 SWEEP_FILE = "sweep.json"
@@ -180,11 +180,27 @@ def _differences(old: dict, new: dict) -> list[str]:
     ]
 
 
-def open_sweep(out_dir: Path, spec: SweepSpec) -> None:
-    """Create the sweep directory, or check that it holds this very sweep."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def report_file_names(spec: SweepSpec) -> list[str]:
+    """The files ``write_report`` writes for ``spec``: report.html and its figures."""
+    names = ["report.html", *(f"accuracy_{key.replace('.', '_')}.png" for key, _ in spec.params)]
+    return [*names, "heatmap.png"] if len(spec.params) == 2 else names
+
+
+def open_sweep(out_dir: Path, spec: SweepSpec, force: bool = False) -> None:
+    """Create the sweep directory, or check that it holds this very sweep.
+
+    The directory is claimed first (:func:`neurodeploy.fileio.claim_output_dir`): a
+    sweep.json, results.jsonl or report file there that neurodeploy did not write is
+    refused unless ``force``, which starts this sweep afresh over them; other files are
+    left alone.
+    """
+    owned = owned_names(out_dir) if out_dir.is_dir() else frozenset()
+    claim_output_dir(out_dir, [SWEEP_FILE, RESULTS_FILE, *report_file_names(spec)], force=force)
+    foreign = [n for n in (SWEEP_FILE, RESULTS_FILE) if (out_dir / n).exists() and n not in owned]
+    if foreign:  # only with force: overwrite the foreign files, never read them as ours
+        write_text_atomic(out_dir / RESULTS_FILE, "")
     path = out_dir / SWEEP_FILE
-    if path.exists():
+    if path.exists() and not foreign:
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -305,14 +321,19 @@ def run_sweep(
     workers: int | None = None,
     scheduler: str | None = None,
     progress=None,
+    force: bool = False,
 ) -> list[dict]:
-    """Run every (point, seed) not yet in ``results.jsonl``; returns all records."""
+    """Run every (point, seed) not yet in ``results.jsonl``; returns all records.
+
+    force: write into a directory whose sweep files neurodeploy did not write (see
+    :func:`open_sweep`).
+    """
     if executor not in EXECUTORS:
         raise UsageError(f"--executor: unknown {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if scheduler is not None and executor != "dask":
         raise UsageError("--scheduler applies to --executor dask only")
     out_dir = Path(out_dir)
-    open_sweep(out_dir, spec)
+    open_sweep(out_dir, spec, force=force)
     records = read_results(out_dir, repair=True)
     done = {(r["point"], r["seed"]) for r in records}
     todo = [
