@@ -14,6 +14,19 @@ Files in the output directory:
   same directory is refused; starting the same one again resumes it.
 - ``results.jsonl``: one JSON line per finished (point, seed), appended and
   flushed as each finishes. A line cut short by a kill is dropped on resume.
+
+Same seed, same bits: a record depends on the sweep definition and the seed
+only, not on the executor, the number of workers, the order results come back,
+or the machine's BLAS thread count. OpenBLAS splits a matrix product between
+its threads in a way that changes the order of the additions, so 1 and 2
+threads give different last bits (measured: 429 of the 540 x 128 elements of a
+540x64 @ 64x128 float64 product on an AMD EPYC with the Haswell kernels). So
+every task computes with one BLAS (and OpenMP) thread: :func:`run_task` holds
+``threadpoolctl.threadpool_limits(1)`` around its whole body, the network's
+conversion and reference run included, on every path - in-process
+(``--workers 1``), in a process pool and on any dask worker, including workers
+that join after the tasks were submitted. The limit is lifted when the task
+returns, so nothing global is left changed in the calling process.
 """
 
 from __future__ import annotations
@@ -23,7 +36,9 @@ import itertools
 import json
 import math
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -275,7 +290,46 @@ def _context(spec_json: str) -> _Context:
 
 
 def run_task(spec_json: str, point: int, seed: int) -> dict:
-    """One (point, seed) of the sweep; returns its record."""
+    """One (point, seed) of the sweep, with one BLAS thread; returns its record.
+
+    The thread limit makes the record the same bits on every executor (see the module
+    docstring).
+    """
+    with _one_blas_thread():
+        return _run_task(spec_json, point, seed)
+
+
+_limit_lock = threading.Lock()
+_limit_holders = 0
+_limiter = None
+
+
+@contextmanager
+def _one_blas_thread():
+    """threadpool_limits(1) for as long as any task of this process runs.
+
+    The limit is process-wide, so tasks running in several threads of one process (a
+    dask worker with nthreads > 1) share one limiter: the first sets it, the last one
+    out restores the original limits.
+    """
+    global _limit_holders, _limiter
+    from threadpoolctl import threadpool_limits
+
+    with _limit_lock:
+        if _limit_holders == 0:
+            _limiter = threadpool_limits(limits=1)
+        _limit_holders += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_holders -= 1
+            if _limit_holders == 0:
+                _limiter.restore_original_limits()
+                _limiter = None
+
+
+def _run_task(spec_json: str, point: int, seed: int) -> dict:
     import time
 
     from .deploy import deploy
@@ -302,16 +356,6 @@ def run_task(spec_json: str, point: int, seed: int) -> dict:
         "overflow": int(sum(trace.overflow.values())),
         "elapsed_s": time.perf_counter() - start,
     }
-
-
-def _limit_blas_threads() -> None:
-    """Worker initializer: one BLAS thread per process, so processes share the cores."""
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:  # pragma: no cover - installed with scikit-learn
-        pass
 
 
 def run_sweep(
@@ -363,7 +407,7 @@ def _execute(spec_json: str, todo: list, executor: str, workers: int | None, sch
             for point, seed in todo:
                 yield run_task(spec_json, point, seed)
             return
-        with ProcessPoolExecutor(max_workers=workers, initializer=_limit_blas_threads) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(run_task, spec_json, p, s) for p, s in todo]
             try:
                 for future in as_completed(futures):
@@ -382,7 +426,6 @@ def _execute(spec_json: str, todo: list, executor: str, workers: int | None, sch
         )
     client = Client(scheduler if scheduler is not None else cluster)
     try:
-        client.run(_limit_blas_threads)
         futures = [client.submit(run_task, spec_json, p, s, pure=False) for p, s in todo]
         for future in dask_completed(futures):
             yield future.result()
