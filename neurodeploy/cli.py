@@ -23,7 +23,14 @@ from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
 from .errors import ModelError, NeurodeployError, UsageError
 from .evaluate import compare_with_relu, hardware_summary, layer_table
-from .fileio import check_output_dir, check_output_file, claim_output_dir, write_text_atomic
+from .fileio import (
+    check_output_dir,
+    check_output_file,
+    claim_output_dir,
+    output_lock,
+    write_files_atomic,
+    write_text_atomic,
+)
 from .modelio import load_model
 from .network import Network
 from .profile import HardwareProfile, load_profile
@@ -276,15 +283,27 @@ def _cmd_run(args) -> int:
     return 0
 
 
+DEPLOY_LOCK_WAIT_S = 30.0  # how long a deploy waits for another command writing to --out
+
+
 def _cmd_deploy(args) -> int:
     """The main job: convert, deploy, run, cross-check; exit 0 when ok, 1 when not."""
     names = ["crosscheck.json", "crosscheck.html"]
     out = check_output_dir(args.out, names, force=args.force)
     hw = _run_on_hardware(args)
     report = crosscheck(hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace)
-    claim_output_dir(out, names, force=args.force)
-    json_path = report.to_json(out / "crosscheck.json")
-    html_path = report.to_html(out / "crosscheck.html")
+    from .report_html import crosscheck_html
+
+    files = {
+        "crosscheck.json": json.dumps(report.to_dict(), indent=2) + "\n",
+        "crosscheck.html": crosscheck_html(report),
+    }
+    # One deploy at a time writes here (a second waits for the first's few milliseconds
+    # of writing, or is refused while a sweep holds the directory), and the two files are
+    # renamed into place together: never a crosscheck.json beside another run's html.
+    with output_lock(out, timeout_s=DEPLOY_LOCK_WAIT_S):
+        claim_output_dir(out, names, force=args.force)
+        json_path, html_path = write_files_atomic(out, files)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0 if report.ok else 1
@@ -351,8 +370,11 @@ def _cmd_sweep(args) -> int:
         overrides=parse_overrides(args.set) if args.set else None,
         input_range=args.input_range,
     )
-    out = Path(args.out)
-    with Progress("sweep", enabled=not args.quiet, unit="runs") as progress:
+    out = check_output_dir(args.out, ["sweep.json", "results.jsonl"], force=args.force)
+    with (
+        output_lock(out),  # (held from the first record to the report)
+        Progress("sweep", enabled=not args.quiet, unit="runs") as progress,
+    ):
         records = run_sweep(
             spec,
             out,
@@ -362,7 +384,7 @@ def _cmd_sweep(args) -> int:
             progress=progress,
             force=args.force,
         )
-    report = write_report(out, tolerance_points=args.tolerance, force=args.force)
+        report = write_report(out, tolerance_points=args.tolerance, force=args.force)
     if not args.quiet:
         rows = aggregate(spec, records)
         refs = [r["accuracy_reference"][0] for r in rows if r["accuracy_reference"]]

@@ -7,10 +7,14 @@ directories: a command never deletes or overwrites anything neurodeploy did not 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
@@ -18,7 +22,7 @@ from .errors import UsageError
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Like :func:`write_text_atomic`, for bytes."""
-    return _write_atomic(path, data, "wb")
+    return _write_atomic(path, data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -27,24 +31,54 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     The file gets the permissions a plain ``open(path, "w")`` would give (mkstemp
     creates it private).
     """
-    return _write_atomic(path, text, "w")
+    return _write_atomic(path, text)
 
 
-def _write_atomic(path, data, mode: str) -> Path:
+def _write_atomic(path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_temporary(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (with the permissions a plain
+    ``open(path, "w")`` would give); returns its path. Removes it again on failure."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
             fh.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def write_files_atomic(directory: str | os.PathLike, files: dict) -> list[Path]:
+    """Write several files of one result (name -> str or bytes) into ``directory``: all
+    go to temporary names first and are renamed into place only when every one was
+    written, so a failure leaves the previous files, all of them, as they were (and no
+    temporary). Returns the paths, in the order given."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    try:
+        for name, data in files.items():
+            written[name] = _write_temporary(directory / name, data)
+        for name, tmp in written.items():
+            os.replace(tmp, directory / name)
+    finally:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+    return [directory / name for name in files]
 
 
 # -- output directories: never delete or overwrite what neurodeploy did not write ------------
@@ -57,6 +91,7 @@ def _write_atomic(path, data, mode: str) -> Path:
 # touched, and nothing is ever removed, except our own temporary files and directories.
 
 MARKER_FILE = ".neurodeploy"
+LOCK_FILE = ".neurodeploy.lock"  # see output_lock
 _MARKER_KIND = "neurodeploy output directory"
 
 # Every name a neurodeploy command writes into an output or model directory.
@@ -83,9 +118,12 @@ _OUR_NAME_PATTERN = re.compile(r"accuracy_[A-Za-z0-9_]+\.png")
 _TEMPORARY_PATTERN = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}")
 
 
+_OUR_DOT_FILES = (MARKER_FILE, LOCK_FILE)
+
+
 def is_our_name(name: str) -> bool:
     """True for a file name some neurodeploy command writes (or its temporary name)."""
-    if name in OUR_FILE_NAMES or _OUR_NAME_PATTERN.fullmatch(name) or name == MARKER_FILE:
+    if name in OUR_FILE_NAMES or _OUR_NAME_PATTERN.fullmatch(name) or name in _OUR_DOT_FILES:
         return True
     temporary = _TEMPORARY_PATTERN.fullmatch(name)
     return bool(temporary) and is_our_name(temporary.group("name"))
@@ -183,7 +221,7 @@ def check_output_dir(
             foreign = sorted(
                 entry.name
                 for entry in os.scandir(path)
-                if entry.name not in owned and entry.name != MARKER_FILE
+                if entry.name not in owned and entry.name not in _OUR_DOT_FILES
             )
     except OSError as exc:
         raise UsageError(f"{what} {path}: cannot read the directory ({exc.strerror})") from None
@@ -300,3 +338,63 @@ def remove_own_temporary(directory: Path, names) -> None:
         if leftover.is_file() and _TEMPORARY_PATTERN.fullmatch(leftover.name):
             leftover.unlink()
     directory.rmdir()
+
+
+# -- one writer per output directory ------------------------------------------------------------
+_held_locks: dict[str, list] = {}  # real path -> [open lock file, depth] of this process
+_held_locks_guard = threading.Lock()
+
+
+@contextmanager
+def output_lock(directory: str | os.PathLike, what: str = "--out", timeout_s: float = 0.0):
+    """Hold the output directory's lock (an ``fcntl.flock`` on DIR/.neurodeploy.lock).
+
+    Two commands writing into one directory (two sweeps, two deploys) must not run at
+    once: the second waits up to ``timeout_s`` seconds, then is refused with a
+    :class:`UsageError` naming the directory. The lock is the kernel's, so it is released
+    when its holder exits however it ends (also by kill -9); the lock file stays (its
+    content is never written). Re-entrant within one process. Creates the directory.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(directory)
+    except OSError as exc:
+        raise UsageError(f"{what} {directory}: cannot write there ({exc.strerror})") from None
+    with _held_locks_guard:
+        held = _held_locks.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        handle = _acquire(directory, what, timeout_s)
+        with _held_locks_guard:
+            _held_locks[key] = held = [handle, 1]
+    try:
+        yield directory
+    finally:
+        with _held_locks_guard:
+            held[1] -= 1
+            if held[1] == 0:
+                del _held_locks[key]
+                held[0].close()  # closing the file releases the flock
+
+
+def _acquire(directory: Path, what: str, timeout_s: float):
+    try:
+        handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 - held beyond this function
+    except OSError as exc:
+        raise UsageError(f"{what} {directory}: cannot create its lock ({exc.strerror})") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise UsageError(
+                    f"{what} {directory}: another neurodeploy command is writing into this "
+                    "directory (it holds its lock); wait for it to finish or give another "
+                    "directory"
+                ) from None
+            time.sleep(0.05)

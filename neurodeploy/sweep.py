@@ -14,6 +14,9 @@ Files in the output directory:
   same directory is refused; starting the same one again resumes it.
 - ``results.jsonl``: one JSON line per finished (point, seed), appended and
   flushed as each finishes. A line cut short by a kill is dropped on resume.
+  Records are keyed by (point, seed): a duplicate line is never counted.
+- ``.neurodeploy.lock``: held (``fcntl.flock``) while a sweep runs, so a second
+  sweep into the same directory is refused instead of doubling the records.
 
 Same seed, same bits: a record depends on the sweep definition and the seed
 only, not on the executor, the number of workers, the order results come back,
@@ -47,7 +50,13 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
-from .fileio import claim_output_dir, owned_names, write_text_atomic
+from .fileio import (
+    check_output_dir,
+    claim_output_dir,
+    output_lock,
+    owned_names,
+    write_text_atomic,
+)
 from .profile import describe_keys, load_profile, profile_from_dict
 
 SWEEP_FILE = "sweep.json"
@@ -230,8 +239,27 @@ def open_sweep(out_dir: Path, spec: SweepSpec, force: bool = False) -> None:
     write_text_atomic(path, json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
 
 
+def record_key(record: dict) -> tuple:
+    """What identifies a record: its (point, seed). A sweep has one record per key."""
+    return (record.get("point"), record.get("seed"))
+
+
+def unique_records(records: list[dict]) -> list[dict]:
+    """``records`` with only the first record of every (point, seed): a duplicate (e.g.
+    from two sweeps run into one directory by a version without the lock) is never
+    counted twice."""
+    seen, unique = set(), []
+    for record in records:
+        key = record_key(record) if isinstance(record, dict) else id(record)
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    return unique
+
+
 def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
-    """The finished records; with ``repair`` a last line cut short by a kill is removed."""
+    """The finished records, one per (point, seed) (see :func:`unique_records`); with
+    ``repair`` a last line cut short by a kill is removed."""
     path = out_dir / RESULTS_FILE
     if not path.exists():
         return []
@@ -248,7 +276,7 @@ def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
     if repair and good_end < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
-    return records
+    return unique_records(records)
 
 
 def load_sweep(out_dir: Path) -> tuple[SweepSpec, list[dict]]:
@@ -377,9 +405,15 @@ def run_sweep(
     if scheduler is not None and executor != "dask":
         raise UsageError("--scheduler applies to --executor dask only")
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, [SWEEP_FILE, RESULTS_FILE], force=force)
+    with output_lock(out_dir):  # one sweep at a time in a directory
+        return _run_locked(spec, out_dir, executor, workers, scheduler, progress, force)
+
+
+def _run_locked(spec, out_dir, executor, workers, scheduler, progress, force) -> list[dict]:
     open_sweep(out_dir, spec, force=force)
     records = read_results(out_dir, repair=True)
-    done = {(r["point"], r["seed"]) for r in records}
+    done = {record_key(r) for r in records}
     todo = [
         (p, s) for p in range(len(spec.points())) for s in range(spec.seeds) if (p, s) not in done
     ]
@@ -391,6 +425,9 @@ def run_sweep(
     spec_json = spec.to_json()
     with open(out_dir / RESULTS_FILE, "a") as results:
         for record in _execute(spec_json, todo, executor, workers, scheduler):
+            if record_key(record) in done:  # (cannot happen: each task is submitted once)
+                continue
+            done.add(record_key(record))
             results.write(json.dumps(record) + "\n")
             results.flush()
             os.fsync(results.fileno())
@@ -453,7 +490,7 @@ def interval95(values: list[float]) -> tuple[float, float, float]:
 def aggregate(spec: SweepSpec, records: list[dict]) -> list[dict]:
     """Per point: its params, the seeds done and (mean, low, high) of every metric."""
     by_point: dict[int, list[dict]] = {}
-    for record in records:
+    for record in unique_records(records):
         by_point.setdefault(record["point"], []).append(record)
     rows = []
     for index, params in enumerate(spec.points()):

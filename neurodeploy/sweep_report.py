@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .fileio import claim_output_dir, write_bytes_atomic, write_text_atomic
+from .fileio import claim_output_dir, write_files_atomic
 from .sweep import SweepSpec, aggregate, load_sweep, report_file_names
 
 _BLUE, _GREY, _GREEN, _RED = "#0969da", "#59636e", "#1a7f37", "#cf222e"
@@ -254,7 +254,7 @@ def write_report(
         if other_keys != keys:
             raise UsageError(f"--compare: {other['label']} sweeps {other_keys}, not {keys}")
     spec, reference = main["spec"], main["reference"]
-    figures = []
+    figures, files = [], {}
     for key in keys:
         groups = [main, *others]
         key_lines = [line for g in groups for line in g["lines"] if line["key"] == key]
@@ -263,13 +263,14 @@ def write_report(
             continue
         png = _line_figure(key, key_lines, reference, tolerance, key_knees, labelled=bool(others))
         name = f"accuracy_{key.replace('.', '_')}.png"
-        write_bytes_atomic(out_dir / name, png)
+        files[name] = png
         figures.append((f"Accuracy against {key}", png))
     if len(spec.params) == 2 and main["done"] and not math.isnan(reference):
         png = _heatmap_figure(spec, main["done"], reference, tolerance)
-        write_bytes_atomic(out_dir / "heatmap.png", png)
+        files["heatmap.png"] = png
         figures.append(("Heat map", png))
-    write_text_atomic(out_dir / "report.html", _page(main, others, tolerance_points, figures))
+    files["report.html"] = _page(main, others, tolerance_points, figures)
+    write_files_atomic(out_dir, files)  # all renamed into place only when all are written
     return out_dir / "report.html"
 
 

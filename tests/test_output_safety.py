@@ -16,7 +16,7 @@ from netgen import random_network
 
 import neurodeploy as nd
 from neurodeploy.cli import main
-from neurodeploy.fileio import MARKER_FILE, claim_output_dir, owned_names
+from neurodeploy.fileio import LOCK_FILE, MARKER_FILE, claim_output_dir, owned_names
 
 SWEEP_ARGS = ["--param", "weights.bits=4,8", "--seeds", "1", "--workers", "1", "--quiet"]
 FAST = ["--calibration-size", "50", "--samples", "20"]
@@ -124,7 +124,7 @@ def test_foreign_files_of_other_names_are_left_alone(command, tmp_path, capsys, 
     assert code in (0, 1), err  # deploy exits 1 when the cross-check fails
     assert {k: v for k, v in after.items() if k in before} == before
     assert set(OUR_FILES[command]) <= set(after)
-    assert set(after) - set(before) <= {*OUR_FILES[command], "heatmap.png", MARKER_FILE}
+    assert set(after) - set(before) <= {*OUR_FILES[command], "heatmap.png", MARKER_FILE, LOCK_FILE}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -246,3 +246,53 @@ def test_no_recursive_removal_anywhere_in_the_package():
     package = Path(nd.__file__).parent
     offenders = [p for p in package.rglob("*.py") if "rmtree" in p.read_text()]
     assert offenders == []
+
+
+# -- one writer per directory (issue 18, item 4) --------------------------------------------
+@pytest.fixture
+def held_lock(tmp_path):
+    """The lock of tmp_path/out, held as another process would (its own open file)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield out
+
+
+def test_a_sweep_into_a_directory_another_command_writes_is_refused(held_lock, capsys):
+    assert main(command_argv("sweep", held_lock)) == 2
+    err = capsys.readouterr().err
+    assert one_line_naming(err, held_lock) and "another neurodeploy command" in err
+    assert sorted(p.name for p in held_lock.iterdir()) == [LOCK_FILE]
+
+
+def test_a_deploy_waits_for_the_lock_then_gives_up_and_writes_nothing(
+    held_lock, capsys, monkeypatch
+):
+    import neurodeploy.cli as cli
+
+    monkeypatch.setattr(cli, "DEPLOY_LOCK_WAIT_S", 0.3)
+    assert main(command_argv("deploy", held_lock)) == 2
+    assert one_line_naming(capsys.readouterr().err, held_lock)
+    assert sorted(p.name for p in held_lock.iterdir()) == [LOCK_FILE]
+
+
+def test_a_deploy_writes_both_reports_or_neither(tmp_path, capsys, monkeypatch):
+    import neurodeploy.fileio as fileio
+
+    out = tmp_path / "out"
+    assert main(command_argv("deploy", out)) in (0, 1)
+    before = snapshot(out)
+    real = fileio._write_temporary
+
+    def disk_full_at_the_html(path, data):
+        if path.name == "crosscheck.html":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(fileio, "_write_temporary", disk_full_at_the_html)
+    with pytest.raises(OSError, match="No space"):
+        main([*command_argv("deploy", out), "--seed", "3"])
+    assert snapshot(out) == before  # the old pair, and no temporary left

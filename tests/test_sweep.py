@@ -289,3 +289,40 @@ def test_tasks_compute_with_one_blas_thread_and_restore_the_limit_after(tmp_path
     assert len(seen) == 2 and all(set(t.values()) == {1} for t in seen)
     after = threads()  # (a task may load another library, e.g. OpenMP, on first use)
     assert {api: after[api] for api in before} == before
+
+
+def test_a_duplicate_record_is_never_counted(tmp_path):
+    spec, records = _sweep(
+        tmp_path, "pcm", [("crossbar.levels", [8, 16])], seeds=2, samples=30, workers=1
+    )
+    results = tmp_path / RESULTS_FILE
+    lines_ = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines_ + lines_[:3]))  # as two unlocked sweeps once wrote
+    assert metrics(read_results(tmp_path)) == metrics(records)
+    rows = aggregate(spec, [*records, *records])
+    assert [row["seeds"] for row in rows] == [2, 2]
+    assert rows == aggregate(spec, records)
+
+
+def test_two_sweeps_into_one_directory_do_not_both_run(tmp_path):
+    argv = [
+        *(sys.executable, "-m", "neurodeploy", "sweep", "digits_cnn", "--profile", "pcm"),
+        *("--param", "crossbar.read_noise_scale=0:2:6", "--seeds", "2", "--samples", "200"),
+        *("--workers", "1", "--quiet", "--out", str(tmp_path)),
+    ]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_results(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        still_running = first.poll() is None
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert still_running, "the first sweep should still run when the second starts"
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert str(tmp_path) in second.stderr and "another neurodeploy command" in second.stderr
+    records = read_results(tmp_path)
+    assert len(records) == 12 and len((tmp_path / RESULTS_FILE).read_text().splitlines()) == 12
