@@ -24,7 +24,14 @@ from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
 from .errors import NeurodeployError, UsageError
 from .evaluate import compare_with_relu, hardware_summary, layer_table
-from .fileio import write_text_atomic
+from .fileio import (
+    check_output_dir,
+    check_output_file,
+    claim_output_dir,
+    output_lock,
+    write_files_atomic,
+    write_text_atomic,
+)
 from .modelio import load_model, resolve_model_path
 from .network import Network
 from .profile import HardwareProfile, load_profile
@@ -138,6 +145,8 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
 
 
 def _cmd_reference(args, command: str) -> int:
+    if args.out is not None:
+        check_output_dir(args.out, [f"{command}.json"], force=args.force)
     model_path = resolve_model_path(args.model)
     net = load_model(model_path, input_range=args.input_range)
     x_cal, x, y, data_desc = load_model_data(
@@ -149,6 +158,7 @@ def _cmd_reference(args, command: str) -> int:
     rows = layer_table(snn, trace)
     payload = {**summary, "command": command, "data": data_desc, "layers": rows}
     if args.out is not None:
+        claim_output_dir(args.out, [f"{command}.json"], force=args.force)
         _write_json_atomic(Path(args.out) / f"{command}.json", payload)
     if args.json:
         print(json.dumps(payload))
@@ -199,6 +209,8 @@ def _run_on_hardware(args) -> _HardwareRun:
 
 
 def _cmd_run(args) -> int:
+    if args.out is not None:
+        check_output_dir(args.out, ["run.json"], force=args.force)
     hw = _run_on_hardware(args)
     net, profile, backend, y, data_desc, dep, trace = (
         hw.net,
@@ -222,6 +234,7 @@ def _cmd_run(args) -> int:
         "mapping": dep.summary(),
     }
     if args.out is not None:
+        claim_output_dir(args.out, ["run.json"], force=args.force)
         _write_json_atomic(Path(args.out) / "run.json", payload)
     if args.json:
         print(json.dumps(payload))
@@ -258,13 +271,27 @@ def _cmd_run(args) -> int:
     return 0
 
 
+DEPLOY_LOCK_WAIT_S = 30.0  # how long a deploy waits for another command writing to --out
+
+
 def _cmd_deploy(args) -> int:
     """The main job: convert, deploy, run, cross-check; exit 0 when ok, 1 when not."""
+    names = ["crosscheck.json", "crosscheck.html"]
+    out = check_output_dir(args.out, names, force=args.force)
     hw = _run_on_hardware(args)
     report = crosscheck(hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace)
-    out = Path(args.out)
-    json_path = report.to_json(out / "crosscheck.json")
-    html_path = report.to_html(out / "crosscheck.html")
+    from .report_html import crosscheck_html
+
+    files = {
+        "crosscheck.json": json.dumps(report.to_dict(), indent=2) + "\n",
+        "crosscheck.html": crosscheck_html(report),
+    }
+    # One deploy at a time writes here (a second waits for the first's few milliseconds
+    # of writing, or is refused while a sweep holds the directory), and the two files are
+    # renamed into place together: never a crosscheck.json beside another run's html.
+    with output_lock(out, timeout_s=DEPLOY_LOCK_WAIT_S):
+        claim_output_dir(out, names, force=args.force)
+        json_path, html_path = write_files_atomic(out, files)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0 if report.ok else 1
@@ -313,9 +340,10 @@ def _cmd_deploy(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .sweep import aggregate, make_spec, parse_param, run_sweep
+    from .sweep import aggregate, check_executor, make_spec, parse_param, run_sweep
     from .sweep_report import knee, lines, resilience_sentences, write_report
 
+    check_executor(args.executor, args.scheduler)
     model_path = resolve_model_path(args.model)
     params = [parse_param(item) for item in args.param]
     spec = make_spec(
@@ -331,8 +359,11 @@ def _cmd_sweep(args) -> int:
         overrides=parse_overrides(args.set) if args.set else None,
         input_range=args.input_range,
     )
-    out = Path(args.out)
-    with Progress("sweep", enabled=not args.quiet, unit="runs") as progress:
+    out = check_output_dir(args.out, ["sweep.json", "results.jsonl"], force=args.force)
+    with (
+        output_lock(out),  # (held from the first record to the report)
+        Progress("sweep", enabled=not args.quiet, unit="runs") as progress,
+    ):
         records = run_sweep(
             spec,
             out,
@@ -340,8 +371,9 @@ def _cmd_sweep(args) -> int:
             workers=args.workers,
             scheduler=args.scheduler,
             progress=progress,
+            force=args.force,
         )
-    report = write_report(out, tolerance_points=args.tolerance)
+        report = write_report(out, tolerance_points=args.tolerance, force=args.force)
     if not args.quiet:
         rows = aggregate(spec, records)
         refs = [r["accuracy_reference"][0] for r in rows if r["accuracy_reference"]]
@@ -362,10 +394,26 @@ def _cmd_export(args) -> int:
 
     if Path(args.onnx).suffix.lower() != ".onnx":
         raise UsageError(f"--onnx: the file name must end in .onnx, got {args.onnx!r}")
+    check_output_file(args.onnx, args.force, "--onnx", ours=_written_by_us)
     net = load_model(resolve_model_path(args.model), input_range=args.input_range)
     path = export_onnx(net, args.onnx, dtype="float64" if args.float64 else "float32")
     print(path)
     return 0
+
+
+def _written_by_us(path: Path) -> bool:
+    """True when ``path`` is an ONNX file neurodeploy exported (its producer_name says so)."""
+    import onnx
+
+    try:
+        if path.stat().st_size > 2**31:  # protobuf's limit: not one of ours
+            return False
+        return onnx.load(str(path), load_external_data=False).producer_name == "neurodeploy"
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+MODEL_DIR_FILES = ("network.yaml", "weights.npz", "finetune.json")
 
 
 def _cmd_finetune(args) -> int:
@@ -378,6 +426,7 @@ def _cmd_finetune(args) -> int:
         raise UsageError("finetune: --out DIR is required (where the fine-tuned model goes)")
     if Path(args.out).resolve() == model_path.resolve():
         raise UsageError("finetune: --out must not be the model being fine-tuned")
+    check_output_dir(args.out, MODEL_DIR_FILES, args.force, exclusive=True)
     net = load_model(model_path, input_range=args.input_range)
     profile = load_profile(args.profile)
     if args.set:
@@ -417,7 +466,6 @@ def _cmd_finetune(args) -> int:
         progress=show,
     )
     after, spikes_after = on_hardware(result.snn)
-    out = save_model(result.network, args.out)
     summary = {
         "model": net.name,
         "profile": profile.name,
@@ -434,7 +482,12 @@ def _cmd_finetune(args) -> int:
         "latency_after": result.snn.latency,
         "history": result.history,
     }
-    _write_json_atomic(out / "finetune.json", summary)
+    out = save_model(
+        result.network,
+        args.out,
+        force=args.force,
+        extra_files={"finetune.json": json.dumps(summary, indent=2) + "\n"},
+    )
     print(
         f"{net.name} on {profile.name} ({backend}, mean of {args.eval_seeds} seeds, {data_desc}):"
     )
@@ -452,6 +505,11 @@ def _cmd_finetune(args) -> int:
 def _cmd_fileclass(args) -> int:
     from .fileclass.data import load_snapshot, one_hot, split
 
+    if args.action == "train":
+        if args.out is None:
+            raise UsageError("fileclass train: --out DIR is required")
+        names = ("fileclass.json", "weights.npz")
+        check_output_dir(args.out, names, args.force, exclusive=True)
     records, labels, classes = load_snapshot(args.snapshot)
     train_idx, test_idx = split(labels)
     if getattr(args, "samples", None):
@@ -460,8 +518,6 @@ def _cmd_fileclass(args) -> int:
     if args.action == "train":
         from .fileclass.model import Hyper, train
 
-        if args.out is None:
-            raise UsageError("fileclass train: --out DIR is required")
         if args.train_samples:
             train_idx = train_idx[: args.train_samples]
         hyper = Hyper(**({} if args.quick is False else {"stdp_epochs": 1, "readout_epochs": 3}))
@@ -475,7 +531,7 @@ def _cmd_fileclass(args) -> int:
             progress=None if args.quiet else print,
         )
         seconds = time.perf_counter() - started
-        path = model.save(args.out)
+        path = model.save(args.out, force=args.force)
         started = time.perf_counter()
         accuracy = float(np.mean(model.classify(model.spikes(test_records))[0] == labels[test_idx]))
         print(
@@ -532,7 +588,10 @@ def _cmd_fileclass(args) -> int:
 def _cmd_report(args) -> int:
     from .sweep_report import write_report
 
-    print(write_report(Path(args.dir), tolerance_points=args.tolerance, compare=args.compare))
+    report = write_report(
+        Path(args.dir), tolerance_points=args.tolerance, compare=args.compare, force=args.force
+    )
+    print(report)
     return 0
 
 
@@ -611,6 +670,12 @@ def hardware_options(p) -> None:
     )
 
 
+_FORCE_HELP = (
+    "write into an output directory (or file) holding files neurodeploy did not write, "
+    "overwriting those named like its own; nothing else is ever touched or removed"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neurodeploy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"neurodeploy {__version__}")
@@ -647,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--out", default=None, help="also write the results to DIR/<command>.json")
+        p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     conv = sub.add_parser("convert", help="convert a ReLU model to TTFS and verify it exactly")
     common(conv)
@@ -756,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--samples", type=_positive_int, default=None, help="use the first N test files"
         )
     fc_train.add_argument("--out", default=None, help="model directory to write")
+    fc_train.add_argument("--force", action="store_true", help=_FORCE_HELP)
     fc_train.add_argument("--seed", type=_non_negative_int, default=0)
     fc_train.add_argument("--train-samples", type=_positive_int, default=None)
     fc_train.add_argument(
@@ -785,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep float64 weights (exact for any model; few runtimes run it)",
     )
     exp.add_argument("--input-range", type=_input_range, default=None, metavar="P,Q")
+    exp.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     rep = sub.add_parser("report", help="write DIR/report.html for a sweep directory")
     rep.add_argument("dir", help="the sweep's --out directory")
@@ -802,6 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="accuracy tolerance for the knee, in points (default 1)",
     )
+    rep.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
     prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
     prof.add_argument("profile", help="profile file, or the name of a shipped profile")

@@ -20,14 +20,13 @@ weights.npz holds ``<layer>.<param>`` arrays: dense/conv2d ``weight`` and
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from .errors import ModelError
+from .fileio import write_directory
 from .network import LAYER_TYPES, Dense, Flatten, Layer, Network, ReLU
 from .npzio import read_npz
 from .yamlio import read_yaml
@@ -273,35 +272,31 @@ def network_document(net: Network) -> dict:
     return doc
 
 
-def save_model(net: Network, path: str | os.PathLike) -> Path:
-    """Write ``net`` as a model directory at ``path``, atomically.
+def save_model(
+    net: Network,
+    path: str | os.PathLike,
+    force: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``net`` as a model directory at ``path``; returns the path.
 
-    The files are written to a temporary directory beside ``path`` and moved
-    into place only when complete, so a failure leaves nothing half-written.
+    The files are written to a temporary directory beside ``path`` and moved into
+    place only when complete (see :func:`neurodeploy.fileio.write_directory`): a new
+    directory whole, into an existing one file by file. ``path`` may be absent, an
+    empty directory, or a model directory neurodeploy wrote; anything else (a file, a
+    directory holding other files) is refused with a :class:`UsageError`, unless
+    ``force``, which writes the model beside the other files. Nothing is ever removed.
+    extra_files: more files to write with the model, name -> text (e.g. finetune.json).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        arrays = {
-            f"{layer.name}.{p}": arr for layer in net.layers for p, arr in layer.params().items()
-        }
-        np.savez_compressed(tmp / WEIGHTS_FILE, **arrays)
-        text = yaml.safe_dump(network_document(net), sort_keys=False, default_flow_style=None)
-        (tmp / NETWORK_FILE).write_text(text)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    arrays = {f"{layer.name}.{p}": arr for layer in net.layers for p, arr in layer.params().items()}
+    text = yaml.safe_dump(network_document(net), sort_keys=False, default_flow_style=None)
+    writers = {
+        WEIGHTS_FILE: lambda file: np.savez_compressed(file, **arrays),
+        NETWORK_FILE: lambda file: file.write_text(text),
+    }
+    for name, content in (extra_files or {}).items():
+        writers[name] = lambda file, content=content: file.write_text(content)
+    return write_directory(path, writers, force=force)
 
 
 def from_sklearn(clf, input_range, input_shape=None, name: str = "sklearn_mlp") -> Network:

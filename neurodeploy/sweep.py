@@ -14,6 +14,22 @@ Files in the output directory:
   same directory is refused; starting the same one again resumes it.
 - ``results.jsonl``: one JSON line per finished (point, seed), appended and
   flushed as each finishes. A line cut short by a kill is dropped on resume.
+  Records are keyed by (point, seed): a duplicate line is never counted.
+- ``.neurodeploy.lock``: held (``fcntl.flock``) while a sweep runs, so a second
+  sweep into the same directory is refused instead of doubling the records.
+
+Same seed, same bits: a record depends on the sweep definition and the seed
+only, not on the executor, the number of workers, the order results come back,
+or the machine's BLAS thread count. OpenBLAS splits a matrix product between
+its threads in a way that changes the order of the additions, so 1 and 2
+threads give different last bits (measured: 429 of the 540 x 128 elements of a
+540x64 @ 64x128 float64 product on an AMD EPYC with the Haswell kernels). So
+every task computes with one BLAS (and OpenMP) thread: :func:`run_task` holds
+``threadpoolctl.threadpool_limits(1)`` around its whole body, the network's
+conversion and reference run included, on every path - in-process
+(``--workers 1``), in a process pool and on any dask worker, including workers
+that join after the tasks were submitted. The limit is lifted when the task
+returns, so nothing global is left changed in the calling process.
 """
 
 from __future__ import annotations
@@ -23,7 +39,9 @@ import itertools
 import json
 import math
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +50,13 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
-from .fileio import write_text_atomic
+from .fileio import (
+    check_output_dir,
+    claim_output_dir,
+    output_lock,
+    owned_names,
+    write_text_atomic,
+)
 from .profile import describe_keys, load_profile, profile_from_dict
 
 SWEEP_FILE = "sweep.json"
@@ -40,6 +64,7 @@ RESULTS_FILE = "results.jsonl"
 SWEEP_VERSION = 1
 METRICS = ("accuracy", "agreement", "logit_error", "spikes_per_neuron", "latency_s", "energy_j")
 EXECUTORS = ("local", "dask")
+SCHEDULER_TIMEOUT_S = 10  # to connect to a --scheduler address
 _FRACTIONS = ("accuracy", "agreement", "accuracy_reference")
 
 
@@ -180,11 +205,27 @@ def _differences(old: dict, new: dict) -> list[str]:
     ]
 
 
-def open_sweep(out_dir: Path, spec: SweepSpec) -> None:
-    """Create the sweep directory, or check that it holds this very sweep."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def report_file_names(spec: SweepSpec) -> list[str]:
+    """The files ``write_report`` writes for ``spec``: report.html and its figures."""
+    names = ["report.html", *(f"accuracy_{key.replace('.', '_')}.png" for key, _ in spec.params)]
+    return [*names, "heatmap.png"] if len(spec.params) == 2 else names
+
+
+def open_sweep(out_dir: Path, spec: SweepSpec, force: bool = False) -> None:
+    """Create the sweep directory, or check that it holds this very sweep.
+
+    The directory is claimed first (:func:`neurodeploy.fileio.claim_output_dir`): a
+    sweep.json, results.jsonl or report file there that neurodeploy did not write is
+    refused unless ``force``, which starts this sweep afresh over them; other files are
+    left alone.
+    """
+    owned = owned_names(out_dir) if out_dir.is_dir() else frozenset()
+    claim_output_dir(out_dir, [SWEEP_FILE, RESULTS_FILE, *report_file_names(spec)], force=force)
+    foreign = [n for n in (SWEEP_FILE, RESULTS_FILE) if (out_dir / n).exists() and n not in owned]
+    if foreign:  # only with force: overwrite the foreign files, never read them as ours
+        write_text_atomic(out_dir / RESULTS_FILE, "")
     path = out_dir / SWEEP_FILE
-    if path.exists():
+    if path.exists() and not foreign:
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -199,8 +240,27 @@ def open_sweep(out_dir: Path, spec: SweepSpec) -> None:
     write_text_atomic(path, json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
 
 
+def record_key(record: dict) -> tuple:
+    """What identifies a record: its (point, seed). A sweep has one record per key."""
+    return (record.get("point"), record.get("seed"))
+
+
+def unique_records(records: list[dict]) -> list[dict]:
+    """``records`` with only the first record of every (point, seed): a duplicate (e.g.
+    from two sweeps run into one directory by a version without the lock) is never
+    counted twice."""
+    seen, unique = set(), []
+    for record in records:
+        key = record_key(record) if isinstance(record, dict) else id(record)
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    return unique
+
+
 def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
-    """The finished records; with ``repair`` a last line cut short by a kill is removed.
+    """The finished records, one per (point, seed) (see :func:`unique_records`); with
+    ``repair`` a last line cut short by a kill is removed.
 
     A complete line that is not a valid record is an error naming the file and line
     (it was not written by a sweep, and dropping it silently would lose runs).
@@ -223,7 +283,7 @@ def read_results(out_dir: Path, repair: bool = False) -> list[dict]:
     if repair and good_end < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(good_end)
-    return records
+    return unique_records(records)
 
 
 def _check_record(path: Path, number: int, record) -> None:
@@ -296,7 +356,46 @@ def _context(spec_json: str) -> _Context:
 
 
 def run_task(spec_json: str, point: int, seed: int) -> dict:
-    """One (point, seed) of the sweep; returns its record."""
+    """One (point, seed) of the sweep, with one BLAS thread; returns its record.
+
+    The thread limit makes the record the same bits on every executor (see the module
+    docstring).
+    """
+    with _one_blas_thread():
+        return _run_task(spec_json, point, seed)
+
+
+_limit_lock = threading.Lock()
+_limit_holders = 0
+_limiter = None
+
+
+@contextmanager
+def _one_blas_thread():
+    """threadpool_limits(1) for as long as any task of this process runs.
+
+    The limit is process-wide, so tasks running in several threads of one process (a
+    dask worker with nthreads > 1) share one limiter: the first sets it, the last one
+    out restores the original limits.
+    """
+    global _limit_holders, _limiter
+    from threadpoolctl import threadpool_limits
+
+    with _limit_lock:
+        if _limit_holders == 0:
+            _limiter = threadpool_limits(limits=1)
+        _limit_holders += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_holders -= 1
+            if _limit_holders == 0:
+                _limiter.restore_original_limits()
+                _limiter = None
+
+
+def _run_task(spec_json: str, point: int, seed: int) -> dict:
     import time
 
     from .deploy import deploy
@@ -325,14 +424,28 @@ def run_task(spec_json: str, point: int, seed: int) -> dict:
     }
 
 
-def _limit_blas_threads() -> None:
-    """Worker initializer: one BLAS thread per process, so processes share the cores."""
-    try:
-        from threadpoolctl import threadpool_limits
+def check_executor(executor: str, scheduler: str | None) -> None:
+    """Refuse an unknown executor, a scheduler address without dask, or a scheduler that
+    does not answer within SCHEDULER_TIMEOUT_S: before anything is written."""
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor: unknown {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if scheduler is not None and executor != "dask":
+        raise UsageError("--scheduler applies to --executor dask only")
+    if scheduler is not None:
+        _connect(scheduler).close()
 
-        threadpool_limits(1)
-    except ImportError:  # pragma: no cover - installed with scikit-learn
-        pass
+
+def _connect(scheduler: str):
+    """A dask Client of the scheduler at ``scheduler``; UsageError if none answers."""
+    from dask.distributed import Client
+
+    try:
+        return Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise UsageError(
+            f"--scheduler {scheduler}: no dask scheduler answered within "
+            f"{SCHEDULER_TIMEOUT_S} s ({' '.join(str(exc).split())[:200]})"
+        ) from None
 
 
 def run_sweep(
@@ -342,16 +455,24 @@ def run_sweep(
     workers: int | None = None,
     scheduler: str | None = None,
     progress=None,
+    force: bool = False,
 ) -> list[dict]:
-    """Run every (point, seed) not yet in ``results.jsonl``; returns all records."""
-    if executor not in EXECUTORS:
-        raise UsageError(f"--executor: unknown {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if scheduler is not None and executor != "dask":
-        raise UsageError("--scheduler applies to --executor dask only")
+    """Run every (point, seed) not yet in ``results.jsonl``; returns all records.
+
+    force: write into a directory whose sweep files neurodeploy did not write (see
+    :func:`open_sweep`).
+    """
+    check_executor(executor, scheduler)
     out_dir = Path(out_dir)
-    open_sweep(out_dir, spec)
+    check_output_dir(out_dir, [SWEEP_FILE, RESULTS_FILE], force=force)
+    with output_lock(out_dir):  # one sweep at a time in a directory
+        return _run_locked(spec, out_dir, executor, workers, scheduler, progress, force)
+
+
+def _run_locked(spec, out_dir, executor, workers, scheduler, progress, force) -> list[dict]:
+    open_sweep(out_dir, spec, force=force)
     records = read_results(out_dir, repair=True)
-    done = {(r["point"], r["seed"]) for r in records}
+    done = {record_key(r) for r in records}
     todo = [
         (p, s) for p in range(len(spec.points())) for s in range(spec.seeds) if (p, s) not in done
     ]
@@ -363,6 +484,9 @@ def run_sweep(
     spec_json = spec.to_json()
     with open(out_dir / RESULTS_FILE, "a") as results:
         for record in _execute(spec_json, todo, executor, workers, scheduler):
+            if record_key(record) in done:  # (cannot happen: each task is submitted once)
+                continue
+            done.add(record_key(record))
             results.write(json.dumps(record) + "\n")
             results.flush()
             os.fsync(results.fileno())
@@ -379,7 +503,7 @@ def _execute(spec_json: str, todo: list, executor: str, workers: int | None, sch
             for point, seed in todo:
                 yield run_task(spec_json, point, seed)
             return
-        with ProcessPoolExecutor(max_workers=workers, initializer=_limit_blas_threads) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(run_task, spec_json, p, s) for p, s in todo]
             try:
                 for future in as_completed(futures):
@@ -396,9 +520,8 @@ def _execute(spec_json: str, todo: list, executor: str, workers: int | None, sch
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
-    client = Client(scheduler if scheduler is not None else cluster)
+    client = _connect(scheduler) if scheduler is not None else Client(cluster)
     try:
-        client.run(_limit_blas_threads)
         futures = [client.submit(run_task, spec_json, p, s, pure=False) for p, s in todo]
         for future in dask_completed(futures):
             yield future.result()
@@ -426,7 +549,7 @@ def interval95(values: list[float]) -> tuple[float, float, float]:
 def aggregate(spec: SweepSpec, records: list[dict]) -> list[dict]:
     """Per point: its params, the seeds done and (mean, low, high) of every metric."""
     by_point: dict[int, list[dict]] = {}
-    for record in records:
+    for record in unique_records(records):
         by_point.setdefault(record["point"], []).append(record)
     rows = []
     for index, params in enumerate(spec.points()):

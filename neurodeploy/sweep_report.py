@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .fileio import write_text_atomic
-from .sweep import SweepSpec, aggregate, load_sweep
+from .fileio import claim_output_dir, write_files_atomic
+from .sweep import SweepSpec, aggregate, load_sweep, report_file_names
 
 _BLUE, _GREY, _GREEN, _RED = "#0969da", "#59636e", "#1a7f37", "#cf222e"
 
@@ -233,15 +233,20 @@ def _load(out_dir: Path, tolerance: float):
     }
 
 
-def write_report(out_dir: str | Path, tolerance_points: float = 1.0, compare=()) -> Path:
+def write_report(
+    out_dir: str | Path, tolerance_points: float = 1.0, compare=(), force: bool = False
+) -> Path:
     """Write DIR/report.html and PNG figures for the sweep in ``out_dir``.
 
     compare: other sweep directories over the same keys (e.g. the same sweep of a
-    fine-tuned model); their lines are drawn beside this sweep's.
+    fine-tuned model); their lines are drawn beside this sweep's. A report file there
+    that neurodeploy did not write is refused unless ``force``
+    (:func:`neurodeploy.fileio.claim_output_dir`).
     """
     out_dir = Path(out_dir)
     tolerance = tolerance_points / 100
     main = _load(out_dir, tolerance)
+    claim_output_dir(out_dir, report_file_names(main["spec"]), force=force, what="report")
     others = [_load(Path(d), tolerance) for d in compare]
     keys = [key for key, _ in main["spec"].params]
     for other in others:
@@ -249,7 +254,7 @@ def write_report(out_dir: str | Path, tolerance_points: float = 1.0, compare=())
         if other_keys != keys:
             raise UsageError(f"--compare: {other['label']} sweeps {other_keys}, not {keys}")
     spec, reference = main["spec"], main["reference"]
-    figures = []
+    figures, files = [], {}
     for key in keys:
         groups = [main, *others]
         key_lines = [line for g in groups for line in g["lines"] if line["key"] == key]
@@ -258,13 +263,14 @@ def write_report(out_dir: str | Path, tolerance_points: float = 1.0, compare=())
             continue
         png = _line_figure(key, key_lines, reference, tolerance, key_knees, labelled=bool(others))
         name = f"accuracy_{key.replace('.', '_')}.png"
-        (out_dir / name).write_bytes(png)
+        files[name] = png
         figures.append((f"Accuracy against {key}", png))
     if len(spec.params) == 2 and main["done"] and not math.isnan(reference):
         png = _heatmap_figure(spec, main["done"], reference, tolerance)
-        (out_dir / "heatmap.png").write_bytes(png)
+        files["heatmap.png"] = png
         figures.append(("Heat map", png))
-    write_text_atomic(out_dir / "report.html", _page(main, others, tolerance_points, figures))
+    files["report.html"] = _page(main, others, tolerance_points, figures)
+    write_files_atomic(out_dir, files)  # all renamed into place only when all are written
     return out_dir / "report.html"
 
 

@@ -648,6 +648,24 @@ CASES = [
         ],
         "--scheduler",
     ),  # fmt: skip
+    (
+        "sweep-scheduler-not-answering",
+        None,
+        [
+            "sweep", "digits_mlp", "--profile", "pcm", "--param", "crossbar.levels=2,4",
+            "--executor", "dask", "--scheduler", "tcp://127.0.0.1:9", "--out", "{tmp}/s",
+        ],
+        "no dask scheduler answered",
+    ),  # fmt: skip
+    (
+        "sweep-scheduler-garbage-address",
+        None,
+        [
+            "sweep", "digits_mlp", "--profile", "pcm", "--param", "crossbar.levels=2,4",
+            "--executor", "dask", "--scheduler", "::not an address::", "--out", "{tmp}/s",
+        ],
+        "--scheduler",
+    ),  # fmt: skip
     ("report-not-a-sweep", lambda t: {"d": str(t)}, ["report", "{d}"], "not a sweep directory"),
     (
         "report-garbage-results",

@@ -189,3 +189,63 @@ def test_lava_needs_a_digital_profile():
         nd.deploy(snn, "pcm", backend="lava")
     with pytest.raises(nd.UsageError, match="tag"):
         nd.deploy(snn, "loihi2", backend="lava", tag="int4")
+
+
+def _run_script(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess:
+    """Run ``source`` in a fresh interpreter (Lava not yet imported, multiprocessing as new)."""
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(source))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODELS.parent), sys.path[0]])}
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_a_dask_sweep_then_a_lava_run_in_one_process(tmp_path):
+    """Lava's import calls multiprocessing.set_start_method('fork'), which raised once dask
+    (or any process pool) had used multiprocessing: the backend now imports it without."""
+    done = _run_script(
+        tmp_path,
+        "sweep_then_lava.py",
+        f"""
+        import multiprocessing
+        import numpy as np
+        import neurodeploy as nd
+        from neurodeploy.sweep import make_spec, run_sweep
+
+        def main():  # (dask's worker processes are spawned: they import this file)
+            model = {str(MODELS / "digits_mlp")!r}
+            spec = make_spec(model, "pcm", [("crossbar.levels", [8])], 1, 20, None, None, 50, 0.5)
+            run_sweep(spec, {str(tmp_path / "sweep")!r}, executor="dask", workers=1)
+            method = multiprocessing.get_start_method(allow_none=True)
+            x_tr, _ = nd.datasets.digits("train")
+            x_te, _ = nd.datasets.digits("test")
+            snn = nd.convert(nd.load_model(model), calibration=x_tr[:50].reshape(50, -1))
+            x = x_te[:10].reshape(10, -1)
+            lava = nd.deploy(snn, "loihi2", backend="lava").run(x)
+            emulator = nd.deploy(snn, "loihi2", backend="emulator").run(x)
+            np.testing.assert_array_equal(lava.output, emulator.output)
+            assert multiprocessing.get_start_method(allow_none=True) == method  # untouched
+            print("ok")
+
+        if __name__ == "__main__":
+            main()
+        """,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_importing_lava_through_the_backend_sets_no_start_method(tmp_path):
+    done = _run_script(
+        tmp_path,
+        "import_lava.py",
+        """
+        import multiprocessing
+        from neurodeploy.backends.lava import import_lava_runtime
+
+        import_lava_runtime()
+        import lava.magma.core.process.process  # the rest of Lava, as the backend uses it
+        print(multiprocessing.get_start_method(allow_none=True))
+        """,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-3000:]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,97 @@ def test_results_are_one_json_object_per_line(tmp_path):
             "energy_j",
         ):
             assert key in record
+
+
+def _sweep_in_subprocess(out: Path, executor: str, workers: int, blas_threads: int, coretype=None):
+    """Records of a small sweep run by the CLI in a fresh interpreter with its own BLAS
+    settings (they are read when numpy is first imported)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(blas_threads)}
+    env.pop("OPENBLAS_CORETYPE", None)
+    if coretype is not None:
+        env["OPENBLAS_CORETYPE"] = coretype
+    env["PYTHONPATH"] = os.pathsep.join([str(MODELS.parent), env.get("PYTHONPATH", "")])
+    argv = [
+        *(sys.executable, "-m", "neurodeploy", "sweep", "digits_mlp", "--profile", "pcm"),
+        *("--param", "crossbar.read_noise_scale=0,2", "--seeds", "2", "--samples", "50"),
+        *("--executor", executor, "--workers", str(workers), "--quiet", "--out", str(out)),
+    ]
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return metrics(read_results(out))
+
+
+@pytest.mark.parametrize("coretype", [None, "Prescott"])
+def test_same_seed_same_bits_on_every_executor_and_blas_thread_count(tmp_path, coretype):
+    """A record depends on the seed and inputs only: not on the executor, the number of
+    workers or of BLAS threads. Prescott: OpenBLAS's generic x86-64 kernels, whose last
+    bits also differ between 1 and 2 threads."""
+    runs = [("local", 1, 2), ("local", 1, 1)]
+    if coretype is None:
+        runs += [("local", 2, 2), ("dask", 2, 2)]
+    results = [
+        _sweep_in_subprocess(tmp_path / f"{e}{w}-{t}", e, w, t, coretype) for e, w, t in runs
+    ]
+    assert len(results[0]) == 4
+    for run, records in zip(runs[1:], results[1:], strict=True):
+        assert records == results[0], f"{run} differs from {runs[0]}"
+
+
+def test_tasks_compute_with_one_blas_thread_and_restore_the_limit_after(tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import neurodeploy.sweep as sweep_module
+
+    def threads():
+        return {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+
+    seen = []
+    original = sweep_module._run_task
+
+    def spy(*args):
+        seen.append(threads())
+        return original(*args)
+
+    before = threads()
+    monkeypatch.setattr(sweep_module, "_run_task", spy)
+    _sweep(tmp_path, "pcm", [("crossbar.levels", [8, 16])], seeds=1, samples=20, workers=1)
+    assert len(seen) == 2 and all(set(t.values()) == {1} for t in seen)
+    after = threads()  # (a task may load another library, e.g. OpenMP, on first use)
+    assert {api: after[api] for api in before} == before
+
+
+def test_a_duplicate_record_is_never_counted(tmp_path):
+    spec, records = _sweep(
+        tmp_path, "pcm", [("crossbar.levels", [8, 16])], seeds=2, samples=30, workers=1
+    )
+    results = tmp_path / RESULTS_FILE
+    lines_ = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines_ + lines_[:3]))  # as two unlocked sweeps once wrote
+    assert metrics(read_results(tmp_path)) == metrics(records)
+    rows = aggregate(spec, [*records, *records])
+    assert [row["seeds"] for row in rows] == [2, 2]
+    assert rows == aggregate(spec, records)
+
+
+def test_two_sweeps_into_one_directory_do_not_both_run(tmp_path):
+    argv = [
+        *(sys.executable, "-m", "neurodeploy", "sweep", "digits_cnn", "--profile", "pcm"),
+        *("--param", "crossbar.read_noise_scale=0:2:6", "--seeds", "2", "--samples", "200"),
+        *("--workers", "1", "--quiet", "--out", str(tmp_path)),
+    ]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_results(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        still_running = first.poll() is None
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert still_running, "the first sweep should still run when the second starts"
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert str(tmp_path) in second.stderr and "another neurodeploy command" in second.stderr
+    records = read_results(tmp_path)
+    assert len(records) == 12 and len((tmp_path / RESULTS_FILE).read_text().splitlines()) == 12

@@ -8,12 +8,18 @@ streams all samples through it in chunks of ``batch`` samples (every process
 has a batch dimension); the recording models hand their results over in one
 piece at the end. The Lava runtime is stopped in every case, also when a
 model fails or the user presses Ctrl-C, so no Lava process outlives a run.
+
+Lava is imported through :func:`import_lava_runtime`, which keeps Lava from setting
+the global multiprocessing start method (see there).
 """
 
 from __future__ import annotations
 
+import importlib
+import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -27,6 +33,44 @@ from .common import require_chain
 from .emulator import EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
+
+
+_LAVA_MULTIPROCESSING = "lava.magma.runtime.message_infrastructure.multiprocessing"
+_import_lock = threading.Lock()
+
+
+def import_lava_runtime() -> None:
+    """Import Lava's runtime so that it neither sets nor depends on the process's
+    multiprocessing start method; call it before any other Lava import.
+
+    Lava's ``message_infrastructure/multiprocessing.py`` calls
+    ``multiprocessing.set_start_method('fork')`` when imported (lava-nc 0.10, line 47).
+    That raises ``RuntimeError: context has already been set`` once anything in the
+    process used multiprocessing's default context (a process pool, a dask
+    LocalCluster: a notebook that sweeps, then deploys to Lava), and otherwise fixes
+    the start method of the whole process. What Lava needs is that the processes
+    running its ProcessModels are forked (they inherit the compiled graph). So that one
+    call is skipped during the import, and Lava's ``SystemProcess`` (the class of those
+    processes) is given fork's own ``_Popen``: Lava forks whatever the start method is,
+    and no global multiprocessing state is set.
+    """
+    with _import_lock:
+        module = sys.modules.get(_LAVA_MULTIPROCESSING)
+        if module is None:
+            real = multiprocessing.set_start_method
+
+            def skip_lavas_call(method, force=False):
+                if method == "fork" and not force:  # the call in Lava's module body
+                    return
+                real(method, force=force)
+
+            multiprocessing.set_start_method = skip_lavas_call
+            try:
+                module = importlib.import_module(_LAVA_MULTIPROCESSING)
+            finally:
+                multiprocessing.set_start_method = real
+        fork = multiprocessing.get_context("fork").Process
+        module.SystemProcess._Popen = staticmethod(fork._Popen)
 
 
 class LavaRunError(RuntimeError):
@@ -108,6 +152,7 @@ class LavaDeployment(EmulatorDeployment):
 
     # -- the process graph ----------------------------------------------------------------
     def _run_graph(self, input_steps: np.ndarray, tmp: Path, progress) -> dict:
+        import_lava_runtime()
         from lava.magma.core.run_conditions import RunSteps
         from lava.magma.core.run_configs import Loihi2SimCfg
 

@@ -86,6 +86,9 @@ def classify(
 
 def lava_classify(model: FileClassModel, spikes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, output spikes (N, T, C)) of input spikes (N, T, N_in) run on Lava."""
+    from ..backends.lava import import_lava_runtime
+
+    import_lava_runtime()
     from lava.magma.core.run_conditions import RunSteps
     from lava.magma.core.run_configs import Loihi2SimCfg
     from lava.proc.dense.process import Dense

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, ModelError
-from ..fileio import write_text_atomic
+from ..fileio import write_directory
 from ..optim import Adam
 from .encoding import FILE_KEYS, Encoder, KeySpec
 from .snn import LIF, filtered_distances, input_spikes, run, trace, van_rossum
@@ -137,12 +137,12 @@ class FileClassModel:
         return np.concatenate(preds), np.concatenate(outs)
 
     # -- files --------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            path / "weights.npz", g_in=self.g_in, hidden_vth=self.hidden_vth, w_out=self.w_out
-        )
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the model directory (fileclass.json, weights.npz); returns the path.
+
+        Like :func:`neurodeploy.save_model`: refuses a directory holding files
+        neurodeploy did not write unless ``force``, and never removes anything.
+        """
         doc = {
             "kind": "fileclass",
             "classes": list(self.classes),
@@ -151,8 +151,13 @@ class FileClassModel:
             "keys": [asdict(k) for k in self.keys],
             "history": self.history,
         }
-        write_text_atomic(path / "fileclass.json", json.dumps(doc, indent=2) + "\n")
-        return path
+        text = json.dumps(doc, indent=2) + "\n"
+        arrays = {"g_in": self.g_in, "hidden_vth": self.hidden_vth, "w_out": self.w_out}
+        writers = {
+            "weights.npz": lambda file: np.savez_compressed(file, **arrays),
+            "fileclass.json": lambda file: file.write_text(text),
+        }
+        return write_directory(path, writers, force=force)
 
     @classmethod
     def load(cls, path: str | Path) -> FileClassModel:
