@@ -424,6 +424,39 @@ def _run_task(spec_json: str, point: int, seed: int) -> dict:
     }
 
 
+# prctl(2) option: the signal the kernel sends a process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+_WATCHDOG_PERIOD_S = 1.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the sweep that started it dies, even by
+    kill -9 (no handler of the parent can run then).
+
+    On Linux the kernel sends the worker SIGKILL (prctl PR_SET_PDEATHSIG); elsewhere a
+    daemon thread polls the parent once a second. A parent already gone before the
+    request took effect ends the worker at once.
+    """
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    else:  # pragma: no cover - not Linux
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                threading.Event().wait(_WATCHDOG_PERIOD_S)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="neurodeploy-watchdog").start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def check_executor(executor: str, scheduler: str | None) -> None:
     """Refuse an unknown executor, a scheduler address without dask, or a scheduler that
     does not answer within SCHEDULER_TIMEOUT_S: before anything is written."""
@@ -503,7 +536,9 @@ def _execute(spec_json: str, todo: list, executor: str, workers: int | None, sch
             for point, seed in todo:
                 yield run_task(spec_json, point, seed)
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [pool.submit(run_task, spec_json, p, s) for p, s in todo]
             try:
                 for future in as_completed(futures):

@@ -327,3 +327,31 @@ def test_two_sweeps_into_one_directory_do_not_both_run(tmp_path):
     assert str(tmp_path) in second.stderr and "another neurodeploy command" in second.stderr
     records = read_results(tmp_path)
     assert len(records) == 12 and len((tmp_path / RESULTS_FILE).read_text().splitlines()) == 12
+
+
+def test_kill_9_of_a_local_sweep_leaves_no_worker(tmp_path):
+    """Pool workers die with the sweep, even when it is killed with SIGKILL."""
+    import psutil
+
+    out = tmp_path / "sweep"
+    argv = [
+        sys.executable, "-m", "neurodeploy", "sweep", "digits_cnn", "--profile", "pcm",
+        "--param", "crossbar.read_noise_scale=0:2:6", "--seeds", "4", "--workers", "2",
+        "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = psutil.Process(proc.pid).children()
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool did not start"
+        time.sleep(1.0)  # tasks under way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert alive == [], [p.pid for p in alive]
