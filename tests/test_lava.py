@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -120,10 +119,6 @@ def _orphaned(segments: set[str]) -> set[str]:
     return {name for name in segments if os.path.exists(f"/dev/shm/{name}")} - mapped
 
 
-def _our_temp_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("neurodeploy-lava-*")}
-
-
 @pytest.mark.parametrize(
     "signum, code, word",
     [
@@ -152,13 +147,16 @@ def test_a_terminating_signal_stops_the_runtime_and_leaves_nothing(tmp_path, sig
         print("finished", flush=True)
     """)
     )
-    shm_before, tmp_before = _shm_segments(), _our_temp_dirs()
+    shm_before = _shm_segments()
+    private_tmp = tmp_path / "tmp"  # the run's temporary files go here, and only its own
+    private_tmp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, "TMPDIR": str(private_tmp)},
     )
     try:
         assert proc.stdout.readline().strip() == "running"
@@ -180,7 +178,7 @@ def test_a_terminating_signal_stops_the_runtime_and_leaves_nothing(tmp_path, sig
         time.sleep(0.2)
     assert left.stdout.split() == []
     assert _orphaned(_shm_segments() - shm_before) == set()
-    assert _our_temp_dirs() - tmp_before == set()
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_lava_needs_a_digital_profile():
