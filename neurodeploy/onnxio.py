@@ -21,8 +21,8 @@ NCHW graph of these operators, in three steps:
    GlobalAveragePool / GlobalMaxPool and ReduceMean / ReduceMax over (H, W)
    (square maps), Flatten, Reshape and Squeeze that flatten (C, H, W) to
    features whatever batch literal they carry (``[2, 128]``, ``[2, -1]``,
-   ``[-1, 128]``, ``[0, -1]``) or change nothing, Identity and Dropout
-   (dropped), Add / Sum of two or more activations (a residual join: an
+   ``[-1, 128]``, ``[0, -1]``) or change nothing, Identity, Dropout and
+   Cast to float32/float64 (dropped), Add / Sum of two or more activations (a residual join: an
    :class:`Add` layer naming its inputs), and Add / Sub / Mul / Div by a scalar
    or per-channel constant: an Add or Sub after a Gemm, MatMul or Conv is its
    bias (per output position too), anything else — input normalisation
@@ -98,6 +98,7 @@ SUPPORTED_OPS = (
     "Squeeze",
     "Identity",
     "Dropout",
+    "Cast",
 )
 FOLDED_OPS = (
     "Constant",
@@ -608,7 +609,7 @@ def load_onnx(path: str | os.PathLike, input_range=None) -> Network:
             raise ModelError(f"{path}: metadata '{META_CLASSES}' must be a JSON list") from None
     try:
         return Network(
-            name=re.sub(r"[^A-Za-z0-9_.-]+", "_", graph.name or path.stem) or path.stem,
+            name=_network_name(graph.name, path),
             input_shape=tuple(shape),
             input_range=tuple(input_range),
             layers=tuple(imp.layers),
@@ -617,6 +618,13 @@ def load_onnx(path: str | os.PathLike, input_range=None) -> Network:
         )
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
+
+
+def _network_name(graph_name: str, path: Path) -> str:
+    """The graph's name, or the file's stem for the exporters' generic graph names."""
+    if not graph_name or graph_name in ("main_graph", "torch_jit", "torch-jit-export"):
+        graph_name = path.stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", graph_name) or path.stem
 
 
 # -- mapping one node to layers --------------------------------------------------------------
@@ -658,6 +666,14 @@ def _map_identity(imp, node, attrs, data, out):
         if imp.const(node, node.input[2], None).reshape(-1).any():
             imp.fail(node, "training_mode=true not supported: export in inference mode")
     imp.alias(out, data[0])
+
+
+def _map_cast(imp, node, attrs, data, out):
+    from onnx import TensorProto
+
+    if attrs.get("to") not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        imp.fail(node, "casts an activation to a type other than float32 or float64")
+    imp.alias(out, data[0])  # the IR computes in float64 throughout
 
 
 def _map_gemm(imp, node, attrs, data, out):
@@ -1095,6 +1111,7 @@ def _map_squeeze(imp, node, attrs, data, out):
 _HANDLERS = {
     "Identity": _map_identity,
     "Dropout": _map_identity,
+    "Cast": _map_cast,
     "Gemm": _map_gemm,
     "MatMul": _map_matmul,
     "Sum": _map_sum,
