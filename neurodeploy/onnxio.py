@@ -178,6 +178,7 @@ class _Importer:
         self.exact_eps: dict = {}
         self.relu_clips: dict = {}
         self.relu_windows: dict = {}
+        self.float_dtype = np.float32  # the network input's element type
 
     # -- errors, attributes, constants ---------------------------------------------------
     def fail(self, node, message: str):
@@ -422,6 +423,10 @@ def _fold_node(imp: _Importer, node, op: str, attrs: dict) -> None:
                 pair.append(dims[attrs.get("start", 0) : attrs.get("end", len(dims))])
         imp.consts[node.output[0]] = tuple(pair)
         return
+    if op == "CastLike" and not imp.is_const(node.input[1]):  # only the activation's type
+        value = imp.consts[node.input[0]]
+        imp.consts[node.output[0]] = tuple(v.astype(imp.float_dtype) for v in value)
+        return
     pairs = [imp.consts[n] if n else (None, None) for n in node.input]
     try:
         first = _fold_constant(imp, node, op, attrs, [p[0] for p in pairs])
@@ -450,11 +455,19 @@ def _activation_shape(imp: _Importer, node, tensor: str) -> tuple:
     imp.fail(node, f"the shape of '{tensor}' is unknown")
 
 
+def _value_inputs(node) -> list[str]:
+    """The inputs whose values a node reads: Shape and Size read only their input's
+    shape, CastLike only its second input's type (static both: constants)."""
+    if node.op_type in ("Shape", "Size"):
+        return []
+    return [n for n in (node.input[:1] if node.op_type == "CastLike" else node.input) if n]
+
+
 def _activations(graph, input_name: str) -> set[str]:
-    """The tensors computed from the network input (Shape and Size give constants)."""
+    """The tensors computed from the values of the network input."""
     data = {input_name}
     for node in graph.node:
-        if node.op_type not in ("Shape", "Size") and any(n in data for n in node.input):
+        if any(n in data for n in _value_inputs(node)):
             data.update(out for out in node.output if out)
     return data
 
@@ -462,8 +475,8 @@ def _activations(graph, input_name: str) -> set[str]:
 def _live_nodes(graph, data: set[str]) -> list:
     """The nodes whose outputs reach the graph output, in graph (topological) order.
 
-    Shape and Size read only their input's shape, which is static: they do not make
-    the node giving an activation live.
+    Shape, Size and CastLike read only an activation's shape or type, which are
+    static: they do not make the node giving the activation live.
     """
     needed = {graph.output[0].name}
     nodes = list(graph.node)
@@ -473,19 +486,15 @@ def _live_nodes(graph, data: set[str]) -> list:
         if not any(out in needed for out in node.output):
             continue
         live[i] = True
-        if node.op_type in ("Shape", "Size") and node.input[0] in data:
-            continue
-        needed.update(n for n in node.input if n)
+        values = _value_inputs(node)
+        needed.update(n for n in node.input if n and (n in values or n not in data))
     return [node for node, keep in zip(nodes, live, strict=True) if keep]
 
 
 def _check_structure(imp: _Importer, nodes: list, data: set[str]) -> None:
     """Refuse, before any mapping, the first node that joins two activations other than
     by a sum, then the first operator that no layer maps."""
-    takes = [
-        [] if node.op_type in ("Shape", "Size") else [n for n in node.input if n in data]
-        for node in nodes
-    ]
+    takes = [[n for n in _value_inputs(node) if n in data] for node in nodes]
     for node, ins in zip(nodes, takes, strict=True):
         if len(ins) > 1 and node.op_type not in ("Add", "Sum"):
             what = {
@@ -574,24 +583,21 @@ def load_onnx(path: str | os.PathLike, input_range=None) -> Network:
         raise ModelError(f"{path}: the input range must be two numbers p, q")
 
     input_name = inputs[0].name
+    imp.float_dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
     data = _activations(graph, input_name)
     nodes = _live_nodes(graph, data)
     _check_structure(imp, nodes, data)
     output = graph.output[0].name
     for node in nodes:
-        if node.op_type in ("Shape", "Size"):
-            continue  # they read no values
-        for name in node.input:
-            if name:
-                imp.consumers[name] = imp.consumers.get(name, 0) + 1
+        for name in _value_inputs(node):
+            imp.consumers[name] = imp.consumers.get(name, 0) + 1
     imp.consumers[output] = imp.consumers.get(output, 0) + 1
     imp.values[input_name] = INPUT
     imp.shapes[INPUT] = tuple(shape)
     for node in nodes:
         op = node.op_type
         attrs = imp.attrs(node)
-        present = [n for n in node.input if n]
-        if op == "Constant" or (op in ("Shape", "Size")) or all(map(imp.is_const, present)):
+        if all(map(imp.is_const, _value_inputs(node))):
             if op not in FOLDED_OPS:
                 imp.fail(node, "operator not supported on constants")
             _fold_node(imp, node, op, attrs)

@@ -391,6 +391,20 @@ def test_flatten_forms(tmp_path, form, batch):
     assert types(net).count("flatten") == 1 and len(net.layers) == 6
 
 
+def test_bias_computed_from_shapes_and_types_as_unoptimised_dynamo_writes(tmp_path):
+    # zeros of the activation's type, expanded to the weight's output count
+    g = Graph((2, 4, 4))
+    w = g.const(weights(3, 2, 3, 3))
+    g.add("Shape", inputs=[w], start=0, end=1)
+    count = g.add("Expand", np.array([1], np.int64)).current
+    zero = g.add("CastLike", inputs=[g.const(np.float32(0)), "x"]).current
+    bias = g.add("Expand", inputs=[zero, count]).current
+    g.add("Conv", inputs=["x", w, bias], kernel_shape=[3, 3], pads=[1] * 4)
+    dense_head(g.add("Relu").add("Flatten"), 48)
+    net = check_against_onnxruntime(save(g.model(3), tmp_path), (2, 4, 4))
+    np.testing.assert_array_equal(net.layers[0].bias, np.zeros(3))
+
+
 def test_casts_to_float_are_dropped_and_others_refused(tmp_path):
     g = Graph((4,)).add("Cast", to=TensorProto.FLOAT)  # x.float() under the legacy exporter
     g.add("Gemm", weights(3, 4), weights(3), transB=1)

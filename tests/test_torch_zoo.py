@@ -77,13 +77,13 @@ def test_conversion_is_exact(fname):
 
 @pytest.mark.parametrize("fname", REFUSED)
 def test_unsupported_exports_are_refused_naming_node_and_operator(fname):
-    op = FILES[fname]["refused_op"]
     with pytest.raises(nd.ModelError) as info:
         load(fname)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{ZOO / fname}: node '")
-    node_name = message.split("node '", 1)[1].split("' (", 1)[0]
-    assert f"node '{node_name}' ({op}): " in message
+    node_name, rest = message.split("node '", 1)[1].split("' (", 1)
+    op = rest.split("): ", 1)[0]
+    assert op in FILES[fname]["refused_ops"]
     graph = onnx.load(str(ZOO / fname), load_external_data=False).graph
     assert any(n.name == node_name and n.op_type == op for n in graph.node)
 
@@ -93,4 +93,5 @@ def test_cli_refuses_an_unsupported_export_in_one_line(capsys):
     low, high = FILES[fname]["input_range"]
     assert main(["convert", str(ZOO / fname), "--input-range", f"{low},{high}"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and f"({FILES[fname]['refused_op']})" in err
+    assert out == "" and err.count("\n") == 1
+    assert any(f"({op}): " in err for op in FILES[fname]["refused_ops"])
