@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from netgen import random_inputs, random_network
 from onnx import TensorProto, helper, numpy_helper
 
 import neurodeploy as nd
@@ -773,6 +774,15 @@ def test_every_ir_network_round_trips_exactly(tmp_path):
         assert (back.layers[4].groups, back.layers[10].count_include_pad) == (4, False)
     got = run_onnxruntime(path, x, input_name="input")  # the float32 file
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_chains_round_trip_bit_for_bit_in_float64(tmp_path, seed):
+    net = random_network(seed)  # float64 weights: only a float64 export keeps them
+    back = nd.load_model(export_onnx(net, tmp_path / "r.onnx", dtype="float64"))
+    x = random_inputs(net, 16, seed)
+    np.testing.assert_array_equal(back.forward(x), net.forward(x))
+    assert back.sources == net.sources
 
 
 def test_float32_export_keeps_exact_clip_values_in_metadata(tmp_path):
