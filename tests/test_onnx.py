@@ -366,6 +366,8 @@ def _shape_chain(g: Graph, slice_form=False):
         ("shape_slice_concat", "N"),
         ("shape_gather_unsqueeze_concat", 2),
         ("cast_and_int_arithmetic", "N"),
+        ("shape_start_end", "N"),
+        ("numel_div_batch", "N"),
         ("noop_reshape_then_flatten", "N"),
     ],
 )
@@ -384,6 +386,18 @@ def test_flatten_forms(tmp_path, form, batch):
         g.add("Slice", np.array([1], np.int64), np.array([4], np.int64))
         g.add("ReduceProd", keepdims=1).add("Cast", to=TensorProto.INT64)
         g.add("Concat", inputs=[g.const(np.array([-1], np.int64)), g.current], axis=0)
+        g.add("Reshape", inputs=[source, g.current])
+    elif form == "shape_start_end":  # Shape(start=0, end=1) (opset 15) gives [N]
+        source = g.current
+        g.add("Shape", start=0, end=1)
+        g.add("Concat", inputs=[g.current, g.const(np.array([-1], np.int64))], axis=0)
+        g.add("Reshape", inputs=[source, g.current])
+    elif form == "numel_div_batch":  # x.view(x.size(0), x.numel() // x.size(0))
+        source = g.current
+        batch = g.add("Shape").add("Gather", np.array([0], np.int64), axis=0).current
+        g.add("Size", inputs=[source]).add("Reshape", np.array([1], np.int64))
+        g.add("Div", inputs=[g.current, batch])
+        g.add("Concat", inputs=[batch, g.current], axis=0)
         g.add("Reshape", inputs=[source, g.current])
     else:
         g.add("Reshape", np.array([0, 3, 4, 4], np.int64)).add("Flatten")
