@@ -1041,10 +1041,16 @@ def _flatten_to(imp, node, x: str, out: str, per_sample: tuple) -> None:
     elif tuple(per_sample) == (int(np.prod(shape)),):
         imp.emit(node, out, Flatten, (imp.source(x),), "flatten")
     else:
+        hint = ""
+        if imp.source(x) == INPUT:
+            hint = (
+                f"; for samples stored flat, reshape the data and export the model with an "
+                f"input of shape (N, {', '.join(map(str, per_sample))})"
+            )
         imp.fail(
             node,
             f"reshapes one sample {shape} to {tuple(per_sample)}: only a flatten (C, H, W) -> "
-            "(C*H*W) keeping the batch, or a no-op, is supported",
+            f"(C*H*W) keeping the batch, or a no-op, is supported{hint}",
         )
 
 

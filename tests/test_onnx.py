@@ -460,6 +460,13 @@ def test_reshapes_that_are_not_flattens_are_refused(tmp_path, target, pattern):
     _refused(tmp_path, g.model(3), rf"node '{g.name}' \(Reshape\): {pattern}")
 
 
+def test_unflattening_the_input_is_refused_with_a_hint(tmp_path):
+    g = Graph((64,)).add("Reshape", np.array([-1, 1, 8, 8], np.int64))
+    conv(g, 1, 2).add("Relu").add("Flatten")
+    pattern = r"to \(1, 8, 8\).*export the model with an input of shape \(N, 1, 8, 8\)"
+    _refused(tmp_path, dense_head(g, 128).model(3), rf"node 'reshape1' \(Reshape\): .*{pattern}")
+
+
 # -- input normalisation ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "steps",
