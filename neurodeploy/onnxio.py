@@ -21,13 +21,16 @@ NCHW graph of these operators, in three steps:
    GlobalAveragePool / GlobalMaxPool and ReduceMean / ReduceMax over (H, W)
    (square maps), Flatten, Reshape and Squeeze that flatten (C, H, W) to
    features whatever batch literal they carry (``[2, 128]``, ``[2, -1]``,
-   ``[-1, 128]``, ``[0, -1]``) or change nothing, Identity, Dropout and
-   Cast to float32/float64 (dropped), Add / Sum of two or more activations (a residual join: an
-   :class:`Add` layer naming its inputs), and Add / Sub / Mul / Div by a scalar
-   or per-channel constant: an Add or Sub after a Gemm, MatMul or Conv is its
-   bias (per output position too), anything else — input normalisation
-   ``(x - mean) / std`` above all — becomes a BatchNorm layer with mean 0,
-   var 0 and eps 1, whose scale gamma and shift beta are then exact.
+   ``[-1, 128]``, ``[0, -1]``) or change nothing, Identity, Dropout and Cast
+   to float32/float64 (dropped), Add / Sum of two or more activations (a
+   residual join: an :class:`Add` layer naming its inputs), and Add / Sub /
+   Mul / Div by a scalar or per-channel constant: an Add or Sub after a Gemm,
+   MatMul or Conv is its bias (per output position too), anything else —
+   input normalisation ``(x - mean) / std`` above all — becomes a BatchNorm
+   layer with mean 0, var 0 and eps 1, whose scale gamma and shift beta are
+   then exact (the converter folds it into the next layer, zero padding
+   included). A Clip or Max whose lower bound is below 0 is exact only on a
+   ReLU's output, and is taken there.
    The network's input range stays the raw input's.
 3. **Refusal** of anything else with ONE :class:`ModelError` naming the file,
    the node and its operator: first a node combining two activations other
@@ -44,8 +47,10 @@ The input range [p, q] comes from the caller or from the model's metadata
 
 Export writes every IR network (chains and DAGs: Add, grouped Conv, clipped
 ReLU as Clip with min/max inputs, padded pools with count_include_pad) so that
-importing it back gives the same forward pass bit for bit (float64 export) or
-within float32 rounding (float32 export).
+importing it back gives the same forward pass bit for bit: always with
+``dtype="float64"``, and with float32 too when the weights are float32 values
+(a framework's are); the exact batch-norm epsilons and clip values, which ONNX
+would round to float32, travel in the metadata.
 """
 
 from __future__ import annotations
