@@ -204,6 +204,26 @@ def test_batch_normalization_1d(tmp_path, where):
     assert "batchnorm" in types(net) and "dropout" not in types(net)
 
 
+def test_initialisers_listed_as_graph_inputs(tmp_path):
+    # torch.onnx.export(..., keep_initializers_as_inputs=True), older exporters' default
+    g = Graph((5,)).add("Gemm", weights(7, 5), weights(7), transB=1).add("Relu")
+    model = dense_head(g, 7).model(3)
+    for init in model.graph.initializer:
+        model.graph.input.append(
+            helper.make_tensor_value_info(init.name, TensorProto.FLOAT, list(init.dims))
+        )
+    check_against_onnxruntime(save(model, tmp_path), (5,))
+
+
+def test_training_mode_exports_are_refused(tmp_path):
+    g = Graph((6,)).add("Gemm", weights(8, 6), weights(8), transB=1)
+    g.add("BatchNormalization", *_bn(8), training_mode=1)
+    _refused(tmp_path, dense_head(g, 8).model(3, opset=15), r"\(BatchNormalization\): training")
+    g = Graph((6,)).add("Gemm", weights(8, 6), weights(8), transB=1).add("Relu")
+    g.add("Dropout", np.float32(0.5), np.array(True))
+    _refused(tmp_path, dense_head(g, 8).model(3), r"node 'dropout3' \(Dropout\): training_mode")
+
+
 # -- convolutions ----------------------------------------------------------------------------
 @pytest.mark.parametrize("stride, pad", [(1, 1), (2, 1), (1, 0)])
 def test_conv_with_stride_and_padding(tmp_path, stride, pad):
