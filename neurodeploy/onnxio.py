@@ -22,7 +22,9 @@ NCHW graph of these operators, in three steps:
    (square maps), Flatten, Reshape and Squeeze that flatten (C, H, W) to
    features whatever batch literal they carry (``[2, 128]``, ``[2, -1]``,
    ``[-1, 128]``, ``[0, -1]``) or change nothing, Identity, Dropout and Cast
-   to float32/float64 (dropped), Add / Sum of two or more activations (a
+   to float32/float64 (dropped), Pad with zeros on the spatial sides (taken
+   into the padding of the Conv, or AveragePool with count_include_pad=1,
+   reading it), Add / Sum of two or more activations (a
    residual join: an :class:`Add` layer naming its inputs), and Add / Sub /
    Mul / Div by a scalar or per-channel constant: an Add or Sub after a Gemm,
    MatMul or Conv is its bias (per output position too), anything else —
@@ -104,6 +106,7 @@ SUPPORTED_OPS = (
     "Identity",
     "Dropout",
     "Cast",
+    "Pad",
 )
 FOLDED_OPS = (
     "Constant",
@@ -184,6 +187,9 @@ class _Importer:
         self.relu_clips: dict = {}
         self.relu_windows: dict = {}
         self.float_dtype = np.float32  # the network input's element type
+        # a Pad's output -> (its input, zero padding per spatial side, the Pad's name);
+        # the Conv or AveragePool reading it takes the padding into its own
+        self.zero_pads: dict[str, tuple[str, int, str]] = {}
 
     # -- errors, attributes, constants ---------------------------------------------------
     def fail(self, node, message: str):
@@ -645,8 +651,53 @@ def _map_node(imp: _Importer, node, op: str, attrs: dict) -> None:
     extra = [o for o in node.output[1:] if o and imp.consumers.get(o)]
     if extra:
         imp.fail(node, f"its extra outputs {extra} are used: only the first output maps")
+    padded = [d for d in data if d in imp.zero_pads]
+    absorbs = op in ("Conv", "Pad") or (op == "AveragePool" and attrs.get("count_include_pad", 0))
+    if padded and not absorbs:
+        imp.fail(
+            node,
+            f"reads the zero-padded output of Pad '{imp.zero_pads[padded[0]][2]}': only a "
+            "Conv or an AveragePool with count_include_pad=1 takes a Pad into its padding",
+        )
     handler = _HANDLERS[op]
     handler(imp, node, attrs, data, out)
+
+
+def _unpad(imp: _Importer, tensor: str) -> tuple[str, int]:
+    """The tensor a Pad node padded and by how much (itself and 0 for any other)."""
+    if tensor in imp.zero_pads:
+        source, padding, _ = imp.zero_pads[tensor]
+        return source, padding
+    return tensor, 0
+
+
+def _map_pad(imp, node, attrs, data, out):
+    x = _first_data_input(imp, node, data)
+    source, before = _unpad(imp, x)
+    _require_image(imp, node, source)
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        imp.fail(node, f"mode '{mode}' not supported: only zero padding")
+    if "pads" in attrs:  # opset < 11
+        pads, value, axes = [int(p) for p in attrs["pads"]], float(attrs.get("value", 0.0)), None
+    else:
+        pads = [int(p) for p in imp.const(node, node.input[1], np.int64).reshape(-1)]
+        fill = imp.optional_const(node, 2)
+        value = 0.0 if fill is None else float(fill.reshape(-1)[0])
+        axes = imp.optional_const(node, 3, np.int64)
+    if axes is not None:  # opset 18: pads for the listed axes only
+        full = [0] * 8
+        for i, axis in enumerate(int(a) % 4 for a in axes.reshape(-1)):
+            full[axis], full[axis + 4] = pads[i], pads[i + len(axes.reshape(-1))]
+        pads = full
+    if value != 0.0:
+        imp.fail(node, f"pads with the value {value}: only zero padding")
+    if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or len(set(pads[2:4] + pads[6:])) != 1:
+        imp.fail(node, f"pads {pads} not supported: only the same padding on every spatial side")
+    if pads[2] < 0:
+        imp.fail(node, f"pads {pads} crop: not supported")
+    imp.zero_pads[out] = (source, before + pads[2], node.name)
 
 
 def _first_data_input(imp: _Importer, node, data: list) -> str:
@@ -898,7 +949,7 @@ def _no_dilation(imp, node, attrs: dict) -> None:
 
 
 def _map_conv(imp, node, attrs, data, out):
-    x = _first_data_input(imp, node, data)
+    x, extra = _unpad(imp, _first_data_input(imp, node, data))
     c, h, _ = _require_image(imp, node, x)
     w = imp.const(node, node.input[1])
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
@@ -908,7 +959,7 @@ def _map_conv(imp, node, attrs, data, out):
     if "kernel_shape" in attrs:
         _square(imp, node, attrs["kernel_shape"], "kernel")
     stride = _square(imp, node, attrs.get("strides", [1, 1]), "stride")
-    padding = _padding(imp, node, attrs, kernel, stride, h)
+    padding = extra + _padding(imp, node, attrs, kernel, stride, h + 2 * extra)
     groups = int(attrs.get("group", 1))
     if groups < 1 or c % groups or w.shape[1] * groups != c:
         imp.fail(node, f"group={groups} does not fit {c} input channels and weight {w.shape}")
@@ -929,8 +980,9 @@ def _map_conv(imp, node, attrs, data, out):
 
 
 def _map_pool(imp, node, attrs, data, out):
-    x = _first_data_input(imp, node, data)
+    x, extra = _unpad(imp, _first_data_input(imp, node, data))
     _, h, _ = _require_image(imp, node, x)
+    h += 2 * extra  # a Pad's zeros are inputs like any other (count_include_pad=1)
     kernel = _square(imp, node, attrs.get("kernel_shape", []), "kernel")
     stride = _square(imp, node, attrs.get("strides", [1, 1]), "stride")  # ONNX default: 1
     _no_dilation(imp, node, attrs)
@@ -966,7 +1018,7 @@ def _map_pool(imp, node, attrs, data, out):
             "pool",
             kernel=kernel,
             stride=stride,
-            padding=padding,
+            padding=padding + extra,
             count_include_pad=bool(attrs.get("count_include_pad", 0)),
         )
 
@@ -1129,6 +1181,7 @@ _HANDLERS = {
     "Identity": _map_identity,
     "Dropout": _map_identity,
     "Cast": _map_cast,
+    "Pad": _map_pad,
     "Gemm": _map_gemm,
     "MatMul": _map_matmul,
     "Sum": _map_sum,

@@ -268,6 +268,60 @@ def test_conv_same_padding(tmp_path):
     assert net.layers[0].padding == 1
 
 
+@pytest.mark.parametrize("form", ["opset17", "opset10_attributes", "opset18_axes", "twice"])
+def test_zero_pad_is_taken_into_the_next_conv(tmp_path, form):
+    g = Graph((2, 6, 6))
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    if form == "opset10_attributes":
+        g.add("Pad", pads=pads.tolist(), mode="constant", value=0.0)
+    elif form == "opset18_axes":
+        g.add("Pad", np.array([1, 1, 1, 1], np.int64), np.float32(0), np.array([2, 3], np.int64))
+    else:
+        g.add("Pad", pads)
+        if form == "twice":
+            g.add("Pad", pads, np.float32(0))
+    conv(g, 2, 3, pad=1).add("Relu")
+    if form == "opset10_attributes":  # nn.ZeroPad2d(1) before a pool
+        g.add("Pad", pads=pads.tolist())
+    else:
+        g.add("Pad", pads)
+    g.add("AveragePool", kernel_shape=[2, 2], strides=[2, 2], count_include_pad=1)
+    size = (6 + 2 * (3 if form == "twice" else 2) - 3 + 1 + 2) // 2
+    dense_head(g.add("Flatten"), 3 * size * size)
+    opset = {"opset10_attributes": 10, "opset18_axes": 18}.get(form, 17)
+    net = check_against_onnxruntime(
+        save(g.model(3, opset=opset), tmp_path), (2, 6, 6), convert=False
+    )
+    assert types(net)[:3] == ["conv2d", "relu", "avgpool2d"]
+    assert (net.layers[0].padding, net.layers[2].padding) == (3 if form == "twice" else 2, 1)
+
+
+@pytest.mark.parametrize(
+    "pads, extra, then, pattern",
+    [
+        ([0, 0, 1, 0, 0, 0, 0, 1], {}, "Conv", r"\(Pad\): pads \[0, 0, 1, 0, 0, 0, 0, 1\] not"),
+        ([0, 0, 1, 1, 0, 0, 1, 1], {"mode": "reflect"}, "Conv", r"\(Pad\): mode 'reflect'"),
+        (
+            [0, 0, 1, 1, 0, 0, 1, 1],
+            {},
+            "Relu",
+            r"node 'relu2' \(Relu\): reads the zero-padded "
+            r"output of Pad 'pad1'",
+        ),
+        ([0, 0, 1, 1, 0, 0, 1, 1], {}, "MaxPool", r"\(MaxPool\): reads the zero-padded"),
+    ],
+)
+def test_pads_that_no_layer_takes_are_refused(tmp_path, pads, extra, then, pattern):
+    g = Graph((2, 6, 6)).add("Pad", np.array(pads, np.int64), **extra)
+    if then == "Conv":
+        conv(g, 2, 3, pad=0)
+    elif then == "MaxPool":
+        g.add("MaxPool", kernel_shape=[2, 2], strides=[2, 2])
+    else:
+        g.add(then)
+    _refused(tmp_path, g.add("Flatten").model(3), pattern)
+
+
 # -- pooling ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "op, attrs, size",
