@@ -592,7 +592,7 @@ class Network:
                 out = layer.forward(values[srcs[0]])
             values[layer.name] = out
             if not keep:  # free what no later layer reads: memory grows with the widest cut
-                for src in srcs:
+                for src in set(srcs):  # an Add may take one layer twice
                     if last_use[src] == i:
                         del values[src]
         return values
