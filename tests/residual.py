@@ -138,8 +138,8 @@ def dense_resnet(seed: int = 0, samples: int = 40):
 
 def conv_resnet(seed: int = 0, samples: int = 40):
     """A small residual CNN: conv1 -> conv2 -> conv3 (+ identity of conv1) -> max pool
-    -> conv4 (+ average-pooled 1x1 projection of conv2) -> fc -> out (+ flattened
-    projection of the pool). Returns (snn, raw calibration inputs)."""
+    -> conv4 (+ average-pooled 1x1 projection of conv2, + 1x1 projection of the pool
+    right before it: no delay) -> fc -> out (+ flattened projection of the pool). Returns (snn, raw calibration inputs)."""
     rng = np.random.default_rng(seed)
 
     def conv(name, c_out, c_in):
@@ -167,7 +167,10 @@ def conv_resnet(seed: int = 0, samples: int = 40):
     projection = nd.Conv2d("proj2", rng.normal(0, 0.5, (6, 4, 1, 1)), np.zeros(6), 1, 0)
     shortcuts = {
         "conv3": [("conv1", (_identity_conv("id1", 4),))],
-        "conv4": [("conv2", (nd.AvgPool2d("proj2_pool", 2, 2), projection))],
+        "conv4": [
+            ("conv2", (nd.AvgPool2d("proj2_pool", 2, 2), projection)),
+            ("pool", (nd.Conv2d("proj_pool", rng.normal(0, 0.3, (6, 4, 1, 1)), np.zeros(6)),)),
+        ],
         "out": [
             (
                 "pool",

@@ -315,6 +315,11 @@ def test_residual_energy_and_summary_count_the_shortcut_synapses(resnets):
     assert link["source"] == "conv1" and link["synapses"] == 4 * 8 * 8  # identity 1x1
     assert link["delay_steps"] == 32
     assert conv3["synapses"] == dep.programs["conv3"].synapse_count + link["synapses"]
+    # conv4 joins conv2 (one window back) and the pool right before it (no delay)
+    assert [(sc["source"], sc["delay_steps"]) for sc in summary["conv4"]["shortcuts"]] == [
+        ("conv2", 32),
+        ("pool", 0),
+    ]
     # the same run without the shortcut synapses' events costs exactly those events less
     e = dep.profile.energy
     n = trace.num_samples

@@ -370,11 +370,15 @@ class CrossbarDeployment(Deployment):
         )
 
     # -- running ---------------------------------------------------------------------------
-    def _read(self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict, key: str):
+    def _read(
+        self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict, key: str | None = None
+    ):
         """Analog multiply-accumulate of one array, values (N, *input) -> (N, *output);
-        its ADC clips count in ``stats["overflow"][key]`` (the layer's name).
+        its ADC clips count in ``stats["overflow"][key]`` (default: the array's name; a
+        shortcut group's count under its join layer's).
 
         No bias: a spiking layer's bias is in its threshold; the output layer adds it."""
+        key = layer.name if key is None else key
         n = values.shape[0]
         patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
         dac_bits = self.converter.dac_bits
