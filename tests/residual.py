@@ -139,7 +139,8 @@ def dense_resnet(seed: int = 0, samples: int = 40):
 def conv_resnet(seed: int = 0, samples: int = 40):
     """A small residual CNN: conv1 -> conv2 -> conv3 (+ identity of conv1) -> max pool
     -> conv4 (+ average-pooled 1x1 projection of conv2, + 1x1 projection of the pool
-    right before it: no delay) -> fc -> out (+ flattened projection of the pool). Returns (snn, raw calibration inputs)."""
+    right before it: no delay) -> fc -> out (+ flattened projection of the pool).
+    Returns (snn, raw calibration inputs)."""
     rng = np.random.default_rng(seed)
 
     def conv(name, c_out, c_in):
