@@ -29,12 +29,14 @@ give), so a source spike at step k arrives at step k of the join's input
 window: a duration of d = K - k steps, worth the value d dt_src. The join's
 membrane has one LSB (2^(e - s) dt_in), so the group's weights carry the step
 ratio: W' = W_sc dt_src / dt_in, quantised to ``weights.bits`` mantissas with
-the group's own exponent e_sc (Loihi has one weight exponent per synapse
-group), and entering the membrane as w' 2^(e_sc - e + s) units per step of
-duration. That shift cannot be negative (a membrane unit is the finest
-value the core adds), so e_sc >= e - s. The current I sums both groups' spikes
-in the step they arrive; V, the overflow bound and the step-by-step
-saturation include them.
+the group's own exponent e_sc (Loihi shares one weight exponent and width per
+synapse group: ``weight_exp`` / ``num_weight_bits`` of Lava's Loihi ``Dense``
+process, lava.proc.dense.process), and entering the membrane as
+w' 2^(e_sc - e + s) units per step of duration. That shift cannot be negative
+(a membrane unit is the finest value the core adds), so e_sc >= e - s. The
+current I sums both groups' spikes in the step they arrive; V, the overflow
+bound and the step-by-step saturation include them.
+
 With the ``ideal`` profile the emulator runs the reference simulator.
 """
 
@@ -149,6 +151,11 @@ def program_layer(
 ) -> LayerProgram:
     """The chip program of one layer. sources: for a join layer, shortcut source name ->
     (dt_src, delay_steps) (see :meth:`EmulatorDeployment._shortcut_sources`)."""
+    if stage.shortcuts and sources is None:
+        raise DeployError(
+            f"layer '{stage.name}' joins residual shortcuts: program_layer needs their "
+            "sources' step sizes and delays (EmulatorDeployment._shortcut_sources)"
+        )
     ops, affine, pool_factor, indicator, synapse_count, fanout = _group(
         stage.synapses, stage.input_shape
     )
