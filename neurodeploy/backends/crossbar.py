@@ -572,9 +572,10 @@ class CrossbarDeployment(Deployment):
                         g["adc_conversions_per_inference"] for g in groups
                     ),
                     "levels": cb.levels,
-                    "shortcuts": shortcuts,
                 }
             )
+            if shortcuts:  # a join layer: its shortcut arrays (included in the totals)
+                layers[-1]["shortcuts"] = shortcuts
         return {
             "backend": self.backend,
             "profile": self.profile.name,

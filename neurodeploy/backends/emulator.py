@@ -583,18 +583,19 @@ class EmulatorDeployment(Deployment):
                     "window_steps": prog.steps,
                     "step_size": prog.dt,
                     "stepped_integration": prog.stepped,
-                    "shortcuts": [
-                        {
-                            "source": sc.source,
-                            "synapses": sc.synapse_count,
-                            "weight_exponent": sc.exponent,
-                            "delay_steps": sc.delay_steps,
-                            "step_ratio": sc.step_ratio,
-                        }
-                        for sc in prog.shortcuts
-                    ],
                 }
             )
+            if prog.shortcuts:  # a join layer: its shortcut synapse groups
+                layers[-1]["shortcuts"] = [
+                    {
+                        "source": sc.source,
+                        "synapses": sc.synapse_count,
+                        "weight_exponent": sc.exponent,
+                        "delay_steps": sc.delay_steps,
+                        "step_ratio": sc.step_ratio,
+                    }
+                    for sc in prog.shortcuts
+                ]
         total_cores = sum(layer["cores"] for layer in layers)
         windows = 1 + len(self.snn.spiking_layers)
         return {
