@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .backends.common import abs_weight_ops
+from .backends.common import abs_weight_ops, shortcut_term
 from .deploy import Deployment
 from .fileio import write_text_atomic
 from .simulate import simulate
@@ -232,15 +232,15 @@ def crosscheck(
         reference.spike_times["input"], hardware.spike_times["input"], INPUT_WINDOW
     )
     previous_hw = hw_in
+    hw_values = {"input": hw_in}  # every stage's hardware values: shortcut sources
     logit_err = np.abs(hardware.output - reference.output)
     for stage in snn.stages:
         hw_stage = hw_snn.stage(stage.name)
         if isinstance(stage, OutputLayer):
             own, delta, input_error = terms[stage.name]
-            local = apply_synapses(stage.synapses, previous_hw).reshape(n, -1) + stage.bias.reshape(
-                1, -1
-            )
-            bound = _bound(stage, own, delta, input_error, previous_hw).reshape(n, -1)
+            potential, bound = _local(stage, terms, own, delta, input_error, previous_hw, hw_values)
+            local = potential.reshape(n, -1)
+            bound = bound.reshape(n, -1)
             local_err = np.abs(hardware.output - local)
             _, beyond = _beyond(local_err, bound, local)
             diff = reference.output - hardware.output
@@ -274,9 +274,8 @@ def crosscheck(
             kind = "pool"
         else:
             own, delta, input_error = terms[stage.name]
-            potential = apply_synapses(stage.synapses, previous_hw) + stage.bias
+            potential, bound = _local(stage, terms, own, delta, input_error, previous_hw, hw_values)
             local = np.clip(potential, 0.0, stage.window)
-            bound = _bound(stage, own, delta, input_error, previous_hw)
             kind = "spiking"
         local_err = np.abs(hw_v - local)
         _, beyond = _beyond(local_err, bound, local)
@@ -301,6 +300,7 @@ def crosscheck(
         )
         plots["layers"][stage.name] = _plot_data(ref_t, hw_t, [stage.t_min, stage.t_max])
         previous_hw = hw_v
+        hw_values[stage.name] = hw_v
 
     agreement = float(np.mean(reference.predictions == hardware.predictions)) if n else 1.0
     divergence = next((layer.name for layer in layers if not layer.within_bound), None)
@@ -333,15 +333,32 @@ def crosscheck(
     )
 
 
-def _bound(stage, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
-    """Local quantisation bound of a stage for the given hardware inputs (N, *input)."""
-    bound = np.zeros((inputs.shape[0], *stage.output_shape)) + own
+def _local(stage, terms, own, delta, input_error, inputs, hw_values) -> tuple:
+    """Exact potential (bias included) of a layer fed the hardware's own inputs, and the
+    bound quantisation explains on it. A join layer adds each shortcut's synapses on its
+    source's hardware values, with that group's terms (``shortcut_term`` keys)."""
+    potential = apply_synapses(stage.synapses, inputs) + stage.bias
+    bound = _bound(stage.synapses, stage.output_shape, own, delta, input_error, inputs)
+    for i, shortcut in enumerate(stage.shortcuts):
+        source = hw_values[shortcut.source]
+        potential = potential + apply_synapses(shortcut.synapses, source)
+        sc_own, sc_delta, sc_input = terms[shortcut_term(stage.name, i)]
+        bound = bound + _bound(
+            shortcut.synapses, stage.output_shape, sc_own, sc_delta, sc_input, source
+        )
+    return potential, bound
+
+
+def _bound(synapses, output_shape, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
+    """Local quantisation bound of one synapse group for the given hardware inputs
+    (N, *input), in the shape (N, *output_shape)."""
+    bound = np.zeros((inputs.shape[0], *output_shape)) + own
     if delta is not None:
-        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, delta), inputs)
+        bound = bound + apply_synapses(abs_weight_ops(synapses, delta), inputs)
     if input_error:
-        weight = np.abs(stage.synapses[-1].weight)
+        weight = np.abs(synapses[-1].weight)
         nonzero = (inputs > 0).astype(np.float64) * input_error
-        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, weight), nonzero)
+        bound = bound + apply_synapses(abs_weight_ops(synapses, weight), nonzero)
     return bound
 
 

@@ -65,7 +65,11 @@ class Deployment(ABC):
         (spike steps, threshold, ramp, ADC, bias); ``weight_error`` |W_hw - W| in the
         shape of the stage's dense/conv weight, or None; ``input_error`` the largest
         error the stage adds to each nonzero input (e.g. a DAC's half level).
-        "input" -> (rounding of the encoded input, None, 0). Pools are exact."""
+        "input" -> (rounding of the encoded input, None, 0). Pools are exact. A join
+        layer's i-th shortcut group has its own entry under
+        ``backends.common.shortcut_term(stage, i)`` ("stage/shortcut<i>"), in the same
+        form: weight_error in the shape of the shortcut's dense/conv weight, input_error
+        per nonzero source value; the cross-check adds it on the source's values."""
 
 
 def backend_class(name: str) -> type[Deployment]:

@@ -3,9 +3,12 @@ expected direction."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from netgen import random_inputs, random_network
+from residual import conv_resnet, dense_resnet
 from scipy.stats import norm
 from test_emulator import assert_same_spikes
 
@@ -197,3 +200,83 @@ def test_wrong_profile_is_refused(cnn):
     snn, _, _, _ = cnn
     with pytest.raises(nd.DeployError, match="digital hardware.*crossbar"):
         deploy(snn, "loihi2", backend="crossbar")
+
+
+# -- residual networks ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnets():
+    return {"dense": dense_resnet(0), "conv": conv_resnet(0)}
+
+
+def test_ideal_crossbar_reproduces_the_reference_on_residual_nets(resnets):
+    for snn, x in resnets.values():
+        ref = nd.simulate(snn, x)
+        for profile in ("ideal", pcm(), pcm(**{"crossbar.tile_rows": 5, "crossbar.tile_cols": 3})):
+            trace = run(snn, profile, x)
+            assert_same_spikes(trace, ref)
+            np.testing.assert_allclose(trace.output, ref.output, rtol=0, atol=1e-9)
+
+
+def test_shortcut_groups_are_their_own_programmed_tiles(resnets):
+    """The same devices and effects, on streams of their own: a join's main array is
+    programmed exactly as without its shortcut, and noise reaches the shortcut tiles."""
+    snn, x = resnets["dense"]
+    noisy = pcm(**{"crossbar.prog_noise_scale": 1.0, "crossbar.variability": 0.05})
+    dep = deploy(snn, noisy, backend="crossbar", seed=2)
+    join = dep.layers["fc3"]
+    (group,) = join.shortcuts
+    assert group.source == "fc1" and group.rows == 8 and group.cols == 8
+    chain = replace(
+        snn,
+        stages=tuple(replace(s, shortcuts=()) if s.name == "fc3" else s for s in snn.stages),
+    )
+    plain = deploy(chain, noisy, backend="crossbar", seed=2).layers["fc3"]
+    np.testing.assert_array_equal(join.tiles[0].g_pos, plain.tiles[0].g_pos)
+    # identity weights 1 at g_max on the diagonal; noise moves every one of those devices
+    ideal = deploy(snn, pcm(), backend="crossbar").layers["fc3"].shortcuts[0]
+    np.testing.assert_allclose(np.diag(ideal.tiles[0].g_pos), noisy.crossbar.g_max_us)
+    assert np.all(np.diag(group.tiles[0].g_pos) != noisy.crossbar.g_max_us)
+    a = run(snn, noisy, x, seed=2).output
+    np.testing.assert_array_equal(a, run(snn, noisy, x, seed=2).output)
+
+
+def test_residual_quantisation_stays_within_the_crosscheck_bound(resnets):
+    """Levels, DAC and ADC on the main and the shortcut arrays: every join within the
+    bound its quantisation terms give, the shortcut groups' own terms included."""
+    quantised = pcm(**{"crossbar.levels": 64, "converter.dac_bits": 6, "converter.adc_bits": 6})
+    for kind, join in (("dense", "fc3"), ("conv", "conv3")):
+        snn, x = resnets[kind]
+        dep = deploy(snn, quantised, backend="crossbar")
+        own, delta, dac = dep.quantization_terms()[f"{join}/shortcut0"]
+        assert np.max(own) > 0 and np.max(delta) > 0 and dac > 0
+        report = nd.crosscheck(snn, dep, x)
+        assert report.divergence_layer is None, report.reasons
+
+
+def test_residual_summary_and_energy_count_the_shortcut_arrays(resnets):
+    snn, x = resnets["conv"]
+    converters = {"converter.dac_bits": 8, "converter.adc_bits": 8}
+    profile = pcm(**converters)
+    dep = deploy(snn, profile, backend="crossbar")
+    trace = dep.run(x)
+    layers = {layer["name"]: layer for layer in dep.summary()["layers"]}
+    conv3 = layers["conv3"]
+    (link,) = conv3["shortcuts"]
+    assert link["source"] == "conv1" and (link["rows"], link["cols"]) == (4, 4)  # 1x1 identity
+    assert link["reads_per_inference"] == 64 and link["adc_conversions_per_inference"] == 64 * 4
+    assert conv3["devices"] == 2 * (36 * 4 + 4 * 4)
+    assert conv3["adc_conversions_per_inference"] == 64 * 4 + link["adc_conversions_per_inference"]
+    # Energy = a V_read^2 (device reads) + conversions + spikes: two read voltages give the
+    # fixed part, which counts the shortcut arrays' ADC and DAC conversions.
+    louder = run(snn, pcm(**converters, **{"crossbar.v_read_v": 0.4}), x)
+    v1, v2 = profile.crossbar.v_read_v**2, 0.4**2
+    fixed = (trace.energy_j * v2 - louder.energy_j * v1) / (v2 - v1)
+    e = profile.energy
+    adc = sum(layer["adc_conversions_per_inference"] for layer in layers.values())
+    arrays = [g for layer in dep.layers.values() for g in layer.groups]
+    dac = sum(g.positions * g.rows for g in arrays)
+    assert dac > sum(layer.positions * layer.rows for layer in dep.layers.values())
+    expected = adc * e.adc_conversion_j + dac * e.dac_conversion_j + trace.spike_count * e.spike_j
+    np.testing.assert_allclose(fixed, expected, rtol=1e-9)

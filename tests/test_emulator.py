@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from netgen import random_inputs, random_network
+from residual import conv_resnet, dense_resnet
+from residual import forward as residual_forward
 
 import neurodeploy as nd
 from neurodeploy.backends.emulator import EmulatorDeployment
@@ -53,48 +57,67 @@ def test_ideal_profile_reproduces_the_reference(neuron):
 
 def _naive_chip(dep: EmulatorDeployment, x: np.ndarray):
     """Literal step-by-step integer execution of the emulator's program, one sample at a
-    time with Python integers: the specification the vectorised emulator must meet."""
+    time with Python integers: the specification the vectorised emulator must meet.
+
+    Spikes carry their global step (window w, step k: w K + k); a shortcut group's
+    spikes are held back by its delay_steps and integrate in the step they then reach."""
     snn, steps = dep.snn, dep.profile.timing.steps_per_window
     limit = dep.profile.neuron.membrane_bits
     limit = None if limit is None else 2 ** (limit - 1) - 1
     clip = (lambda v: max(-limit, min(limit, v))) if limit else (lambda v: v)
+
+    def matrix(synapses, input_shape):
+        n_in = int(np.prod(input_shape))
+        basis = np.eye(n_in).reshape(n_in, *input_shape)
+        return apply_synapses(synapses, basis).reshape(n_in, -1).astype(np.int64)
+
     logits = []
     for sample in x:
         x01 = np.clip((sample - snn.input_range[0]) / np.ptp(snn.input_range), 0, 1)
         d = np.floor(x01 * steps + 0.5)
-        t = np.where(d > 0, (steps - d) / steps, np.inf)[None]
+        # global spike steps per stage (-1: no spike); the input window is window 0
+        spikes = {"input": np.where(d > 0, steps - d, -1).reshape(-1)}
+        times = {"input": np.where(d > 0, (steps - d) / steps, np.inf)[None]}
+        window = 0  # the window the current stage's inputs arrive in
+        previous = "input"
         for stage in snn.stages:
             if isinstance(stage, TimePool):
-                t = time_pool(stage, t)
+                t = time_pool(stage, times[previous])
+                k = np.rint((t - stage.t_min) / dep.step_size[stage.name])
+                times[stage.name] = t
+                spikes[stage.name] = np.where(np.isfinite(t), window * steps + k, -1).reshape(-1)
+                previous = stage.name
                 continue
             prog = dep.programs[stage.name]
-            end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
-            arrive_step = np.where(np.isfinite(t), steps - np.rint((end - t) / prog.dt_in), -1)
-            n_in = int(np.prod(stage.input_shape))
-            basis = np.eye(n_in).reshape(n_in, *stage.input_shape)
-            matrix = apply_synapses(prog.synapses, basis).reshape(n_in, -1).astype(np.int64)
-            arrive_step = arrive_step.reshape(-1)
-            n_out = matrix.shape[1]
+            groups = [(matrix(prog.synapses, stage.input_shape), spikes[previous])]
+            for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True):
+                arrival = np.where(spikes[sc.source] >= 0, spikes[sc.source] + sc.delay_steps, -1)
+                groups.append((matrix(sc.synapses, shortcut.input_shape), arrival))
+            n_out = groups[0][0].shape[1]
             current = [0] * n_out
             start = prog.bias.reshape(-1) if isinstance(stage, OutputLayer) else np.zeros(n_out)
             v = [int(b) for b in start]
-            for k in range(steps):
-                arriving = np.flatnonzero(arrive_step == k)
+            for k in range(window * steps, (window + 1) * steps):
                 for i in range(n_out):
-                    current[i] = clip(current[i] + int(matrix[arriving, i].sum()))
+                    drive = sum(int(w[arrive == k, i].sum()) for w, arrive in groups)
+                    current[i] = clip(current[i] + drive)
                     v[i] = clip(v[i] + current[i])
             if isinstance(stage, OutputLayer):
                 logits.append(np.array(v, dtype=np.float64) * prog.lsb)
                 break
+            window += 1
             theta = prog.threshold.reshape(-1)
-            fire = np.full(n_out, np.inf)
+            fire = np.full(n_out, -1)
             for i in range(n_out):
                 for m in range(steps):
                     if v[i] >= theta[i]:
-                        fire[i] = stage.t_min + m * prog.dt
+                        fire[i] = window * steps + m
                         break
                     v[i] = clip(v[i] + int(prog.ramp))
-            t = fire.reshape(1, *stage.output_shape)
+            spikes[stage.name] = fire
+            t = np.where(fire >= 0, stage.t_min + (fire - window * steps) * prog.dt, np.inf)
+            times[stage.name] = t.reshape(1, *stage.output_shape)
+            previous = stage.name
     return np.array(logits)
 
 
@@ -216,3 +239,130 @@ def test_wrong_profile_or_neuron_is_refused(digits_cnn):
         deploy(alpha, "loihi2")
     with pytest.raises(nd.UsageError, match="backend"):
         deploy(snn, "loihi2", backend="fpga")
+
+
+# -- residual networks ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnets():
+    return {"dense": dense_resnet(0), "conv": conv_resnet(0)}
+
+
+def test_residual_helper_nets_compute_the_residual_relu_network(resnets):
+    for snn, x in resnets.values():
+        assert snn.has_shortcuts
+        ref = nd.simulate(snn, x)
+        expected = residual_forward(snn, x)
+        np.testing.assert_allclose(
+            ref.output, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max()
+        )
+
+
+def test_ideal_profile_reproduces_the_reference_on_residual_nets(resnets):
+    for snn, x in resnets.values():
+        trace = deploy(snn, "ideal").run(x)
+        ref = nd.simulate(snn, x)
+        assert_same_spikes(trace, ref)
+        np.testing.assert_allclose(trace.output, ref.output, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("membrane_bits", [24, 8])
+def test_residual_joins_equal_literal_integer_execution(resnets, kind, membrane_bits):
+    """Shortcut groups with their delays, in the closed form (24 bits) and in saturating
+    step-by-step integration (8 bits, overflowing)."""
+    snn, x = resnets[kind]
+    profile = loihi(
+        **{"neuron.membrane_bits": membrane_bits, "timing.steps_per_window": 8, "weights.bits": 6}
+    )
+    dep = deploy(snn, profile)
+    joins = [p for p in dep.programs.values() if p.shortcuts]
+    assert len(joins) == 3
+    stepped = [p.stepped for p in joins]
+    assert all(stepped) if membrane_bits == 8 else not any(stepped)
+    trace = dep.run(x[:4])
+    np.testing.assert_array_equal(trace.output, _naive_chip(dep, x[:4]))
+    if membrane_bits == 10:
+        assert sum(trace.overflow.values()) > 0
+
+
+def test_shortcut_groups_are_quantised_with_their_own_exponent(resnets):
+    snn, _ = resnets["dense"]
+    dep = deploy(snn, loihi(**{"weights.bits": 4}))
+    prog = dep.programs["fc3"]
+    (sc,) = prog.shortcuts
+    assert sc.source == "fc1" and sc.delay_steps == 32  # fc1 -> fc3: fc2's window between
+    np.testing.assert_allclose(sc.step_ratio, dep.step_size["fc1"] / prog.dt_in)
+    # identity weights times the step ratio, on the group's 4-bit mantissa grid in membrane units
+    units = sc.synapses[-1].weight
+    exact = np.eye(8) * sc.step_ratio * 2.0 ** (prog.shift - prog.exponent)
+    unit = 2.0 ** (sc.exponent - prog.exponent + prog.shift)
+    np.testing.assert_array_equal(units % unit, 0)
+    assert 4 <= np.abs(units / unit).max() <= 7  # the exponent fits the group's own weights
+    assert np.abs(units - exact).max() <= unit / 2
+    # conv4's projection of conv2 has smaller weights than conv4's own: a finer exponent
+    snn, _ = resnets["conv"]
+    prog = deploy(snn, loihi(**{"weights.bits": 4})).programs["conv4"]
+    assert [sc.source for sc in prog.shortcuts] == ["conv2", "pool"]
+    assert prog.shortcuts[0].exponent < prog.exponent
+
+
+def test_residual_energy_and_summary_count_the_shortcut_synapses(resnets):
+    snn, x = resnets["conv"]
+    dep = deploy(snn, "loihi2")
+    trace = dep.run(x)
+    summary = {layer["name"]: layer for layer in dep.summary()["layers"]}
+    conv3 = summary["conv3"]
+    (link,) = conv3["shortcuts"]
+    assert link["source"] == "conv1" and link["synapses"] == 4 * 8 * 8  # identity 1x1
+    assert link["delay_steps"] == 32
+    assert conv3["synapses"] == dep.programs["conv3"].synapse_count + link["synapses"]
+    # conv4 joins conv2 (one window back) and the pool right before it (no delay)
+    assert [(sc["source"], sc["delay_steps"]) for sc in summary["conv4"]["shortcuts"]] == [
+        ("conv2", 32),
+        ("pool", 0),
+    ]
+    # the same run without the shortcut synapses' events costs exactly those events less
+    e = dep.profile.energy
+    n = trace.num_samples
+    shortcut_events = sum(
+        np.isfinite(trace.spike_times[sc.source]).reshape(n, -1) @ sc.fanout
+        for prog in dep.programs.values()
+        for sc in prog.shortcuts
+    )
+    assert np.all(shortcut_events > 0)
+    chain_programs = {name: replace(prog, shortcuts=()) for name, prog in dep.programs.items()}
+    dep_chain = deploy(snn, "loihi2")
+    dep_chain.programs = chain_programs
+    np.testing.assert_allclose(
+        trace.energy_j - dep_chain._energy(trace), shortcut_events * e.synop_j, rtol=1e-12
+    )
+
+
+def test_residual_net_on_loihi2_passes_the_crosscheck(resnets):
+    """Only quantisation differs: every join within its bound (the shortcut groups'
+    mantissas included); a wrong shortcut group is caught at its join."""
+    for snn, x in resnets.values():
+        report = nd.crosscheck(snn, deploy(snn, "loihi2"), x)
+        assert report.divergence_layer is None, report.reasons
+    assert report.ok, report.reasons  # the conv net's margins also keep every prediction
+    dep = deploy(snn, "loihi2")
+    prog = dep.programs["conv3"]
+    (sc,) = prog.shortcuts
+    doubled = replace(sc.synapses[-1], weight=2 * sc.synapses[-1].weight)
+    dep.programs["conv3"] = replace(
+        prog, shortcuts=(replace(sc, synapses=(*sc.synapses[:-1], doubled)),)
+    )
+    assert nd.crosscheck(snn, dep, x).divergence_layer == "conv3"
+
+
+def test_misaligned_shortcut_is_refused(resnets):
+    snn, _ = resnets["dense"]
+    fc3 = snn.stage("fc3")
+    bad = replace(
+        fc3, shortcuts=(replace(fc3.shortcuts[0], t_source=fc3.shortcuts[0].t_source + 0.3),)
+    )
+    broken = replace(snn, stages=tuple(bad if s is fc3 else s for s in snn.stages))
+    with pytest.raises(nd.DeployError, match="fc3.*fc1.*whole windows"):
+        deploy(broken, "loihi2")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from residual import conv_resnet, dense_resnet
 
 import neurodeploy as nd
 from neurodeploy.backends.lava import LavaRunError
@@ -247,3 +248,36 @@ def test_importing_lava_through_the_backend_sets_no_start_method(tmp_path):
         """,
     )
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-3000:]
+@pytest.mark.parametrize("make", [dense_resnet, conv_resnet], ids=["dense", "conv"])
+def test_fixed_point_lava_runs_residual_nets_exactly_like_the_emulator(make):
+    """Shortcut groups through delay processes; batch 5: a partial last chunk."""
+    snn, x = make(0)
+    x = x[:12]
+    emulator = nd.deploy(snn, "loihi2").run(x)
+    lava = nd.deploy(snn, "loihi2", backend="lava", batch=5).run(x)
+    for stage in emulator.spike_times:
+        np.testing.assert_array_equal(lava.spike_times[stage], emulator.spike_times[stage])
+    np.testing.assert_array_equal(lava.output, emulator.output)
+    np.testing.assert_array_equal(lava.energy_j, emulator.energy_j)
+
+
+def test_saturating_residual_joins_match_the_emulator():
+    snn, x = dense_resnet(0)
+    profile = nd.load_profile("loihi2").with_overrides(
+        {"neuron.membrane_bits": 8, "timing.steps_per_window": 8, "weights.bits": 6}
+    )
+    emulator = nd.deploy(snn, profile).run(x[:8])
+    lava = nd.deploy(snn, profile, backend="lava").run(x[:8])
+    assert emulator.overflow["fc3"] > 0  # a join saturates
+    assert lava.overflow == emulator.overflow
+    np.testing.assert_array_equal(lava.output, emulator.output)
+
+
+def test_floating_point_lava_on_a_residual_net_stays_within_the_step_grid_bound():
+    """floating_pt differs from the reference only by the step grid: the cross-check
+    finds every stage, the joins included, within that bound."""
+    snn, x = conv_resnet(0)
+    dep = nd.deploy(snn, "loihi2", backend="lava", tag="floating_pt")
+    report = nd.crosscheck(snn, dep, x[:10])
+    assert report.divergence_layer is None, report.reasons
+    assert report.agreement == 1.0

@@ -31,14 +31,9 @@ def require_b1(snn: TTFSNetwork, backend: str) -> None:
         )
 
 
-def require_chain(snn: TTFSNetwork, backend: str) -> None:
-    """Refuse residual networks on a backend that does not map shortcut synapses yet."""
-    joins = [s.name for s in snn.stages if getattr(s, "shortcuts", ())]
-    if joins:
-        raise DeployError(
-            f"the {backend} backend does not map residual shortcuts yet (layers {joins} "
-            "take one); run residual networks on the reference simulator"
-        )
+def shortcut_term(stage: str, index: int) -> str:
+    """Key of a join layer's ``index``-th shortcut group in ``quantization_terms``."""
+    return f"{stage}/shortcut{index}"
 
 
 def step_sizes(snn: TTFSNetwork, steps: int) -> dict[str, float]:

@@ -35,6 +35,22 @@ to 2^adc_bits - 1 symmetric levels over +-(adc_headroom x the largest |sum| of
 that tile column on the network's calibration set, read noise-free at
 deployment, as chips calibrate their converters); clipped sums are counted in
 ``trace.overflow``.
+
+Residual joins. A layer's shortcut synapses (identity or projection, from an
+earlier stage) are programmed on their own tiles: conductance pairs with their
+own weight scale w_max / (g_max - g_min), the same devices, noise, drift,
+faults, DAC and ADC as the main array. Their word lines carry the source's
+pulses, delayed by whole windows (a delay line or buffer in the digital
+periphery) so they fall in the join's input window and last the source's
+value (up to the source's window, which sets the DAC range); their column sums
+are digitised by their own ADCs (ranged on their own calibration sums) and
+added digitally to the main array's before the neuron, like the partial sums
+of a layer's row tiles. Why not extra rows in the main tiles: the shortcut's
+weights (an identity's are 1) and pulse range differ from the main array's,
+and one shared scale and DAC range would spend the main weights' conductance
+levels and the shortcut's DAC levels on a range neither uses; mapping the
+shortcut as its own matrix is also what analog ResNet deployments do (a 1x1
+projection is a layer of its own), and every row tile already has its own ADCs.
 """
 
 from __future__ import annotations
@@ -58,8 +74,8 @@ from ..simulate import (
     time_pool,
 )
 from ..trace import Trace
-from ..ttfs import OutputLayer, SpikingLayer, apply_synapses
-from .common import child_rng, encode_on_grid, require_b1, require_chain, step_sizes
+from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, apply_synapses
+from .common import child_rng, encode_on_grid, require_b1, shortcut_term, step_sizes
 
 # aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
 # et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
@@ -110,6 +126,13 @@ class _CrossbarLayer:
     input_range: float  # longest input pulse (the input window, time units)
     row_conductance: np.ndarray  # (rows,) sum of G+ + G- over columns, for read energy
     positions: int  # reads per sample (output positions)
+    source: str | None = None  # a shortcut group: the stage whose (delayed) spikes it reads
+    shortcuts: tuple[_CrossbarLayer, ...] = ()  # a join layer's shortcut groups
+
+    @property
+    def groups(self) -> tuple[_CrossbarLayer, ...]:
+        """The layer's arrays: the main one, then its shortcut groups."""
+        return (self, *self.shortcuts)
 
 
 def _weight_matrix(affine) -> np.ndarray:
@@ -161,15 +184,19 @@ def read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarra
     )
 
 
-def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int):
-    """Target, programmed and inference-time conductance pairs for W (rows, cols)."""
+def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int | tuple):
+    """Target, programmed and inference-time conductance pairs for W (rows, cols).
+
+    layer: the layer's index, or (index, 1 + i) for its i-th shortcut group: each array
+    draws its own streams."""
+    path = layer if isinstance(layer, tuple) else (layer,)
     span = cb.g_max_us - cb.g_min_us
     w_max = float(np.abs(w).max()) or 1.0
     target = [
         _quantise_levels(cb.g_min_us + span * np.maximum(sign * w, 0.0) / w_max, cb)
         for sign in (1.0, -1.0)
     ]
-    rng = {p: child_rng(seed, p, layer) for p in (_VARIABILITY, _PROGRAMMING, _DRIFT, _FAULTS)}
+    rng = {p: child_rng(seed, p, *path) for p in (_VARIABILITY, _PROGRAMMING, _DRIFT, _FAULTS)}
     programmed, now = [], []
     fault_u = rng[_FAULTS].random((2, *w.shape))
     for i, g_t in enumerate(target):
@@ -201,7 +228,6 @@ class CrossbarDeployment(Deployment):
     def __init__(self, snn, profile, seed: int = 0):
         super().__init__(snn, profile, seed)
         require_b1(snn, self.backend)
-        require_chain(snn, self.backend)
         ideal = profile.hardware == "ideal"
         self.device = _IDEAL_CROSSBAR if ideal else profile.crossbar
         self.converter = Converter() if ideal else profile.converter
@@ -213,9 +239,30 @@ class CrossbarDeployment(Deployment):
         index = 0
         for stage in snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
-                self.layers[stage.name] = self._map_layer(
-                    stage, index, calibration_inputs.get(stage.name)
+                window = (
+                    stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
+                ) - stage.t_min_prev
+                layer = self._map_layer(
+                    stage.name,
+                    stage.synapses,
+                    stage.output_shape,
+                    window,
+                    index,
+                    calibration_inputs.get(stage.name),
                 )
+                shortcuts = tuple(
+                    self._map_layer(
+                        shortcut_term(stage.name, i),
+                        shortcut.synapses,
+                        stage.output_shape,
+                        self._source_window(shortcut),
+                        (index, 1 + i),
+                        calibration_inputs.get(shortcut_term(stage.name, i)),
+                        source=shortcut.source,
+                    )
+                    for i, shortcut in enumerate(stage.shortcuts)
+                )
+                self.layers[stage.name] = replace(layer, shortcuts=shortcuts)
                 index += 1
         self._last_energy: float | None = None
 
@@ -232,6 +279,10 @@ class CrossbarDeployment(Deployment):
             if isinstance(stage, (SpikingLayer, OutputLayer)):
                 end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
                 inputs[stage.name] = spike_values(trace.spike_times[previous], end)
+                for i, shortcut in enumerate(stage.shortcuts):  # the source's values
+                    inputs[shortcut_term(stage.name, i)] = spike_values(
+                        trace.spike_times[shortcut.source], shortcut.t_source
+                    )
             previous = stage.name
         return inputs
 
@@ -243,9 +294,27 @@ class CrossbarDeployment(Deployment):
             return ops.im2col(x, conv.kernel, conv.stride, conv.padding)
         return x.reshape(x.shape[0], -1), None, None
 
-    def _map_layer(self, stage, index: int, calibration_values) -> _CrossbarLayer:
+    def _source_window(self, shortcut) -> float:
+        """Length (time units) of a shortcut source's window: its longest pulse."""
+        if shortcut.source == "input":
+            return INPUT_WINDOW[1] - INPUT_WINDOW[0]
+        source = self.snn.stage(shortcut.source)
+        return source.t_max - source.t_min
+
+    def _map_layer(
+        self,
+        name: str,
+        synapses: tuple,
+        output_shape: tuple,
+        window: float,
+        index: int | tuple,
+        calibration_values,
+        source: str | None = None,
+    ) -> _CrossbarLayer:
+        """One array: synapses (pre ops, dense/conv) onto tiles; window: the longest input
+        pulse (time units); index: the random streams' path (see :func:`program_pairs`)."""
         cb, conv_cfg = self.device, self.converter
-        *pre_ops, affine = stage.synapses
+        *pre_ops, affine = synapses
         w = _weight_matrix(affine)
         rows, cols = w.shape
         target, programmed, now, weight_scale = program_pairs(w, cb, self.faults, self.seed, index)
@@ -254,9 +323,6 @@ class CrossbarDeployment(Deployment):
             reference = np.abs(programmed[0] - programmed[1]).mean()
             current = np.abs(now[0] - now[1]).mean()
             compensation = float(reference / current) if current > 0 else 1.0
-        window = (
-            stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
-        ) - stage.t_min_prev
         read_var = None
         if cb.read_noise_scale > 0:
             read_var = (
@@ -286,9 +352,9 @@ class CrossbarDeployment(Deployment):
                     max_code,
                 )
             )
-        positions = int(np.prod(stage.output_shape[1:])) if conv is not None else 1
+        positions = int(np.prod(output_shape[1:])) if conv is not None else 1
         return _CrossbarLayer(
-            name=stage.name,
+            name=name,
             pre_ops=tuple(pre_ops),
             conv=conv,
             rows=rows,
@@ -300,13 +366,19 @@ class CrossbarDeployment(Deployment):
             input_range=window,
             row_conductance=(now[0] + now[1]).sum(axis=1),
             positions=positions,
+            source=source,
         )
 
     # -- running ---------------------------------------------------------------------------
-    def _read(self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict):
-        """Analog multiply-accumulate of one layer, values (N, *input) -> (N, *output).
+    def _read(
+        self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict, key: str | None = None
+    ):
+        """Analog multiply-accumulate of one array, values (N, *input) -> (N, *output);
+        its ADC clips count in ``stats["overflow"][key]`` (default: the array's name; a
+        shortcut group's count under its join layer's).
 
         No bias: a spiking layer's bias is in its threshold; the output layer adds it."""
+        key = layer.name if key is None else key
         n = values.shape[0]
         patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
         dac_bits = self.converter.dac_bits
@@ -328,7 +400,7 @@ class CrossbarDeployment(Deployment):
                 part = np.clip(code, -tile.adc_max_code, tile.adc_max_code) * step
                 part[:, tile.adc_step <= 0] = 0.0
             out += part
-        stats["overflow"][layer.name] = clipped
+        stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
@@ -349,10 +421,22 @@ class CrossbarDeployment(Deployment):
             name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
         }
 
+        def potential(stage, t_in, shortcut_in):
+            """All arrays of a layer read, their digitised sums added: (N, *output)."""
+            layer = self.layers[stage.name]
+            end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
+            v = self._read(layer, spike_values(t_in, end), rngs[stage.name], stats, stage.name)
+            index = list(self.layers).index(stage.name)
+            for j, (group, shortcut, t_src) in enumerate(
+                zip(layer.shortcuts, stage.shortcuts, shortcut_in, strict=True)
+            ):
+                rng = child_rng(self.seed, _READ, read_seed, index, 1 + j)
+                values = spike_values(t_src, shortcut.t_source)  # delayed: the source's values
+                v += self._read(group, values, rng, stats, stage.name)
+            return v
+
         def spiking(stage: SpikingLayer, t_in, shortcut_in=()):
-            v = self._read(
-                self.layers[stage.name], spike_values(t_in, stage.t_min), rngs[stage.name], stats
-            )
+            v = potential(stage, t_in, shortcut_in)
             if not self.steps:
                 return b1_fire(stage, v)
             dt = self.step_size[stage.name]
@@ -364,9 +448,7 @@ class CrossbarDeployment(Deployment):
             return t, early
 
         def output(stage: OutputLayer, t_in, shortcut_in=()):
-            v = self._read(
-                self.layers[stage.name], spike_values(t_in, stage.t_read), rngs[stage.name], stats
-            )
+            v = potential(stage, t_in, shortcut_in)
             return (v + stage.bias).reshape(n, -1)
 
         logits, spike_times, saturated = run_stages(snn, t_input, spiking, time_pool, output)
@@ -402,10 +484,9 @@ class CrossbarDeployment(Deployment):
         e = self.profile.energy
         cb = self.device
         read_j = cb.v_read_v**2 * 1e-6 * read_charge * self._seconds_per_time_unit()
-        conversions = sum(
-            layer.positions * layer.cols * len(layer.tiles) for layer in self.layers.values()
-        )
-        dac = sum(layer.positions * layer.rows for layer in self.layers.values())
+        arrays = [group for layer in self.layers.values() for group in layer.groups]
+        conversions = sum(group.positions * group.cols * len(group.tiles) for group in arrays)
+        dac = sum(group.positions * group.rows for group in arrays)
         fixed = 0.0
         if self.converter.adc_bits is not None:
             fixed += conversions * e.adc_conversion_j
@@ -416,55 +497,85 @@ class CrossbarDeployment(Deployment):
     def quantization_terms(self) -> dict[str, tuple]:
         """Conductance levels, DAC and ADC resolution and (with a step grid) spike-step
         rounding. Noise, drift, variability and faults are not quantisation: their
-        effects show as errors beyond these terms."""
+        effects show as errors beyond these terms. A join layer's shortcut groups have
+        their own terms (their levels, ADCs and DAC range)."""
         terms = {"input": (0.5 / self.steps if self.steps else 0.0, None, 0.0)}
         for stage in self.snn.stages:
             layer = self.layers.get(stage.name)
             if layer is None:
                 continue
-            affine = stage.synapses[-1]
-            delta = None
-            if self.device.levels is not None:  # half a conductance level, in weight units
-                span = self.device.g_max_us - self.device.g_min_us
-                level = span / (self.device.levels - 1)
-                delta = np.full(affine.weight.shape, 0.5 * level * layer.weight_scale)
-            own = np.zeros(layer.cols)
-            for tile in layer.tiles:
-                if tile.adc_step is not None:
-                    own = own + 0.5 * tile.adc_step * layer.weight_scale * layer.compensation
-            own = own.reshape((-1,) + (1,) * (len(stage.output_shape) - 1))
+            own, delta, dac = self._group_terms(layer, stage.synapses[-1], stage.output_shape)
             if self.steps and isinstance(stage, SpikingLayer):
                 own = own + 0.5 * self.step_size[stage.name]
-            dac = 0.0
-            if self.converter.dac_bits is not None:
-                dac = 0.5 * layer.input_range / (2**self.converter.dac_bits - 1)
             terms[stage.name] = (own, delta, dac)
+            for i, (group, shortcut) in enumerate(
+                zip(layer.shortcuts, stage.shortcuts, strict=True)
+            ):
+                terms[shortcut_term(stage.name, i)] = self._group_terms(
+                    group, shortcut.synapses[-1], stage.output_shape
+                )
         return terms
+
+    def _group_terms(self, layer: _CrossbarLayer, affine, output_shape) -> tuple:
+        """(ADC rounding per output channel, half a conductance level in weight units,
+        half a DAC level) of one array."""
+        delta = None
+        if self.device.levels is not None:  # half a conductance level, in weight units
+            span = self.device.g_max_us - self.device.g_min_us
+            level = span / (self.device.levels - 1)
+            delta = np.full(affine.weight.shape, 0.5 * level * layer.weight_scale)
+        own = np.zeros(layer.cols)
+        for tile in layer.tiles:
+            if tile.adc_step is not None:
+                own = own + 0.5 * tile.adc_step * layer.weight_scale * layer.compensation
+        own = own.reshape((-1,) + (1,) * (len(output_shape) - 1))
+        dac = 0.0
+        if self.converter.dac_bits is not None:
+            dac = 0.5 * layer.input_range / (2**self.converter.dac_bits - 1)
+        return own, delta, dac
 
     def summary(self) -> dict:
         cb = self.device
+        adc = self.converter.adc_bits is not None
+
+        def array(group: _CrossbarLayer) -> dict:
+            tiles = len(group.tiles) * group.col_tiles
+            return {
+                "rows": group.rows,
+                "cols": group.cols,
+                "devices": 2 * group.rows * group.cols,
+                "tiles": tiles,
+                "reads_per_inference": group.positions,
+                "adc_conversions_per_inference": (
+                    group.positions * group.cols * len(group.tiles) if adc else 0
+                ),
+                "weight_per_us": group.weight_scale,
+                "drift_compensation": group.compensation,
+            }
+
         layers = []
         for layer in self.layers.values():
-            tiles = len(layer.tiles) * layer.col_tiles
+            main = array(layer)
+            shortcuts = [{"source": g.source, **array(g)} for g in layer.shortcuts]
+            groups = [main, *shortcuts]
+            tiles = sum(g["tiles"] for g in groups)
             layers.append(
                 {
                     "name": layer.name,
-                    "rows": layer.rows,
-                    "cols": layer.cols,
-                    "devices": 2 * layer.rows * layer.cols,
+                    **main,
+                    # the layer's totals: main array and shortcut groups
+                    "devices": sum(g["devices"] for g in groups),
                     "tiles": tiles,
-                    "utilisation": layer.rows * layer.cols / (tiles * cb.tile_rows * cb.tile_cols),
-                    "reads_per_inference": layer.positions,
-                    "adc_conversions_per_inference": (
-                        layer.positions * layer.cols * len(layer.tiles)
-                        if self.converter.adc_bits is not None
-                        else 0
+                    "utilisation": sum(g["rows"] * g["cols"] for g in groups)
+                    / (tiles * cb.tile_rows * cb.tile_cols),
+                    "adc_conversions_per_inference": sum(
+                        g["adc_conversions_per_inference"] for g in groups
                     ),
-                    "weight_per_us": layer.weight_scale,
-                    "drift_compensation": layer.compensation,
                     "levels": cb.levels,
                 }
             )
+            if shortcuts:  # a join layer: its shortcut arrays (included in the totals)
+                layers[-1]["shortcuts"] = shortcuts
         return {
             "backend": self.backend,
             "profile": self.profile.name,

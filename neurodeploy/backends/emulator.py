@@ -20,6 +20,23 @@ batch (integers are held exactly in float64, < 2^53, so BLAS does the sums):
 
 The output layer does not fire: its membrane, started at the integer bias, is
 read at the end of the last hidden window and scaled by LSB into logits.
+
+Residual joins: a layer's shortcut synapses are a second synapse group of the
+same neurons (one per shortcut). The source's spikes lie on its own window's
+grid (dt_src per step) and are delayed by whole windows (the windows in
+between, ``delay_steps`` = their number x K steps, as Loihi's synaptic delays
+give), so a source spike at step k arrives at step k of the join's input
+window: a duration of d = K - k steps, worth the value d dt_src. The join's
+membrane has one LSB (2^(e - s) dt_in), so the group's weights carry the step
+ratio: W' = W_sc dt_src / dt_in, quantised to ``weights.bits`` mantissas with
+the group's own exponent e_sc (Loihi shares one weight exponent and width per
+synapse group: ``weight_exp`` / ``num_weight_bits`` of Lava's Loihi ``Dense``
+process, lava.proc.dense.process), and entering the membrane as
+w' 2^(e_sc - e + s) units per step of duration. That shift cannot be negative
+(a membrane unit is the finest value the core adds), so e_sc >= e - s. The
+current I sums both groups' spikes in the step they arrive; V, the overflow
+bound and the step-by-step saturation include them.
+
 With the ``ideal`` profile the emulator runs the reference simulator.
 """
 
@@ -30,16 +47,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..deploy import Deployment
+from ..errors import DeployError
 from ..network import Conv2d, Dense
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
 from ..trace import Trace
-from ..ttfs import OutputLayer, SpikingLayer, TimePool, apply_synapses
+from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
 from .common import (
     durations,
     encode_on_grid,
     fold_average_pools,
     require_b1,
-    require_chain,
+    shortcut_term,
     step_sizes,
 )
 
@@ -69,6 +87,23 @@ class LayerProgram:
     synapse_count: int
     neurons: int
     fanout: np.ndarray  # (inputs,) synapses leaving each input neuron
+    shortcuts: tuple[ShortcutProgram, ...] = ()  # aligned with the stage's shortcuts
+
+
+@dataclass(frozen=True, eq=False)
+class ShortcutProgram:
+    """One shortcut synapse group of a join layer (see the module docstring)."""
+
+    source: str  # the stage (or "input") whose spikes feed it
+    synapses: tuple  # linear ops; the affine one holds the membrane units per step
+    indicator: tuple
+    dt_src: float  # time units per step of the source's window
+    step_ratio: float  # dt_src / dt_in, folded into the weights
+    pool_factor: float  # 1/k^2 of average pools folded into the weights
+    delay_steps: int  # whole windows x K
+    exponent: int | None  # e_sc (None: float weights)
+    synapse_count: int
+    fanout: np.ndarray  # (source neurons,)
 
 
 def _fanout(indicator: tuple, input_shape) -> np.ndarray:
@@ -97,10 +132,33 @@ def _with_weight(op, weight: np.ndarray):
     return replace(op, weight=weight, bias=np.zeros(weight.shape[0]))
 
 
-def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None) -> LayerProgram:
-    ops, pool_factor = fold_average_pools(stage.synapses)
+def _group(synapses: tuple, input_shape) -> tuple:
+    """(ops with sum pools, affine op, pool factor, indicator ops, synapse count, fanout)."""
+    ops, pool_factor = fold_average_pools(synapses)
     affine = ops[-1]
     assert isinstance(affine, (Dense, Conv2d))
+    indicator = (*ops[:-1], _with_weight(affine, (affine.weight != 0).astype(np.float64)))
+    count = int(apply_synapses(indicator, np.ones((1, *input_shape))).sum())
+    return ops, affine, pool_factor, indicator, count, _fanout(indicator, input_shape)
+
+
+def program_layer(
+    stage,
+    steps: int,
+    bits: int | None,
+    membrane_bits: int | None,
+    sources: dict | None = None,
+) -> LayerProgram:
+    """The chip program of one layer. sources: for a join layer, shortcut source name ->
+    (dt_src, delay_steps) (see :meth:`EmulatorDeployment._shortcut_sources`)."""
+    if stage.shortcuts and sources is None:
+        raise DeployError(
+            f"layer '{stage.name}' joins residual shortcuts: program_layer needs their "
+            "sources' step sizes and delays (EmulatorDeployment._shortcut_sources)"
+        )
+    ops, affine, pool_factor, indicator, synapse_count, fanout = _group(
+        stage.synapses, stage.input_shape
+    )
     weight = affine.weight * pool_factor
     dt_in = (
         (stage.t_min - stage.t_min_prev)
@@ -109,9 +167,7 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
     ) / steps
     is_output = isinstance(stage, OutputLayer)
     dt = 0.0 if is_output else stage.window / steps
-    indicator = (*ops[:-1], _with_weight(affine, (weight != 0).astype(np.float64)))
     ones = np.ones((1, *stage.input_shape))
-    synapse_count = int(apply_synapses(indicator, ones).sum())
     threshold_phys = None if is_output else stage.threshold - dt / 2
     common = {
         "name": stage.name,
@@ -121,8 +177,27 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
         "dt": dt,
         "synapse_count": synapse_count,
         "neurons": int(np.prod(stage.output_shape)),
-        "fanout": _fanout(indicator, stage.input_shape),
+        "fanout": fanout,
     }
+    # Shortcut groups: (ops, affine, W' = W_sc x pool factor x dt_src / dt_in, record).
+    groups = []
+    for shortcut in stage.shortcuts:
+        dt_src, delay_steps = sources[shortcut.source]
+        sc_ops, sc_affine, sc_pool, sc_indicator, sc_count, sc_fanout = _group(
+            shortcut.synapses, shortcut.input_shape
+        )
+        ratio = dt_src / dt_in
+        record = {
+            "source": shortcut.source,
+            "indicator": sc_indicator,
+            "dt_src": dt_src,
+            "step_ratio": ratio,
+            "pool_factor": sc_pool,
+            "delay_steps": delay_steps,
+            "synapse_count": sc_count,
+            "fanout": sc_fanout,
+        }
+        groups.append((sc_ops, sc_affine, sc_affine.weight * sc_pool * ratio, shortcut, record))
 
     if bits is None:  # float weights on the step grid: one membrane unit = one input step
         lsb = dt_in
@@ -136,6 +211,10 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
             bias=stage.bias / lsb if is_output else None,
             limit=None,
             stepped=False,
+            shortcuts=tuple(
+                ShortcutProgram(synapses=(*o[:-1], _with_weight(a, w)), exponent=None, **rec)
+                for o, a, w, _, rec in groups
+            ),
             **common,
         )
 
@@ -143,9 +222,19 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
     top = 2 ** (bits - 1)
     mantissa = np.clip(np.rint(weight / 2.0**exponent), -top, top - 1)
     abs_ops = (*ops[:-1], _with_weight(affine, np.abs(mantissa)))
-    worst = float(apply_synapses(abs_ops, ones * steps).max())  # largest |sum w d| in units of w
+    worst = apply_synapses(abs_ops, ones * steps)[0]  # largest |sum w d| per neuron, units of w
     limit = None if membrane_bits is None else float(2 ** (membrane_bits - 1) - 1)
     ramp_per_unit = dt / (2.0**exponent * dt_in)  # r: ramp in mantissa-step units (shift 0)
+    group_exponents = [_weight_exponent(w, bits) for _, _, w, _, _ in groups]
+
+    def shortcut_units(shift: int):
+        """Per group: (exponent e_sc, membrane units per step of duration)."""
+        out = []
+        for (_, _, w, _, _), e_group in zip(groups, group_exponents, strict=True):
+            e_sc = max(e_group, exponent - shift)  # no finer than one membrane unit
+            m = np.clip(np.rint(w / 2.0**e_sc), -top, top - 1)
+            out.append((e_sc, m * 2.0 ** (e_sc - exponent + shift)))
+        return out
 
     def scaled(shift: int):
         lsb = 2.0 ** (exponent - shift) * dt_in
@@ -159,7 +248,11 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
             return True
         lsb, theta, bias, ramp = scaled(shift)
         extra = float(np.abs(bias).max()) if is_output else 0.0
-        bound = worst * 2.0**shift + extra
+        total = worst * 2.0**shift
+        for (o, a, _, shortcut, _), (_, units) in zip(groups, shortcut_units(shift), strict=True):
+            sc_abs = (*o[:-1], _with_weight(a, np.abs(units)))
+            total = total + apply_synapses(sc_abs, np.ones((1, *shortcut.input_shape)) * steps)[0]
+        bound = float(total.max()) + extra
         if not is_output:
             bound = max(bound, float(np.abs(theta).max()) + ramp)
         return bound <= limit
@@ -174,6 +267,10 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
     lsb, theta, bias, ramp = scaled(shift)
     if limit is not None and theta is not None:
         theta = np.clip(theta, -limit, limit)
+    shortcuts = tuple(
+        ShortcutProgram(synapses=(*o[:-1], _with_weight(a, units)), exponent=e_sc, **rec)
+        for (o, a, _, _, rec), (e_sc, units) in zip(groups, shortcut_units(shift), strict=True)
+    )
     return LayerProgram(
         synapses=(*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
         lsb=lsb,
@@ -184,14 +281,30 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
         bias=bias,
         limit=limit,
         stepped=stepped,
+        shortcuts=shortcuts,
         **common,
     )
 
 
-def _integrate(program: LayerProgram, d: np.ndarray, start: np.ndarray | float = 0.0):
-    """Membrane at the end of the input window, and how many neurons saturated on the way."""
+def _integrate(
+    program: LayerProgram,
+    d: np.ndarray,
+    shortcut_d: tuple = (),
+    start: np.ndarray | float = 0.0,
+):
+    """Membrane at the end of the input window, and how many neurons saturated on the way.
+
+    d: input durations in steps (N, *input); shortcut_d: the shortcut groups' durations
+    (N, *source), aligned with ``program.shortcuts``: their delayed spikes arrive in the
+    same window, at step K - d, and add to the same current."""
+    groups = [(program.synapses, d)] + [
+        (sc.synapses, d_sc) for sc, d_sc in zip(program.shortcuts, shortcut_d, strict=True)
+    ]
     if not program.stepped:
-        return apply_synapses(program.synapses, d) + start, 0
+        v = start
+        for synapses, durations_ in groups:
+            v = apply_synapses(synapses, durations_) + v
+        return v, 0
     limit = program.limit
     n = d.shape[0]
     current = 0.0
@@ -202,11 +315,11 @@ def _integrate(program: LayerProgram, d: np.ndarray, start: np.ndarray | float =
     )
     clipped = None
     for k in range(program.steps):
-        arriving = (d == program.steps - k).astype(np.float64)
-        current = current + apply_synapses(program.synapses, arriving)
+        for synapses, durations_ in groups:
+            arriving = (durations_ == program.steps - k).astype(np.float64)
+            current = current + apply_synapses(synapses, arriving)
         if v is None:
             v = np.zeros_like(current) + start
-            clipped = np.zeros(current.shape, dtype=bool)
         if clipped is None:
             clipped = np.zeros(current.shape, dtype=bool)
         over = np.abs(current) > limit
@@ -216,6 +329,19 @@ def _integrate(program: LayerProgram, d: np.ndarray, start: np.ndarray | float =
         v = np.clip(v, -limit, limit)
         clipped |= over
     return v, int(np.count_nonzero(clipped))
+
+
+def _shortcuts(stage) -> tuple:
+    return getattr(stage, "shortcuts", ())
+
+
+def _shortcut_durations(stage, program: LayerProgram, shortcut_in: tuple) -> tuple:
+    """Durations (steps) of the delayed shortcut spikes: K - k for a source spike at step k
+    of its window, 0 for silence."""
+    return tuple(
+        durations(t_src, shortcut.t_source, sc.dt_src)
+        for shortcut, sc, t_src in zip(stage.shortcuts, program.shortcuts, shortcut_in, strict=True)
+    )
 
 
 class EmulatorDeployment(Deployment):
@@ -231,7 +357,6 @@ class EmulatorDeployment(Deployment):
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
-        require_chain(snn, self.backend)
         self._build_programs(profile.weights.bits, profile.neuron.membrane_bits)
 
     def _build_programs(self, bits: int | None, membrane_bits: int | None) -> None:
@@ -239,14 +364,50 @@ class EmulatorDeployment(Deployment):
         self.step_size = step_sizes(self.snn, steps)
         for stage in self.snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
-                self.programs[stage.name] = program_layer(stage, steps, bits, membrane_bits)
+                self.programs[stage.name] = program_layer(
+                    stage, steps, bits, membrane_bits, self._shortcut_sources(stage)
+                )
+
+    def _shortcut_sources(self, stage) -> dict[str, tuple[float, int]]:
+        """Shortcut source name -> (dt_src, delay in steps) for a join layer.
+
+        Window w = 0 is the input's, w = n hidden layer n's (a pool's is the layer it
+        pools). The join integrates during window w_in (its t_min_prev .. t_min), so a
+        source in window w is delayed by (w_in - w) K steps; that must be the join's
+        delay in time units, the windows in between."""
+        steps = self.profile.timing.steps_per_window
+        window_of, window_end = {"input": 0}, [INPUT_WINDOW[1]]
+        for s in self.snn.stages:
+            if s is stage:
+                break
+            if isinstance(s, SpikingLayer):
+                window_end.append(s.t_max)
+            if isinstance(s, (SpikingLayer, TimePool)):
+                window_of[s.name] = len(window_end) - 1
+        joined = len(window_end) - 1  # the window the join's inputs arrive in
+        sources = {}
+        for shortcut in stage.shortcuts:
+            w = window_of.get(shortcut.source)
+            scale = max(1.0, abs(window_end[-1]))
+            if (
+                w is None
+                or abs(window_end[w] - shortcut.t_source) > 1e-9 * scale
+                or abs(window_end[joined] - window_end[w] - stage.delay(shortcut)) > 1e-9 * scale
+            ):
+                raise DeployError(
+                    f"layer '{stage.name}': its shortcut from '{shortcut.source}' (window end "
+                    f"{shortcut.t_source}, delay {stage.delay(shortcut)}) is not aligned with "
+                    "whole windows of an earlier stage; the chip delays spikes by whole windows"
+                )
+            sources[shortcut.source] = (self.step_size[shortcut.source], (joined - w) * steps)
+        return sources
 
     # -- running ---------------------------------------------------------------------------
     def _spiking(self, overflow: dict):
         def layer(stage: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_min, prog.dt_in)
-            v, clipped = _integrate(prog, d)
+            v, clipped = _integrate(prog, d, _shortcut_durations(stage, prog, shortcut_in))
             overflow[stage.name] = clipped
             # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R). The
             # float division of these exact integers rounds to the right side of every
@@ -271,7 +432,8 @@ class EmulatorDeployment(Deployment):
         def layer(stage: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_read, prog.dt_in)
-            v, clipped = _integrate(prog, d, start=prog.bias)
+            shortcut_d = _shortcut_durations(stage, prog, shortcut_in)
+            v, clipped = _integrate(prog, d, shortcut_d, start=prog.bias)
             overflow[stage.name] = clipped
             return (v * prog.lsb).reshape(len(v), -1)
 
@@ -326,9 +488,12 @@ class EmulatorDeployment(Deployment):
         synops = np.zeros(n)
         previous = "input"
         for stage in self.snn.stages:
-            if stage.name in self.programs:
+            prog = self.programs.get(stage.name)
+            if prog is not None:
                 fired = np.isfinite(trace.spike_times[previous]).reshape(n, -1)
-                synops += fired @ self.programs[stage.name].fanout
+                synops += fired @ prog.fanout
+                for sc in prog.shortcuts:  # the delayed source spikes reach these synapses
+                    synops += np.isfinite(trace.spike_times[sc.source]).reshape(n, -1) @ sc.fanout
             previous = stage.name
         updates = self._neuron_updates_per_sample()
         return synops * e.synop_j + updates * e.neuron_update_j + trace.spike_count * e.spike_j
@@ -346,6 +511,8 @@ class EmulatorDeployment(Deployment):
         ideal profile (see :meth:`Deployment.quantization_terms`)."""
         if self.profile.hardware == "ideal":
             names = ["input", *(s.name for s in self.snn.stages if not isinstance(s, TimePool))]
+            for stage in self.snn.stages:
+                names += [shortcut_term(stage.name, i) for i in range(len(_shortcuts(stage)))]
             return {name: (0.0, None, 0.0) for name in names}
         steps = self.profile.timing.steps_per_window
         terms = {"input": (0.5 / steps, None, 0.0)}
@@ -370,6 +537,16 @@ class EmulatorDeployment(Deployment):
                 # (half a unit per step, over at most K steps) rounding
                 own = prog.dt * (0.5 + (0.5 + 0.5 * steps) / prog.ramp)
             terms[stage.name] = (own, delta, 0.0)
+            # A shortcut group's mantissas err by 2^(e_sc - 1) in W' = W_sc x pool factor x
+            # dt_src / dt_in; its delayed spikes keep their source's steps (no rounding).
+            for i, (shortcut, sc) in enumerate(zip(stage.shortcuts, prog.shortcuts, strict=True)):
+                sc_delta = None
+                if sc.exponent is not None:
+                    scale = sc.pool_factor * sc.step_ratio
+                    sc_delta = np.full(
+                        shortcut.synapses[-1].weight.shape, 0.5 * 2.0**sc.exponent / scale
+                    )
+                terms[shortcut_term(stage.name, i)] = (0.0, sc_delta, 0.0)
         return terms
 
     # -- mapping ---------------------------------------------------------------------------
@@ -386,18 +563,19 @@ class EmulatorDeployment(Deployment):
         cores = p.cores
         layers = []
         for prog in self.programs.values():
+            synapses = prog.synapse_count + sum(sc.synapse_count for sc in prog.shortcuts)
             n_cores = max(
                 -(-prog.neurons // cores.neurons_per_core),
-                -(-prog.synapse_count // cores.synapses_per_core),
+                -(-synapses // cores.synapses_per_core),
             )
             layers.append(
                 {
                     "name": prog.name,
                     "neurons": prog.neurons,
-                    "synapses": prog.synapse_count,
+                    "synapses": synapses,  # the shortcut groups' included
                     "cores": n_cores,
                     "neuron_utilisation": prog.neurons / (n_cores * cores.neurons_per_core),
-                    "synapse_utilisation": prog.synapse_count / (n_cores * cores.synapses_per_core),
+                    "synapse_utilisation": synapses / (n_cores * cores.synapses_per_core),
                     "weight_bits": p.weights.bits,
                     "weight_exponent": prog.exponent,
                     "membrane_shift": prog.shift,
@@ -407,6 +585,17 @@ class EmulatorDeployment(Deployment):
                     "stepped_integration": prog.stepped,
                 }
             )
+            if prog.shortcuts:  # a join layer: its shortcut synapse groups
+                layers[-1]["shortcuts"] = [
+                    {
+                        "source": sc.source,
+                        "synapses": sc.synapse_count,
+                        "weight_exponent": sc.exponent,
+                        "delay_steps": sc.delay_steps,
+                        "step_ratio": sc.step_ratio,
+                    }
+                    for sc in prog.shortcuts
+                ]
         total_cores = sum(layer["cores"] for layer in layers)
         windows = 1 + len(self.snn.spiking_layers)
         return {

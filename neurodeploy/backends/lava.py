@@ -11,6 +11,10 @@ model fails or the user presses Ctrl-C, so no Lava process outlives a run.
 
 Lava is imported through :func:`import_lava_runtime`, which keeps Lava from setting
 the global multiprocessing start method (see there).
+
+Residual joins: each shortcut group of a layer program is its own synapse
+process, fed by the source stage's spikes through a delay process of the
+group's ``delay_steps`` (whole windows), and adds into the join's input port.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import numpy as np
 from ..errors import UsageError
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
-from .common import require_chain
 from .emulator import EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
@@ -127,7 +130,6 @@ class LavaDeployment(EmulatorDeployment):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UsageError(f"batch must be a positive integer, got {batch!r}")
         super().__init__(snn, profile, seed)
-        require_chain(snn, self.backend)
         self.tag = tag
         self.batch = batch
         if tag == "floating_pt":  # float weights and membrane on the same step grid
@@ -156,7 +158,13 @@ class LavaDeployment(EmulatorDeployment):
         from lava.magma.core.run_conditions import RunSteps
         from lava.magma.core.run_configs import Loihi2SimCfg
 
-        from ..lava.process import SpikePool, SpikeSource, Synapses, TTFSNeuron, TTFSReadout
+        from ..lava.process import (
+            SpikePool,
+            SpikeSource,
+            Synapses,
+            TTFSNeuron,
+            TTFSReadout,
+        )
 
         snn, steps = self.snn, self.profile.timing.steps_per_window
         samples = input_steps.shape[0]
@@ -187,6 +195,7 @@ class LavaDeployment(EmulatorDeployment):
         )
         port, window_start, layer = source.s_out, 0, 0
         recorders = {}
+        outputs = {"input": source.s_out}  # every stage's spikes: shortcut sources
         for stage in snn.stages:
             path = str(tmp / f"{stage.name}.npz")
             if isinstance(stage, TimePool):
@@ -202,7 +211,7 @@ class LavaDeployment(EmulatorDeployment):
                     **common,
                 )
                 port.connect(pool.s_in)
-                port = pool.s_out
+                port = outputs[stage.name] = pool.s_out
                 recorders[stage.name] = path
                 continue
             prog = self.programs[stage.name]
@@ -217,6 +226,10 @@ class LavaDeployment(EmulatorDeployment):
                 error_path=error_path(),
             )
             port.connect(synapses.s_in)
+            groups = [synapses] + [
+                self._shortcut_group(stage, shortcut, sc, outputs, batch, chunk_steps, error_path)
+                for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
+            ]
             limit = prog.limit or 0
             size = int(np.prod(stage.output_shape))
             if isinstance(stage, SpikingLayer):
@@ -231,8 +244,10 @@ class LavaDeployment(EmulatorDeployment):
                     error_path=error_path(),
                     **common,
                 )
-                synapses.a_out.connect(neuron.a_in)
+                for group in groups:  # the InPort sums its inputs
+                    group.a_out.connect(neuron.a_in)
                 port, window_start = neuron.s_out, layer * steps
+                outputs[stage.name] = port
             else:
                 assert isinstance(stage, OutputLayer)
                 readout = TTFSReadout(
@@ -244,7 +259,8 @@ class LavaDeployment(EmulatorDeployment):
                     error_path=error_path(),
                     **common,
                 )
-                synapses.a_out.connect(readout.a_in)
+                for group in groups:
+                    group.a_out.connect(readout.a_in)
             recorders[stage.name] = path
         config = Loihi2SimCfg(select_tag=self.tag)
         # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
@@ -271,6 +287,35 @@ class LavaDeployment(EmulatorDeployment):
         if failures:
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
+
+    @staticmethod
+    def _shortcut_group(stage, shortcut, program, outputs, batch, chunk_steps, error_path):
+        """The synapse process of one shortcut group, fed by its source's spikes delayed by
+        the group's whole windows."""
+        from ..lava.process import SpikeDelay, Synapses
+
+        port = outputs[shortcut.source]
+        if program.delay_steps:
+            delay = SpikeDelay(
+                batch=batch,
+                size=int(np.prod(shortcut.input_shape)),
+                delay=program.delay_steps,
+                chunk_steps=chunk_steps,
+                error_path=error_path(),
+            )
+            port.connect(delay.s_in)
+            port = delay.s_out
+        synapses = Synapses(
+            batch=batch,
+            in_shape=shortcut.input_shape,
+            out_shape=stage.output_shape,
+            weight=program.synapses[-1].weight,
+            ops=program.synapses,
+            chunk_steps=chunk_steps,
+            error_path=error_path(),
+        )
+        port.connect(synapses.s_in)
+        return synapses
 
     def _trace(self, t_input: np.ndarray, outside: int, results: dict) -> Trace:
         snn, steps = self.snn, self.profile.timing.steps_per_window

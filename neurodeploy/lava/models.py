@@ -29,7 +29,14 @@ from lava.magma.core.model.py.type import LavaPyType
 from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
-from neurodeploy.lava.process import SpikePool, SpikeSource, Synapses, TTFSNeuron, TTFSReadout
+from neurodeploy.lava.process import (
+    SpikeDelay,
+    SpikePool,
+    SpikeSource,
+    Synapses,
+    TTFSNeuron,
+    TTFSReadout,
+)
 from neurodeploy.ttfs import apply_synapses
 
 
@@ -148,6 +155,27 @@ class PySpikePoolModel(_Chunked):
         self._send("s_out", out.astype(float))
         if self.time_step == p["total_steps"]:
             np.savez(p["result_path"], spike_step=self.spike_step)
+
+
+@implements(proc=SpikeDelay, protocol=LoihiProtocol)
+@requires(CPU)
+@tag("fixed_pt", "floating_pt")
+class PySpikeDelayModel(_Chunked):
+    due: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, float)
+    s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, float)
+    in_ports = ("s_in",)
+    out_ports = ("s_out",)
+
+    def step(self):
+        _, local = self._clock()
+        if local == 0:
+            self.due[:] = -1
+        arrived = self._recv("s_in") > 0
+        if np.any(arrived & (self.due >= local)):
+            raise RuntimeError("a neuron spiked again while its delayed spike was pending")
+        self.due[arrived] = local + self.proc_params["delay"]
+        self._send("s_out", (self.due == local).astype(float))
 
 
 @implements(proc=Synapses, protocol=LoihiProtocol)

@@ -12,6 +12,11 @@ which the TTFS windows would have to absorb layer by layer. The synapses here
 compute the same fixed-point product (integer weights, exact sums) for a
 (B, N_in) spike matrix in the step the spikes arrive.
 
+A layer that joins a residual branch takes a second synapse group per
+shortcut (a :class:`Synapses` process fed by a :class:`SpikeDelay` on the
+source's spikes); both groups' outputs connect to the neuron's one input
+port, whose Lava InPort sums them, as Loihi's dendrites sum synapse groups.
+
 Every process also takes ``error_path``: a model that fails writes its
 traceback there and goes silent, so the run ends instead of hanging.
 
@@ -89,6 +94,22 @@ class SpikePool(AbstractProcess):
         self.arrived = Var(shape=(batch, n_out), init=0)
         self.s_in = InPort(shape=(batch, n_in))
         self.s_out = OutPort(shape=(batch, n_out))
+
+
+class SpikeDelay(AbstractProcess):
+    """Holds spikes back by ``delay`` time steps: a residual shortcut's source spikes,
+    delayed by whole windows so they arrive in the join layer's input window.
+
+    Every neuron spikes at most once per chunk, so one pending arrival step per
+    neuron and sample is the whole buffer ((B, N) integers, not delay x B x N
+    spike frames).
+    """
+
+    def __init__(self, *, batch: int, size: int, delay: int, chunk_steps: int, **kwargs):
+        super().__init__(batch=batch, size=size, delay=delay, chunk_steps=chunk_steps, **kwargs)
+        self.due = Var(shape=(batch, size), init=-1)
+        self.s_in = InPort(shape=(batch, size))
+        self.s_out = OutPort(shape=(batch, size))
 
 
 class Synapses(AbstractProcess):
