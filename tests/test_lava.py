@@ -194,7 +194,8 @@ def _run_script(tmp_path: Path, name: str, source: str) -> subprocess.CompletedP
     """Run ``source`` in a fresh interpreter (Lava not yet imported, multiprocessing as new)."""
     script = tmp_path / name
     script.write_text(textwrap.dedent(source))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODELS.parent), sys.path[0]])}
+    package_root = Path(nd.__file__).resolve().parent.parent  # where neurodeploy is imported
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), sys.path[0]])}
     return subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
     )
