@@ -8,11 +8,13 @@ output) the report gives
   with missing spikes (the reference fires, the hardware does not) and extra
   ones, and the hardware's saturations and overflows;
 - a local check that tells where and why a run diverges: the stage is fed the
-  hardware's own inputs (the previous stage's hardware spikes) and computed
-  exactly; its hardware output must lie within the bound that quantisation
+  hardware's own inputs (the previous stage's hardware spikes and, for a layer
+  that joins a residual branch, its shortcut sources' hardware spikes) and
+  computed exactly; its hardware output must lie within the bound that quantisation
   alone explains there (the deployment's spike steps, weight resolution,
   threshold/ramp/ADC rounding and input resolution, see
-  :meth:`neurodeploy.deploy.Deployment.quantization_terms`). Errors inherited
+  :meth:`neurodeploy.deploy.Deployment.quantization_terms`; a shortcut's weight
+  and input terms add its share). Errors inherited
   from earlier layers are thereby explained, and the first stage whose
   outputs leave their bound is the divergence layer.
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from . import ops
 from .backends.common import abs_weight_ops
-from .deploy import Deployment
+from .deploy import Deployment, shortcut_term_key
 from .fileio import write_text_atomic
 from .simulate import simulate
 from .trace import Trace
@@ -231,16 +233,16 @@ def crosscheck(
     plots["layers"]["input"] = _plot_data(
         reference.spike_times["input"], hardware.spike_times["input"], INPUT_WINDOW
     )
+    hw_values = {"input": hw_in}  # every stage's hardware values, for shortcuts
     previous_hw = hw_in
     logit_err = np.abs(hardware.output - reference.output)
     for stage in snn.stages:
         hw_stage = hw_snn.stage(stage.name)
         if isinstance(stage, OutputLayer):
             own, delta, input_error = terms[stage.name]
-            local = apply_synapses(stage.synapses, previous_hw).reshape(n, -1) + stage.bias.reshape(
-                1, -1
-            )
-            bound = _bound(stage, own, delta, input_error, previous_hw).reshape(n, -1)
+            local = _drive(stage, previous_hw, hw_values).reshape(n, -1)
+            bound = _bound(stage, own, delta, input_error, previous_hw)
+            bound = _add_shortcut_bounds(stage, bound, terms, hw_values).reshape(n, -1)
             local_err = np.abs(hardware.output - local)
             _, beyond = _beyond(local_err, bound, local)
             diff = reference.output - hardware.output
@@ -274,9 +276,9 @@ def crosscheck(
             kind = "pool"
         else:
             own, delta, input_error = terms[stage.name]
-            potential = apply_synapses(stage.synapses, previous_hw) + stage.bias
-            local = np.clip(potential, 0.0, stage.window)
+            local = np.clip(_drive(stage, previous_hw, hw_values), 0.0, stage.window)
             bound = _bound(stage, own, delta, input_error, previous_hw)
+            bound = _add_shortcut_bounds(stage, bound, terms, hw_values)
             kind = "spiking"
         local_err = np.abs(hw_v - local)
         _, beyond = _beyond(local_err, bound, local)
@@ -300,7 +302,7 @@ def crosscheck(
             )
         )
         plots["layers"][stage.name] = _plot_data(ref_t, hw_t, [stage.t_min, stage.t_max])
-        previous_hw = hw_v
+        previous_hw = hw_values[stage.name] = hw_v
 
     agreement = float(np.mean(reference.predictions == hardware.predictions)) if n else 1.0
     divergence = next((layer.name for layer in layers if not layer.within_bound), None)
@@ -333,15 +335,40 @@ def crosscheck(
     )
 
 
-def _bound(stage, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
-    """Local quantisation bound of a stage for the given hardware inputs (N, *input)."""
+def _drive(stage, main_hw: np.ndarray, hw_values: dict) -> np.ndarray:
+    """The exact potential of a stage on hardware inputs: its synapses on the previous
+    stage's values, each shortcut's on its source's values, plus the bias."""
+    potential = apply_synapses(stage.synapses, main_hw) + stage.bias
+    for shortcut in stage.shortcuts:
+        potential += apply_synapses(shortcut.synapses, hw_values[shortcut.source])
+    return potential
+
+
+def _bound(stage, own, delta, input_error, inputs: np.ndarray, synapses=None) -> np.ndarray:
+    """Local quantisation bound of a stage for the given hardware inputs (N, *input);
+    ``synapses`` (default the stage's own) for a shortcut's share."""
+    synapses = stage.synapses if synapses is None else synapses
     bound = np.zeros((inputs.shape[0], *stage.output_shape)) + own
     if delta is not None:
-        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, delta), inputs)
+        bound = bound + apply_synapses(abs_weight_ops(synapses, delta), inputs)
     if input_error:
-        weight = np.abs(stage.synapses[-1].weight)
+        weight = np.abs(synapses[-1].weight)
         nonzero = (inputs > 0).astype(np.float64) * input_error
-        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, weight), nonzero)
+        bound = bound + apply_synapses(abs_weight_ops(synapses, weight), nonzero)
+    return bound
+
+
+def _add_shortcut_bounds(stage, bound: np.ndarray, terms: dict, hw_values: dict) -> np.ndarray:
+    """The bound plus each shortcut's weight and input error terms on its source's
+    hardware values (terms keyed by :func:`~neurodeploy.deploy.shortcut_term_key`; a
+    backend that lists none computes that shortcut exactly)."""
+    for index, shortcut in enumerate(stage.shortcuts):
+        _, delta, input_error = terms.get(shortcut_term_key(stage.name, index), (0.0, None, 0.0))
+        if delta is None and not input_error:
+            continue
+        bound = bound + _bound(
+            stage, 0.0, delta, input_error, hw_values[shortcut.source], shortcut.synapses
+        )
     return bound
 
 

@@ -65,7 +65,15 @@ class Deployment(ABC):
         (spike steps, threshold, ramp, ADC, bias); ``weight_error`` |W_hw - W| in the
         shape of the stage's dense/conv weight, or None; ``input_error`` the largest
         error the stage adds to each nonzero input (e.g. a DAC's half level).
-        "input" -> (rounding of the encoded input, None, 0). Pools are exact."""
+        "input" -> (rounding of the encoded input, None, 0). Pools are exact. A layer's
+        i-th residual shortcut: :func:`shortcut_term_key` (layer, i) -> (0, weight_error
+        in the shape of the shortcut's dense/conv weight or None, input_error on its
+        source's nonzero values); no entry means the shortcut is computed exactly."""
+
+
+def shortcut_term_key(stage: str, index: int) -> str:
+    """Key of a stage's ``index``-th shortcut in :meth:`Deployment.quantization_terms`."""
+    return f"{stage}/shortcut{index}"
 
 
 def backend_class(name: str) -> type[Deployment]:
