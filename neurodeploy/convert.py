@@ -226,6 +226,8 @@ def _is_identity_synapse(synapses: tuple[Layer, ...]) -> bool:
     if isinstance(op, Conv2d) and (op.kernel != 1 or op.stride != 1 or op.padding):
         return False
     n = op.weight.shape[0]
+    if isinstance(op, Conv2d) and op.groups == n and op.weight.shape[1] == 1:  # depthwise unit
+        return bool(np.all(op.weight == 1.0))
     return op.weight.shape[:2] == (n, n) and np.array_equal(op.weight.reshape(n, n), np.eye(n))
 
 

@@ -447,3 +447,49 @@ def test_sweep_runs_a_residual_model(tmp_path):
     other = nd.save_model(replace(net, layers=tuple(layers)), tmp_path / "other")
     spec2 = make_spec(other, "ideal", [("timing.time_unit_s", [1e-6])], 1, 40, None, None, 200, 0.5)
     assert spec2.model_sha256 != spec.model_sha256
+
+
+def test_pooled_projection_pooled_sum_and_flattened_identity_join_exactly():
+    # ResNet-D style shortcut (average pool, then 1x1 conv + bn), a batch norm and a max
+    # pool on the sum before its ReLU, and a dense block whose identity reads a flatten.
+    rng = np.random.default_rng(5)
+    layers = [
+        _conv("c0", rng, 2, 4, 3, 1, 1),
+        _bn("b0", rng, 4),
+        nd.ReLU("r0"),
+        _conv("c1", rng, 4, 6, 3, 2, 1),
+        _bn("b1", rng, 6),
+        nd.ReLU("r1"),
+        _conv("c2", rng, 6, 6, 3, 1, 1),
+        _bn("b2", rng, 6),
+        nd.AvgPool2d("dpool", 2, 2, inputs=("r0",)),
+        _conv("dconv", rng, 4, 6, 1),
+        _bn("dbn", rng, 6),
+        nd.Add("a", inputs=("b2", "dbn")),
+        _bn("abn", rng, 6),
+        nd.MaxPool2d("amp", 2),
+        nd.ReLU("r2"),
+        nd.Flatten("flat"),
+        nd.Dense("fc1", rng.normal(0, 0.3, (24, 24)), np.zeros(24)),
+        nd.ReLU("fr1"),
+        nd.Dense("fc2", rng.normal(0, 0.3, (24, 24)), np.zeros(24)),
+        nd.Add("fa", inputs=("fc2", "flat")),
+        nd.ReLU("fr2"),
+        nd.Dense("out", rng.normal(0, 0.3, (3, 24)), np.zeros(3)),
+    ]
+    x = rng.uniform(-1, 3, (32, 2, 8, 8))
+    net = nd.Network("misc", (2, 8, 8), (-1.0, 3.0), with_bn_statistics(layers, x))
+    snn = nd.convert(net, calibration=x)
+    kinds = {
+        s.name: [[op.type for op in sc.synapses] for sc in s.shortcuts]
+        for s in snn.stages
+        if getattr(s, "shortcuts", ())
+    }
+    assert kinds == {"c2": [["avgpool2d", "conv2d"]], "fc2": [["flatten", "dense"]]}
+    assert snn.stage("fc2").shortcuts[0].source == "amp"  # a pool's window is its layer's
+    assert snn.stage("fc2").shortcuts[0].t_source == snn.stage("c2").t_max
+    trace = nd.simulate(snn, x)
+    assert trace.saturated == 0
+    assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
+    again = nd.convert(snn_to_network(snn), calibration=x)
+    assert relative_error(nd.simulate(again, x).output, net.forward(x)) <= RELATIVE_TOLERANCE
