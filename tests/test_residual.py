@@ -76,14 +76,15 @@ def test_resnet8_converts_and_simulates_exactly():
 
 
 def test_identity_synapse_is_a_unit_one_by_one_map():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (2, 3, 4, 4))
     conv = _identity_synapse("id", (3, 4, 4))
-    v = np.random.default_rng(0).uniform(0, 1, (2, 3, 4, 4))
-    np.testing.assert_array_equal(conv.forward(v), v)
+    assert isinstance(conv, nd.Conv2d) and conv.kernel == 1
+    np.testing.assert_array_equal(conv.forward(image), image)
+    vector = rng.uniform(0, 1, (2, 5))
     dense = _identity_synapse("id", (5,))
-    np.testing.assert_array_equal(
-        dense.forward(v[:, 0, 0, :3].repeat(2, axis=1)[:, :5]),
-        v[:, 0, 0, :3].repeat(2, axis=1)[:, :5],
-    )
+    assert isinstance(dense, nd.Dense)
+    np.testing.assert_array_equal(dense.forward(vector), vector)
 
 
 def test_shortcut_from_the_network_input_takes_its_rescaling():
@@ -493,3 +494,14 @@ def test_pooled_projection_pooled_sum_and_flattened_identity_join_exactly():
     assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
     again = nd.convert(snn_to_network(snn), calibration=x)
     assert relative_error(nd.simulate(again, x).output, net.forward(x)) <= RELATIVE_TOLERANCE
+
+
+def test_cli_converts_a_residual_model_and_lists_its_shortcuts(tmp_path, capsys):
+    from neurodeploy.cli import main
+
+    path = nd.save_model(digits_resnet(), tmp_path / "model")
+    assert main(["convert", str(path), "--calibration-size", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "+ shortcut from 'stem', delay" in out and "+ shortcut from 'b0_conv1'" in out
+    assert main(["deploy", str(path), "--profile", "ideal", "--samples", "60"]) == 0
+    assert "RESULT: OK" in capsys.readouterr().out
