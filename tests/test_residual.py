@@ -4,6 +4,7 @@ format, retiming, the cross-check, fine-tuning and sweeps on a residual network.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -505,3 +506,22 @@ def test_cli_converts_a_residual_model_and_lists_its_shortcuts(tmp_path, capsys)
     assert "+ shortcut from 'stem', delay" in out and "+ shortcut from 'b0_conv1'" in out
     assert main(["deploy", str(path), "--profile", "ideal", "--samples", "60"]) == 0
     assert "RESULT: OK" in capsys.readouterr().out
+
+
+def test_resnet18_imagenet_layout_converts_exactly_at_a_small_size():
+    """The benchmark's ResNet-18 (7x7 stride-2 stem, max pool, four stages of basic
+    blocks, widths 64-512) at 32x32 so that it runs in the suite; the benchmark runs
+    the 224x224 one."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_resnet.py"
+    spec = importlib.util.spec_from_file_location("bench_resnet", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.resnet18(size=32, classes=10)
+    x = np.random.default_rng(2).uniform(0, 1, (2, *net.input_shape))
+    snn = nd.convert(net, calibration=x)
+    assert sum(1 for s in snn.spiking_layers if s.shortcuts) == 8
+    trace = nd.simulate(snn, x)
+    assert trace.saturated == 0
+    assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
