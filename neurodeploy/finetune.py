@@ -243,12 +243,11 @@ def _accumulate(value_grads: dict, name: str, grad: np.ndarray) -> None:
 
 
 def _shortcut_mask(shortcut) -> np.ndarray | None:
-    """For an identity-like shortcut (a diagonal 1x1 map: the identity, scaled by folded
-    batch norms), the mask of its diagonal, so training keeps it an identity with one
-    weight per channel; None for a projection (all weights train)."""
-    if len(shortcut.synapses) != 1:
-        return None
-    weight = shortcut.synapses[0].weight
+    """For an identity-like shortcut (a diagonal 1x1 conv or square dense, possibly after
+    a flatten: the identity, scaled by folded batch norms), the mask of its diagonal, so
+    training keeps it an identity with one weight per channel; None for a projection
+    (all weights train)."""
+    weight = shortcut.synapses[-1].weight
     n = weight.shape[0]
     if weight.shape[:2] != (n, n) or weight.size != n * n:
         return None
