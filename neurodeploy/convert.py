@@ -304,8 +304,11 @@ def _fold(net: Network) -> list[_Block | _Pool]:
         else:
             values[layer.name] = _fold_layer(layer, values[srcs[0]], out_shape, plan)
     final = values[net.layers[-1].name]
-    if isinstance(final, _Spikes) or final.pools or final.after:  # pragma: no cover
-        raise ConversionError(f"network '{net.name}': layers follow the output layer")
+    if isinstance(final, _Spikes):  # pragma: no cover - Network validation forbids it
+        raise ConversionError(f"network '{net.name}': the last layer is no dense/conv2d output")
+    if final.pools or final.after:
+        names = [entry[0].name for entry in final.pools] + [lin.name for lin in final.after]
+        raise ConversionError(f"layers {names} follow the output layer '{final.name}'")
     _emit(final, plan)
     return plan
 
