@@ -14,6 +14,7 @@ from .errors import (
 )
 from .modelio import from_sklearn, load_model, resolve_model_path, save_model
 from .network import (
+    Add,
     AvgPool2d,
     BatchNorm,
     Conv2d,
@@ -28,6 +29,7 @@ from .network import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Add",
     "AvgPool2d",
     "BatchNorm",
     "ConversionError",
@@ -51,10 +53,11 @@ __all__ = [
 from .convert import convert  # noqa: E402
 from .simulate import simulate  # noqa: E402
 from .trace import Trace  # noqa: E402
-from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork  # noqa: E402
+from .ttfs import OutputLayer, Shortcut, SpikingLayer, TimePool, TTFSNetwork  # noqa: E402
 
 __all__ += [
     "OutputLayer",
+    "Shortcut",
     "SpikingLayer",
     "TTFSNetwork",
     "TimePool",

@@ -142,6 +142,10 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
             f"{r['name']:<10} {r['kind']:<12} {r['neurons']:>7} {window:>24} {x_max:>8} "
             f"{spn:>8} {sat:>5}"
         )
+        for shortcut in r.get("shortcuts", ()):
+            print(
+                f"{'':<10}   + shortcut from '{shortcut['source']}', delay {shortcut['delay']:.4g}"
+            )
 
 
 def _cmd_reference(args, command: str) -> int:

@@ -17,6 +17,48 @@ spiking neural networks with 0.3 spikes per neuron" (Nature Communications
 3. Calibrate: the largest ReLU output X_n of every layer on the calibration
    set sets its window B_n = (1 + zeta) X_n.
 4. Thresholds of the chosen neuron model.
+
+Residual networks (the network is a DAG; b1 only)
+-------------------------------------------------
+The folding unit stays "an affine pre-activation ending in a ReLU (a spiking
+layer) or the output". An ``Add`` sums the pre-activations of its operands,
+so a joining layer's pre-activation is
+
+    u_i = sum_k sum_j W^(k)_ij x^(k)_j + b_i,     b_i = sum_k b^(k)_i,
+
+one term per operand k. An operand is either (a) a dense/conv chain (batch
+norm folded backward, average pooling / flattening in front) applied to the
+values x^(k) of an earlier spiking stage: a projection shortcut; or (b) such
+a stage's values themselves: an identity shortcut, written as a unit-weight
+1x1 map (:func:`_identity_synapse`) so that pending batch norms and the input
+rescaling fold into it exactly as into any dense/conv layer (a pending
+scale s and shift t give weights diag(s) and bias t). A batch norm on the sum
+(before its ReLU) folds into every operand and into b. Max pooling does not
+distribute over a sum: an operand may not be max pooled before the Add (the
+sum may, before its ReLU: max pooling commutes with the ReLU).
+
+Timing. Stages run as a chain: each stage's *main* input is the stage just
+before it. The main operand is the one whose source stage comes latest; its
+synapses are the joining layer's ``synapses`` and its window rule is the
+chain's, t_min = t_max of the main source. Every other operand becomes a
+:class:`~neurodeploy.ttfs.Shortcut` from its source stage S, whose window
+ends at t_S (<= t_min). S encodes x as a spike at t_S - x. Delaying that
+spike by d = t_min - t_S (the windows of the stages in between: whole
+windows) makes it arrive at t_min - x. The b1 membrane integrates
+dV/dt = sum_j W_ij H(t - t_j) until t_min, so an input arriving at t_min - x
+contributes W_ij x to V(t_min) whenever it arrives (also before t_min_prev,
+when the source's window is longer than the join's input window): V(t_min) =
+sum over all operands of W x, exactly the sum the ReLU network forms, and
+with theta = B - b the neuron fires at t_max - clip(u, 0, B) as in a chain.
+Nothing is approximated, so b1 stays exact to float rounding. alpha1 is
+refused (see :func:`convert`). The windows are calibrated on the DAG's
+forward pass (the join's ReLU output includes its shortcuts).
+
+Shapes that do not fit are refused with the layer named: a pre-activation
+that feeds more than one layer (an Add must be followed by its ReLU, possibly
+after batch norm and max pooling), a layer whose main input is not the stage
+converted just before it (parallel branches that each spike), a max pool of
+a value that is not the latest stage.
 """
 
 from __future__ import annotations
@@ -29,6 +71,8 @@ from . import ops
 from .errors import ConversionError, UsageError
 from .network import (
     AFFINE_TYPES,
+    INPUT,
+    Add,
     AvgPool2d,
     BatchNorm,
     Conv2d,
@@ -44,6 +88,7 @@ from .ttfs import (
     INPUT_WINDOW,
     NEURON_MODELS,
     OutputLayer,
+    Shortcut,
     SpikingLayer,
     TimePool,
     TTFSNetwork,
@@ -63,23 +108,92 @@ DEAD_LAYER_X_MAX = 1.0
 
 
 @dataclass
-class _Block:
-    """One dense/conv layer after folding, with what feeds it from the previous block."""
+class _Operand:
+    """One summand of a block's pre-activation: synapses from one stage's values.
 
-    name: str
-    pools: list[tuple[MaxPool2d, np.ndarray, Shape, Shape]]  # (pool, sign, in, out shape)
-    linear: list[Layer]  # AvgPool2d / Flatten in front of the affine map
-    affine: Dense | Conv2d  # folded weights, zero bias
-    bias: np.ndarray  # (output_shape) per-neuron bias
-    input_shape: Shape  # shape entering ``linear``
-    output_shape: Shape
-    relu: bool = False
-    window: float | None = None  # a window stored on the ReLU (fine-tuned), else calibrated
-    source_layers: list[str] = field(default_factory=list)
+    source: the stage (or ``"input"``) whose non-negative values feed it. linear:
+    AvgPool2d / Flatten maps in front of ``affine`` (folded weights, zero bias).
+    input_shape: the source's output shape. identity: an identity shortcut
+    (:func:`_identity_synapse`, possibly scaled by a folded batch norm).
+    """
+
+    source: str
+    linear: list[Layer]
+    affine: Dense | Conv2d
+    input_shape: Shape
+    identity: bool = False
 
     @property
     def synapses(self) -> tuple[Layer, ...]:
         return (*self.linear, self.affine)
+
+
+@dataclass
+class _Block:
+    """One dense/conv layer (or residual join) after folding: a sum of operands plus a bias.
+
+    operands: once emitted, operands[0] is the main one (its source is the stage
+    converted just before this block) and the rest become shortcuts. pools: max
+    pools between the affine map and its ReLU (they commute with it), emitted as
+    stages right after it. after: Flattens between the affine map and its ReLU,
+    which the next layer applies. shape: the current shape (after pools/after).
+    """
+
+    name: str
+    operands: list[_Operand]
+    bias: np.ndarray  # (output_shape) per-neuron bias
+    output_shape: Shape
+    shape: Shape
+    pools: list[tuple[MaxPool2d, np.ndarray, Shape, Shape]] = field(default_factory=list)
+    after: list[Layer] = field(default_factory=list)
+    relu: bool = False
+    window: float | None = None  # a window stored on the ReLU (fine-tuned), else calibrated
+    join: str | None = None  # the Add layer of a residual join
+    source_layers: list[str] = field(default_factory=list)
+
+    @property
+    def main(self) -> _Operand:
+        return self.operands[0]
+
+    @property
+    def synapses(self) -> tuple[Layer, ...]:
+        return self.main.synapses
+
+    @property
+    def input_shape(self) -> Shape:
+        return self.main.input_shape
+
+
+@dataclass
+class _Pool:
+    """A max (or min, sign -1) pool of the stage ``source``'s values: a TimePool stage."""
+
+    pool: MaxPool2d
+    sign: np.ndarray
+    source: str
+    input_shape: Shape
+    output_shape: Shape
+
+    @property
+    def name(self) -> str:
+        return self.pool.name
+
+
+@dataclass(frozen=True)
+class _Spikes:
+    """A tensor computed from a converted stage's values v (non-negative), not yet folded:
+    original = scale * linear(v) + shift per channel (conv) or feature of ``shape``.
+
+    source: the stage (or ``"input"``); linear: pending AvgPool2d / Flatten maps;
+    linear_in: the source's shape.
+    """
+
+    source: str
+    linear: tuple[Layer, ...]
+    linear_in: Shape
+    shape: Shape
+    scale: np.ndarray
+    shift: np.ndarray
 
 
 def _per_channel(values: np.ndarray, shape: Shape) -> np.ndarray:
@@ -89,6 +203,32 @@ def _per_channel(values: np.ndarray, shape: Shape) -> np.ndarray:
 
 def _zero_bias(layer: Dense | Conv2d, weight: np.ndarray) -> Dense | Conv2d:
     return replace(layer, weight=weight, bias=np.zeros(weight.shape[0]))
+
+
+def _identity_synapse(name: str, shape: Shape) -> Dense | Conv2d:
+    """The unit-weight map of an identity shortcut on values of ``shape`` (zero bias).
+
+    Images: a 1x1 Conv2d with the (C, C) identity matrix as weight; vectors: a
+    Dense with the identity matrix. (A depthwise groups = C unit 1x1 conv, C
+    synapses instead of C^2 weights, once grouped convolutions convert.)
+    """
+    channels = shape[0]
+    if len(shape) == 1:
+        return Dense(name, np.eye(channels), np.zeros(channels))
+    return Conv2d(name, np.eye(channels).reshape(channels, channels, 1, 1), np.zeros(channels))
+
+
+def _is_identity_synapse(synapses: tuple[Layer, ...]) -> bool:
+    """True when the synapses are exactly :func:`_identity_synapse`'s map."""
+    if len(synapses) != 1 or not isinstance(synapses[0], AFFINE_TYPES):
+        return False
+    op = synapses[0]
+    if isinstance(op, Conv2d) and (op.kernel != 1 or op.stride != 1 or op.padding):
+        return False
+    n = op.weight.shape[0]
+    if isinstance(op, Conv2d) and op.groups == n and op.weight.shape[1] == 1:  # depthwise unit
+        return bool(np.all(op.weight == 1.0))
+    return op.weight.shape[:2] == (n, n) and np.array_equal(op.weight.reshape(n, n), np.eye(n))
 
 
 def _fold_input_transform(
@@ -116,15 +256,6 @@ def _fold_input_transform(
 
 def _require_convertible(net: Network) -> None:
     """Refuse, naming the layer, what the converter does not map yet."""
-    if not net.is_chain:
-        branch = next(
-            layer for layer, srcs in zip(net.layers, net.sources, strict=True)
-            if len(srcs) > 1 or layer.inputs
-        )
-        raise ConversionError(
-            f"layer '{branch.name}' ({branch.type}) takes {list(branch.inputs)}: branching and "
-            "residual networks do not convert yet"
-        )
     for layer in net.layers:
         if isinstance(layer, ReLU) and layer.clip is not None:
             raise ConversionError(f"layer '{layer.name}': clipped ReLUs do not convert yet")
@@ -134,125 +265,236 @@ def _require_convertible(net: Network) -> None:
             )
 
 
-def _fold(net: Network) -> list[_Block]:
-    """Fold input rescaling and batch norms; split the network into affine blocks."""
+def _fold(net: Network) -> list[_Block | _Pool]:
+    """Fold input rescaling and batch norms; split the network into stages.
+
+    Returns the plan: blocks (spiking layers, the output last) and pools in the
+    order they run, each block's main operand first (see the module docstring).
+    """
     _require_convertible(net)
     p, q = net.input_range
-    shape: Shape = net.input_shape
-    # Pending per-channel transform on the current tensor: original = scale * v + shift.
-    scale = np.full(shape[0], q - p)
-    shift = np.full(shape[0], p)
-    state = "relu"  # the input behaves like a ReLU output: it can be pooled and normalised
-    pools: list = []
-    linear: list[Layer] = []
-    linear_in: Shape = shape
-    blocks: list[_Block] = []
-    for layer in net.layers:
-        out_shape = layer.output_shape(shape)
-        if isinstance(layer, AFFINE_TYPES):
-            if state == "affine":
+    consumers: dict[str, list[str]] = {}
+    for layer, srcs in zip(net.layers, net.sources, strict=True):
+        for src in srcs:
+            consumers.setdefault(src, []).append(layer.name)
+    channels = net.input_shape[0]
+    # The input behaves like a ReLU output: it can be pooled, normalised and shortcut.
+    values: dict[str, _Spikes | _Block] = {
+        INPUT: _Spikes(
+            INPUT,
+            (),
+            net.input_shape,
+            net.input_shape,
+            np.full(channels, q - p),
+            np.full(channels, p),
+        )
+    }
+    plan: list[_Block | _Pool] = []
+    for layer, srcs, out_shape in zip(net.layers, net.sources, net.shapes[1:], strict=True):
+        for src in srcs:
+            if isinstance(values[src], _Block) and len(consumers[src]) > 1:
+                block = values[src]
                 raise ConversionError(
-                    f"layer '{layer.name}': no ReLU between it and the previous layer "
-                    f"'{blocks[-1].name}'; hidden dense/conv2d layers must be followed by a ReLU"
+                    f"layer '{src}': the pre-activation of '{block.join or block.name}' (before "
+                    f"its ReLU) feeds {consumers[src]}; only values after a ReLU may branch "
+                    "(an add must be followed by its ReLU)"
                 )
-            folded, bias = _fold_input_transform(layer, shape, scale, shift)
-            blocks.append(
-                _Block(
-                    name=layer.name,
-                    pools=pools,
-                    linear=linear,
-                    affine=folded,
-                    bias=bias,
-                    input_shape=linear_in if linear else shape,
-                    output_shape=out_shape,
-                    source_layers=[layer.name],
-                )
+        if isinstance(layer, Add):
+            values[layer.name] = _join(layer, srcs, [values[s] for s in srcs], out_shape)
+        else:
+            values[layer.name] = _fold_layer(layer, values[srcs[0]], out_shape, plan)
+    final = values[net.layers[-1].name]
+    if isinstance(final, _Spikes):  # pragma: no cover - Network validation forbids it
+        raise ConversionError(f"network '{net.name}': the last layer is no dense/conv2d output")
+    if final.pools or final.after:
+        names = [entry[0].name for entry in final.pools] + [lin.name for lin in final.after]
+        raise ConversionError(f"layers {names} follow the output layer '{final.name}'")
+    _emit(final, plan)
+    return plan
+
+
+def _fold_layer(layer: Layer, value, out_shape: Shape, plan: list) -> _Spikes | _Block:
+    """The value after ``layer`` applied to ``value`` (a stage's values or a block)."""
+    if isinstance(value, _Spikes):
+        return _fold_after_relu(layer, value, out_shape, plan)
+    block: _Block = value
+    if isinstance(layer, AFFINE_TYPES):
+        if block.join:
+            raise ConversionError(
+                f"layer '{block.join}' (add) is not followed by a ReLU before '{layer.name}': "
+                "a residual sum must pass its ReLU (after optional batch norm) before the "
+                "next dense/conv2d layer"
             )
-            pools, linear, state = [], [], "affine"
-            scale = shift = None
-        elif isinstance(layer, ReLU):
-            if state != "affine":
+        raise ConversionError(
+            f"layer '{layer.name}': no ReLU between it and the previous layer "
+            f"'{block.name}'; hidden dense/conv2d layers must be followed by a ReLU"
+        )
+    if isinstance(layer, ReLU):
+        block.relu = True
+        block.window = layer.window
+        block.source_layers.append(layer.name)
+        return _emit(block, plan)
+    if isinstance(layer, BatchNorm):
+        if block.after:
+            raise ConversionError(
+                f"layer '{layer.name}' (batchnorm): cannot fold into '{block.name}' "
+                f"across {[lin.name for lin in block.after]}"
+            )
+        _fold_backward(block, layer)
+    elif isinstance(layer, MaxPool2d):
+        if block.after:
+            raise ConversionError(
+                f"layer '{layer.name}' (maxpool2d) follows {[lin.name for lin in block.after]}: "
+                "max pooling must come before average pooling and flattening"
+            )
+        block.pools.append((layer, np.ones(block.shape[0]), block.shape, out_shape))
+    elif isinstance(layer, AvgPool2d):
+        raise ConversionError(
+            f"layer '{layer.name}' (avgpool2d) lies between '{block.join or block.name}' and its "
+            "ReLU: average pooling must follow the ReLU"
+        )
+    elif isinstance(layer, Flatten):
+        if len(block.shape) != 1:  # identity on feature vectors
+            block.after.append(layer)
+    else:  # pragma: no cover - Network validation admits no other type
+        raise ConversionError(f"layer '{layer.name}': unsupported type {layer.type}")
+    block.shape = out_shape
+    block.source_layers.append(layer.name)
+    return block
+
+
+def _fold_after_relu(layer: Layer, value: _Spikes, out_shape: Shape, plan: list):
+    """``layer`` applied to a stage's values (after a ReLU, or the input)."""
+    if isinstance(layer, AFFINE_TYPES):
+        folded, bias = _fold_input_transform(layer, value.shape, value.scale, value.shift)
+        operand = _Operand(value.source, list(value.linear), folded, value.linear_in)
+        return _Block(layer.name, [operand], bias, out_shape, out_shape, source_layers=[layer.name])
+    if isinstance(layer, ReLU):
+        raise ConversionError(
+            f"layer '{layer.name}' (relu) does not follow a dense or conv2d layer"
+        )
+    if isinstance(layer, BatchNorm):
+        return replace(
+            value, scale=layer.scale * value.scale, shift=layer.scale * value.shift + layer.shift
+        )
+    if isinstance(layer, MaxPool2d):
+        if value.linear:
+            raise ConversionError(
+                f"layer '{layer.name}' (maxpool2d) follows {[lin.name for lin in value.linear]}: "
+                "max pooling must come before average pooling and flattening"
+            )
+        latest = plan[-1].name if plan else INPUT
+        if value.source != latest:
+            raise ConversionError(
+                f"layer '{layer.name}' (maxpool2d) pools '{value.source}', but '{latest}' "
+                "runs after it: a max pool must directly follow the layer it pools (a "
+                "ReLU output that branches may not be max pooled in one branch only)"
+            )
+        sign = np.where(value.scale < 0, -1.0, 1.0)
+        plan.append(_Pool(layer, sign, value.source, value.shape, out_shape))
+        return _Spikes(layer.name, (), out_shape, out_shape, value.scale, value.shift)
+    if isinstance(layer, (AvgPool2d, Flatten)):
+        if isinstance(layer, Flatten) and len(value.shape) == 1:
+            return value  # identity on feature vectors
+        scale, shift = value.scale, value.shift
+        if isinstance(layer, Flatten):
+            hw = int(np.prod(value.shape[1:]))
+            scale, shift = np.repeat(scale, hw), np.repeat(shift, hw)
+        return replace(
+            value, linear=(*value.linear, layer), shape=out_shape, scale=scale, shift=shift
+        )
+    raise ConversionError(
+        f"layer '{layer.name}': unsupported type {layer.type}"
+    )  # pragma: no cover
+
+
+def _join(add: Add, srcs: tuple[str, ...], values: list, out_shape: Shape) -> _Block:
+    """The pre-activation of a residual Add: the operands of all its inputs, biases summed."""
+    operands: list[_Operand] = []
+    bias = np.zeros(out_shape)
+    for src, value in zip(srcs, values, strict=True):
+        if isinstance(value, _Block):
+            if value.pools or value.after:
+                pending = [entry[0].name for entry in value.pools] + [a.name for a in value.after]
                 raise ConversionError(
-                    f"layer '{layer.name}' (relu) does not follow a dense or conv2d layer"
+                    f"layer '{add.name}' (add): its input '{src}' passes {pending} before the "
+                    "sum; max pooling and flattening of a pre-activation do not distribute "
+                    "over a sum (pool or flatten after the add's ReLU)"
                 )
-            blocks[-1].relu = True
-            blocks[-1].window = layer.window
-            blocks[-1].source_layers.append(layer.name)
-            state = "relu"
-            scale, shift = np.ones(shape[0]), np.zeros(shape[0])
-        elif isinstance(layer, BatchNorm):
-            if state == "affine":
-                if linear:
-                    raise ConversionError(
-                        f"layer '{layer.name}' (batchnorm): cannot fold into '{blocks[-1].name}' "
-                        f"across {[lin.name for lin in linear]}"
-                    )
-                _fold_backward(blocks[-1], layer, pools)
-            else:
-                scale, shift = layer.scale * scale, layer.scale * shift + layer.shift
-        elif isinstance(layer, MaxPool2d):
-            if linear:
-                raise ConversionError(
-                    f"layer '{layer.name}' (maxpool2d) follows {[lin.name for lin in linear]}: "
-                    "max pooling must come before average pooling and flattening"
-                )
-            sign = np.ones(shape[0]) if state == "affine" else np.where(scale < 0, -1.0, 1.0)
-            pools.append((layer, sign, shape, out_shape))
-        elif isinstance(layer, (AvgPool2d, Flatten)):
-            if isinstance(layer, AvgPool2d) and state == "affine":
-                raise ConversionError(
-                    f"layer '{layer.name}' (avgpool2d) lies between '{blocks[-1].name}' and its "
-                    "ReLU: average pooling must follow the ReLU"
-                )
-            if isinstance(layer, Flatten) and len(shape) == 1:
-                pass  # identity on feature vectors
-            else:
-                if not linear:
-                    linear_in = shape
-                linear.append(layer)
-                if isinstance(layer, Flatten) and state != "affine":
-                    hw = int(np.prod(shape[1:]))
-                    scale, shift = np.repeat(scale, hw), np.repeat(shift, hw)
-        else:  # pragma: no cover - Network validation admits no other type
-            raise ConversionError(f"layer '{layer.name}': unsupported type {layer.type}")
-        if state == "affine" and not isinstance(layer, AFFINE_TYPES):
-            blocks[-1].source_layers.append(layer.name)
+            operands.extend(value.operands)
+            bias = bias + value.bias
+        else:
+            identity = _identity_synapse(f"{add.name}_{src}_identity", value.shape)
+            folded, shift = _fold_input_transform(identity, value.shape, value.scale, value.shift)
+            operands.append(
+                _Operand(value.source, list(value.linear), folded, value.linear_in, identity=True)
+            )
+            bias = bias + shift
+    return _Block(
+        add.name, operands, bias, out_shape, out_shape, join=add.name, source_layers=[add.name]
+    )
+
+
+def _emit(block: _Block, plan: list) -> _Spikes:
+    """Append a block (its ReLU or the output reached) and its pending pools to the plan.
+
+    Orders the operands main first and names the stage after the main operand's
+    dense/conv layer (after the add for an identity main operand). Returns the
+    values of the last appended stage, for the layers that follow.
+    """
+    order = {item.name: i for i, item in enumerate(plan)}
+    order[INPUT] = -1
+    main = max(range(len(block.operands)), key=lambda i: (order[block.operands[i].source], -i))
+    block.operands.insert(0, block.operands.pop(main))
+    latest = plan[-1].name if plan else INPUT
+    if block.main.source != latest:
+        raise ConversionError(
+            f"layer '{block.join or block.name}': its latest input '{block.main.source}' is "
+            f"not the stage converted just before it ('{latest}'); stages run as a chain "
+            "with residual shortcuts (ResNet basic and bottleneck blocks), not as parallel "
+            "spiking branches"
+        )
+    if not block.main.identity:
+        block.name = block.main.affine.name
+    plan.append(block)
+    shape = block.output_shape
+    for pool, sign, in_shape, out_shape in block.pools:
+        plan.append(_Pool(pool, sign, plan[-1].name, in_shape, out_shape))
         shape = out_shape
-    if pools or linear:
-        names = [entry[0].name for entry in pools] + [lin.name for lin in linear]
-        raise ConversionError(f"layers {names} follow the output layer '{blocks[-1].name}'")
-    if blocks[-1].relu:  # pragma: no cover - Network validation forbids it
-        raise ConversionError(f"the output layer '{blocks[-1].name}' must not have a ReLU")
-    return blocks
+    block.pools = []
+    n = block.shape[0]
+    return _Spikes(plan[-1].name, tuple(block.after), shape, block.shape, np.ones(n), np.zeros(n))
 
 
-def _fold_backward(block: _Block, bn: BatchNorm, pools: list) -> None:
+def _fold_backward(block: _Block, bn: BatchNorm) -> None:
     """Fold a batch norm that directly follows ``block`` (before its ReLU) into it.
 
-    Pools already seen since the block's dense/conv commute with a positive
-    scale and turn into min pools for a negative one.
+    Every operand's weights and the bias take the scale (a join's batch norm
+    scales all its summands); pools already seen since the block's dense/conv
+    commute with a positive scale and turn into min pools for a negative one.
     """
     s, t = bn.scale, bn.shift
-    w = block.affine.weight
-    w = w * (s[:, None] if w.ndim == 2 else s[:, None, None, None])
-    block.affine = _zero_bias(block.affine, w)
+    for operand in block.operands:
+        w = operand.affine.weight
+        w = w * (s[:, None] if w.ndim == 2 else s[:, None, None, None])
+        operand.affine = _zero_bias(operand.affine, w)
     shape = block.output_shape
     block.bias = block.bias * _per_channel(s, shape) + _per_channel(t, shape)
-    for i, (pool, sign, in_shape, out_shape) in enumerate(pools):
-        pools[i] = (pool, sign * np.where(s < 0, -1.0, 1.0), in_shape, out_shape)
+    for i, (pool, sign, in_shape, out_shape) in enumerate(block.pools):
+        block.pools[i] = (pool, sign * np.where(s < 0, -1.0, 1.0), in_shape, out_shape)
 
 
 def _scale_block_inputs(block: _Block, per_channel: np.ndarray) -> None:
-    """Multiply the block's synaptic weights by a factor per channel of its input."""
+    """Multiply the block's (main) synaptic weights by a factor per channel of its input."""
     factors = per_channel
     shape = block.input_shape
-    for lin in block.linear:
+    for lin in block.main.linear:
         if isinstance(lin, Flatten):
             factors = np.repeat(factors, int(np.prod(shape[1:])))
         shape = lin.output_shape(shape)
-    w = block.affine.weight
+    w = block.main.affine.weight
     w = w * (factors[None, :] if w.ndim == 2 else factors[None, :, None, None])
-    block.affine = _zero_bias(block.affine, w)
+    block.main.affine = _zero_bias(block.main.affine, w)
 
 
 def _rescale_for_alpha1(blocks: list[_Block]) -> None:
@@ -260,7 +502,7 @@ def _rescale_for_alpha1(blocks: list[_Block]) -> None:
 
     A positive factor per output channel (conv) or neuron (dense) keeps the
     network's function: it commutes with ReLU and max pooling and is undone in
-    the next block's input weights.
+    the next block's input weights (chains only: alpha1 refuses shortcuts).
     """
     for block, nxt in zip(blocks[:-1], blocks[1:], strict=False):
         sums = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
@@ -271,9 +513,9 @@ def _rescale_for_alpha1(blocks: list[_Block]) -> None:
             factor = np.minimum.reduce(
                 [np.ones_like(high), ALPHA1_WEIGHT_SUM_MAX / high, -ALPHA1_WEIGHT_SUM_MIN / low]
             )
-        w = block.affine.weight
+        w = block.main.affine.weight
         w = w * (factor[:, None] if w.ndim == 2 else factor[:, None, None, None])
-        block.affine = _zero_bias(block.affine, w)
+        block.main.affine = _zero_bias(block.main.affine, w)
         block.bias = block.bias * _per_channel(factor, block.output_shape)
         _scale_block_inputs(nxt, 1.0 / factor)
 
@@ -284,21 +526,41 @@ def _pool_values(values: np.ndarray, pool: MaxPool2d, sign: np.ndarray) -> np.nd
     return ops.maxpool2d(values * s, pool.kernel, pool.stride) * s
 
 
-def _calibrate(blocks: list[_Block], x01: np.ndarray) -> list[float]:
-    """Largest ReLU output of every hidden block on the rescaled calibration inputs."""
-    x_max = []
-    v = x01
-    for block in blocks[:-1]:
-        for pool, sign, _, _ in block.pools:
-            v = _pool_values(v, pool, sign)
-        with np.errstate(over="ignore", invalid="ignore"):
-            v = np.maximum(apply_synapses(block.synapses, v) + block.bias, 0.0)
-        x_max.append(float(v.max()))
-        if not np.isfinite(x_max[-1]):
-            raise ConversionError(
-                f"layer '{block.name}': its activations overflow float64 on the calibration "
-                "data (weights or inputs far too large)"
-            )
+def _block_drive(block: _Block, values: dict[str, np.ndarray]) -> np.ndarray:
+    """The block's pre-activation: every operand's synapses on its source's values, + bias."""
+    u = block.bias + apply_synapses(block.main.synapses, values[block.main.source])
+    for operand in block.operands[1:]:
+        u += apply_synapses(operand.synapses, values[operand.source])
+    return u
+
+
+def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
+    """Largest ReLU output of every hidden block on the rescaled calibration inputs (the
+    DAG's forward pass, stage by stage; values are dropped after their last use)."""
+    last_use = {}
+    for i, item in enumerate(plan):
+        sources = [item.source] if isinstance(item, _Pool) else [o.source for o in item.operands]
+        for src in sources:
+            last_use[src] = i
+    values = {INPUT: x01}
+    x_max = {}
+    for i, item in enumerate(plan):
+        if isinstance(item, _Pool):
+            v = _pool_values(values[item.source], item.pool, item.sign)
+        elif item.relu:
+            with np.errstate(over="ignore", invalid="ignore"):
+                v = np.maximum(_block_drive(item, values), 0.0)
+            x_max[item.name] = float(v.max())
+            if not np.isfinite(x_max[item.name]):
+                raise ConversionError(
+                    f"layer '{item.name}': its activations overflow float64 on the calibration "
+                    "data (weights or inputs far too large)"
+                )
+        else:
+            break
+        values[item.name] = v
+        for src in [name for name, last in last_use.items() if last == i]:
+            values.pop(src, None)
     return x_max
 
 
@@ -322,6 +584,7 @@ def convert(
     largest ReLU output of layer n on it. Inputs whose activations exceed a
     window later saturate (counted by the simulators, never silent).
     neuron: "b1" (constant slope, default) or "alpha1" (exact-mapping paper).
+    Residual networks convert with b1 only (see the module docstring).
     """
     if neuron not in NEURON_MODELS:
         raise UsageError(
@@ -337,28 +600,50 @@ def convert(
     x_cal = net.check_input(calibration, what="calibration data")
     if x_cal.shape[0] == 0:
         raise ConversionError("calibration set is empty: windows need at least one sample")
-    blocks = _fold(net)
+    plan = _fold(net)
+    blocks = [item for item in plan if isinstance(item, _Block)]
     if neuron == "alpha1":
+        joins = [block for block in blocks if len(block.operands) > 1]
+        if joins:
+            # The alpha1 neuron fires when its ramp, driven from t_min_prev by every input,
+            # crosses its threshold; the exact map needs all inputs to arrive inside the
+            # layer's input window [t_min_prev, t_min], and a shortcut source's window has
+            # another length (its zeros spike at its t_max), so its delayed spikes fall
+            # outside it. b1 integrates any arrival time linearly (module docstring).
+            raise ConversionError(
+                f"layer '{joins[0].join}' (add): residual networks convert with neuron='b1' "
+                "only; the alpha1 neuron needs every input inside its layer's input window, "
+                "which a shortcut from an earlier window cannot meet"
+            )
         _rescale_for_alpha1(blocks)
     p, q = net.input_range
-    x_max = _calibrate(blocks, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
+    x_max = _calibrate(plan, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
 
     stages = []
-    t_min_prev, t_min = INPUT_WINDOW
-    for i, block in enumerate(blocks):
-        for pool, sign, in_shape, out_shape in block.pools:
+    windows = {INPUT: INPUT_WINDOW}  # stage name -> (t_min, t_max)
+    for item in plan:
+        if isinstance(item, _Pool):
+            t_min, t_max = windows[item.source]
+            windows[item.name] = (t_min, t_max)
             stages.append(
                 TimePool(
-                    pool.name,
-                    pool.kernel,
-                    pool.stride,
-                    sign,
-                    in_shape,
-                    out_shape,
-                    t_min=t_min_prev,
-                    t_max=t_min,
+                    item.name,
+                    item.pool.kernel,
+                    item.pool.stride,
+                    item.sign,
+                    item.input_shape,
+                    item.output_shape,
+                    t_min=t_min,
+                    t_max=t_max,
                 )
             )
+            continue
+        block = item
+        t_min_prev, t_min = windows[block.main.source]  # t_min = the main source's t_max
+        shortcuts = tuple(
+            Shortcut(op.source, op.synapses, op.input_shape, t_source=windows[op.source][1])
+            for op in block.operands[1:]
+        )
         if not block.relu:
             stages.append(
                 OutputLayer(
@@ -369,10 +654,11 @@ def convert(
                     block.output_shape,
                     t_min_prev=t_min_prev,
                     t_read=t_min,
+                    shortcuts=shortcuts,
                 )
             )
             break
-        x_n = x_max[i]
+        x_n = x_max[block.name]
         stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
         window = stored or (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
         t_max = t_min + window
@@ -402,10 +688,11 @@ def convert(
                 t_max=t_max,
                 x_max=x_n,
                 threshold=threshold,
+                shortcuts=shortcuts,
                 **extra,
             )
         )
-        t_min_prev, t_min = t_min, t_max
+        windows[block.name] = (t_min, t_max)
     return TTFSNetwork(
         name=net.name,
         neuron=neuron,
@@ -424,8 +711,9 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
 
     Every later window shifts with them and every threshold follows, so the copy
     computes the same values as long as they fit their windows (a shorter window
-    clips, and saturation counts the clipped values). Used to shorten latency
-    and to test what a too-short window does.
+    clips, and saturation counts the clipped values). Shortcuts take their
+    sources' new window ends (their delays follow). Used to shorten latency and
+    to test what a too-short window does.
     """
     names = {s.name for s in snn.spiking_layers}
     unknown = set(windows) - names
@@ -439,29 +727,43 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
                 f"retime: window of '{name}' must be a positive number, got {window!r}"
             )
     stages = []
-    t_min_prev, t_min = INPUT_WINDOW
+    spans = {INPUT: INPUT_WINDOW}  # stage name -> (t_min, t_max)
+    previous = INPUT
     for stage in snn.stages:
+        t_min_prev, t_min = spans[previous]
         if isinstance(stage, TimePool):
             stages.append(replace(stage, t_min=t_min_prev, t_max=t_min))
-        elif isinstance(stage, OutputLayer):
-            stages.append(replace(stage, t_min_prev=t_min_prev, t_read=t_min))
+            spans[stage.name] = spans[previous]
+            previous = stage.name
+            continue
+        shortcuts = tuple(replace(sc, t_source=spans[sc.source][1]) for sc in stage.shortcuts)
+        if isinstance(stage, OutputLayer):
+            stages.append(replace(stage, t_min_prev=t_min_prev, t_read=t_min, shortcuts=shortcuts))
+            continue
+        window = float(windows.get(stage.name, stage.window))
+        t_max = t_min + window
+        if stage.coupling is None:
+            threshold = window - stage.bias
         else:
-            window = float(windows.get(stage.name, stage.window))
-            t_max = t_min + window
-            if stage.coupling is None:
-                threshold = window - stage.bias
-            else:
-                j_sum = stage.coupling.sum(axis=1)
-                alpha = stage.alpha
-                threshold = (
-                    (alpha + j_sum) * (t_max - stage.bias.reshape(-1))
-                    - alpha * t_min_prev
-                    - j_sum * t_min
-                ).reshape(stage.output_shape)
-            stages.append(
-                replace(stage, t_min_prev=t_min_prev, t_min=t_min, t_max=t_max, threshold=threshold)
+            j_sum = stage.coupling.sum(axis=1)
+            alpha = stage.alpha
+            threshold = (
+                (alpha + j_sum) * (t_max - stage.bias.reshape(-1))
+                - alpha * t_min_prev
+                - j_sum * t_min
+            ).reshape(stage.output_shape)
+        stages.append(
+            replace(
+                stage,
+                t_min_prev=t_min_prev,
+                t_min=t_min,
+                t_max=t_max,
+                threshold=threshold,
+                shortcuts=shortcuts,
             )
-            t_min_prev, t_min = t_min, t_max
+        )
+        spans[stage.name] = (t_min, t_max)
+        previous = stage.name
     return replace(snn, stages=tuple(stages))
 
 
@@ -472,35 +774,96 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
     (a shift through zero padding gives per-position conv biases); each ReLU
     records its layer's window, so converting the result gives this SNN again
     (up to float rounding). Min pools (max pools after a negative batch-norm
-    scale) are written as max pools between two batch norms of scale -1.
+    scale) are written as max pools between two batch norms of scale -1. A layer
+    with shortcuts becomes an Add of its own dense/conv (which carries the bias)
+    and each shortcut's synapses (an exact identity shortcut: the source itself)
+    before its ReLU.
     """
     if snn.neuron != "b1":
         raise ConversionError("snn_to_network: only b1 networks map back to ReLU networks")
     p, q = snn.input_range
     layers: list[Layer] = []
-    first = True
+    value_of = {INPUT: INPUT}  # stage -> the layer whose output holds its values
+    raw_domain = {INPUT}  # stages whose values are the rescaled input x' = (x - p) / (q - p)
+    previous = INPUT
+
+    def take(src: str) -> tuple[str, ...]:
+        """inputs= for a layer reading ``src``: empty when it is the layer just before."""
+        last = layers[-1].name if layers else INPUT
+        return () if src == last else (src,)
+
     for stage in snn.stages:
+        src = value_of[previous]
         if isinstance(stage, TimePool):
             flip = stage.sign < 0
             if flip.any():
-                layers.append(_sign_norm(f"{stage.name}_sign_in", stage.sign))
-            layers.append(MaxPool2d(stage.name, stage.kernel, stage.stride))
+                layers.append(
+                    replace(_sign_norm(f"{stage.name}_sign_in", stage.sign), inputs=take(src))
+                )
+            layers.append(
+                MaxPool2d(
+                    stage.name,
+                    stage.kernel,
+                    stage.stride,
+                    inputs=take(layers[-1].name if flip.any() else src),
+                )
+            )
             if flip.any():
                 layers.append(_sign_norm(f"{stage.name}_sign_out", stage.sign))
+            value_of[stage.name] = layers[-1].name
+            if previous in raw_domain:
+                raw_domain.add(stage.name)
+            previous = stage.name
             continue
-        *linear, affine = stage.synapses
-        weight, bias = affine.weight, stage.bias
-        if first:  # undo the folded rescaling x' = (x - p) / (q - p)
-            shift = np.full((1, *stage.input_shape), p / (q - p))
-            bias = bias - apply_synapses(stage.synapses, shift)[0]
-            weight = weight / (q - p)
-            first = False
-        if isinstance(affine, Dense):
-            bias = bias.reshape(-1)
-        layers.extend(linear)
-        layers.append(replace(affine, weight=weight, bias=bias))
-        if isinstance(stage, SpikingLayer):
-            layers.append(ReLU(f"{stage.name}_relu", window=stage.window))
+        operands = [
+            (previous, stage.synapses),
+            *((sc.source, sc.synapses) for sc in stage.shortcuts),
+        ]
+        bias = stage.bias
+        summands = []
+        for index, (source, synapses) in enumerate(operands):
+            *linear, affine = synapses
+            weight = affine.weight
+            if source in raw_domain:  # undo the folded rescaling x' = (x - p) / (q - p)
+                shift = np.full((1, *_synapse_input_shape(stage, index)), p / (q - p))
+                bias = bias - apply_synapses(synapses, shift)[0]
+                weight = weight / (q - p)
+            identity = index > 0 and _is_identity_synapse((*linear, replace(affine, weight=weight)))
+            if identity:
+                summands.append(value_of[source])
+                continue
+            prefix = "" if index == 0 else f"{stage.name}_shortcut{index}_"
+            ops_in = value_of[source]
+            for lin in linear:
+                layers.append(replace(lin, name=prefix + lin.name, inputs=take(ops_in)))
+                ops_in = layers[-1].name
+            layers.append(
+                replace(
+                    affine,
+                    name=prefix + affine.name if index else stage.name,
+                    weight=weight,
+                    bias=np.zeros(weight.shape[0]),
+                    inputs=take(ops_in),
+                )
+            )
+            summands.append(layers[-1].name)
+        main_index = next(i for i, layer in enumerate(layers) if layer.name == summands[0])
+        main = layers[main_index]
+        layers[main_index] = replace(
+            main, bias=bias.reshape(-1) if isinstance(main, Dense) else bias
+        )
+        if len(summands) > 1:
+            layers.append(Add(f"{stage.name}_add", inputs=tuple(summands)))
+        if isinstance(stage, OutputLayer):
+            if len(summands) > 1:
+                raise ConversionError(
+                    f"snn_to_network: the output layer '{stage.name}' takes shortcuts; a "
+                    "network's logits come from its last dense layer"
+                )
+            break
+        layers.append(ReLU(f"{stage.name}_relu", window=stage.window, inputs=take(layers[-1].name)))
+        value_of[stage.name] = layers[-1].name
+        previous = stage.name
     source = snn.source
     return Network(
         name=name or snn.name,
@@ -510,6 +873,11 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
         classes=snn.classes,
         dataset=None if source is None else source.dataset,
     )
+
+
+def _synapse_input_shape(stage, index: int) -> Shape:
+    """Input shape of a stage's main synapses (index 0) or of its shortcut index - 1."""
+    return stage.input_shape if index == 0 else stage.shortcuts[index - 1].input_shape
 
 
 def _sign_norm(name: str, sign: np.ndarray) -> BatchNorm:

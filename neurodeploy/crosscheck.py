@@ -8,11 +8,13 @@ output) the report gives
   with missing spikes (the reference fires, the hardware does not) and extra
   ones, and the hardware's saturations and overflows;
 - a local check that tells where and why a run diverges: the stage is fed the
-  hardware's own inputs (the previous stage's hardware spikes) and computed
-  exactly; its hardware output must lie within the bound that quantisation
+  hardware's own inputs (the previous stage's hardware spikes and, for a layer
+  that joins a residual branch, its shortcut sources' hardware spikes) and
+  computed exactly; its hardware output must lie within the bound that quantisation
   alone explains there (the deployment's spike steps, weight resolution,
   threshold/ramp/ADC rounding and input resolution, see
-  :meth:`neurodeploy.deploy.Deployment.quantization_terms`). Errors inherited
+  :meth:`neurodeploy.deploy.Deployment.quantization_terms`; a shortcut's weight
+  and input terms add its share). Errors inherited
   from earlier layers are thereby explained, and the first stage whose
   outputs leave their bound is the divergence layer.
 
@@ -231,6 +233,7 @@ def crosscheck(
     plots["layers"]["input"] = _plot_data(
         reference.spike_times["input"], hardware.spike_times["input"], INPUT_WINDOW
     )
+    hw_values = {"input": hw_in}  # every stage's hardware values, for shortcuts
     previous_hw = hw_in
     hw_values = {"input": hw_in}  # every stage's hardware values: shortcut sources
     logit_err = np.abs(hardware.output - reference.output)
@@ -342,7 +345,7 @@ def _local(stage, terms, own, delta, input_error, inputs, hw_values) -> tuple:
     for i, shortcut in enumerate(stage.shortcuts):
         source = hw_values[shortcut.source]
         potential = potential + apply_synapses(shortcut.synapses, source)
-        sc_own, sc_delta, sc_input = terms[shortcut_term(stage.name, i)]
+        sc_own, sc_delta, sc_input = terms.get(shortcut_term(stage.name, i), (0.0, None, 0.0))
         bound = bound + _bound(
             shortcut.synapses, stage.output_shape, sc_own, sc_delta, sc_input, source
         )

@@ -67,9 +67,14 @@ class Deployment(ABC):
         error the stage adds to each nonzero input (e.g. a DAC's half level).
         "input" -> (rounding of the encoded input, None, 0). Pools are exact. A join
         layer's i-th shortcut group has its own entry under
-        ``backends.common.shortcut_term(stage, i)`` ("stage/shortcut<i>"), in the same
+        :func:`shortcut_term_key` (stage, i) ("stage/shortcut<i>"), in the same
         form: weight_error in the shape of the shortcut's dense/conv weight, input_error
         per nonzero source value; the cross-check adds it on the source's values."""
+
+
+def shortcut_term_key(stage: str, index: int) -> str:
+    """Key of a stage's ``index``-th shortcut in :meth:`Deployment.quantization_terms`."""
+    return f"{stage}/shortcut{index}"
 
 
 def backend_class(name: str) -> type[Deployment]:

@@ -10,7 +10,8 @@ from .ttfs import INPUT_WINDOW, SpikingLayer, TimePool, TTFSNetwork
 
 
 def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
-    """One row per stage: kind, neurons, window, X_n, spikes per neuron, saturations."""
+    """One row per stage: kind, neurons, window, X_n, spikes per neuron, saturations;
+    a layer that joins a residual branch also lists its shortcuts (source, delay)."""
     rows = [
         {
             "name": "input",
@@ -32,6 +33,10 @@ def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
             row.update(t_min=stage.t_min, t_max=stage.t_max, kernel=stage.kernel)
         else:
             row.update(t_read=stage.t_read)
+        if getattr(stage, "shortcuts", ()):
+            row["shortcuts"] = [
+                {"source": sc.source, "delay": stage.delay(sc)} for sc in stage.shortcuts
+            ]
         rows.append(row)
     if trace is not None:
         for row in rows:

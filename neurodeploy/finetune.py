@@ -9,7 +9,10 @@ window, and zero for one that does not (silent, or saturated at the window's
 start). Gradient descent on the SNN is therefore as well behaved as on the
 ReLU network; here it runs in the value domain, through the project's own
 layer ops and their gradients (neurodeploy.grad), on the weights and
-thresholds (theta_i = B - b_i) of every layer.
+thresholds (theta_i = B - b_i) of every layer. Residual shortcuts (delayed so
+that a joining layer adds exactly its source's values) are linear synapses too:
+their weights train (an identity shortcut only on its diagonal) and the
+gradient flows back along them to their source layers.
 
 The forward pass includes the target hardware: spike times on the step grid
 and weights quantised as the emulator quantises them (digital profiles), or
@@ -59,6 +62,7 @@ class _Hardware:
         self.steps = profile.timing.steps_per_window
         self.crossbar = None
         self.weights = {}
+        self.shortcut_weights = {}
         if profile.hardware == "crossbar":
             from .backends.crossbar import CrossbarDeployment
 
@@ -67,17 +71,29 @@ class _Hardware:
             self.stats = {"overflow": {}, "read_charge": 0.0}
         elif profile.hardware == "digital":
             from .backends.common import fold_average_pools
-            from .backends.emulator import program_layer
+            from .backends.emulator import EmulatorDeployment
 
+            # The emulator's own programs: weights as the chip holds them, in value units.
+            programs = EmulatorDeployment(snn, profile, seed=seed).programs
             for stage in snn.stages:
                 if isinstance(stage, (SpikingLayer, OutputLayer)):
-                    prog = program_layer(
-                        stage, self.steps, profile.weights.bits, profile.neuron.membrane_bits
-                    )
+                    prog = programs[stage.name]
                     _, pool_factor = fold_average_pools(stage.synapses)
                     hw = prog.synapses[-1].weight * prog.lsb / prog.dt_in / pool_factor
                     *linear, affine = stage.synapses
                     self.weights[stage.name] = (*linear, replace(affine, weight=hw))
+                    for i, (shortcut, group) in enumerate(
+                        zip(stage.shortcuts, prog.shortcuts, strict=True)
+                    ):
+                        # A source value x arrives as x / dt_src steps of the group's
+                        # integer weight; one membrane unit is worth lsb.
+                        hw = group.synapses[-1].weight * prog.lsb / group.dt_src
+                        hw = hw / group.pool_factor
+                        *linear, affine = shortcut.synapses
+                        self.shortcut_weights[(stage.name, i)] = (
+                            *linear,
+                            replace(affine, weight=hw),
+                        )
 
     def inputs(self, x01: np.ndarray) -> np.ndarray:
         if not self.steps:
@@ -96,6 +112,18 @@ class _Hardware:
         synapses = self.weights.get(stage.name, stage.synapses)
         return apply_synapses(synapses, values)
 
+    def shortcut_potential(self, stage, index: int, values: np.ndarray) -> np.ndarray:
+        """The drive the hardware's ``index``-th shortcut group of ``stage`` adds, for its
+        source's values (N, *source shape)."""
+        if self.crossbar is not None:
+            group = self.crossbar.layers[stage.name].shortcuts[index]
+            stats = {"overflow": {}, "read_charge": np.zeros(len(values))}
+            return self.crossbar._read(group, values, self.read_rng, stats, group.name)
+        synapses = self.shortcut_weights.get(
+            (stage.name, index), stage.shortcuts[index].synapses
+        )
+        return apply_synapses(synapses, values)
+
     def round(self, stage: SpikingLayer, y: np.ndarray) -> np.ndarray:
         if not self.steps:
             return y
@@ -110,7 +138,19 @@ def _with_params(snn: TTFSNetwork, params: dict, windows: dict) -> TTFSNetwork:
         if isinstance(stage, (SpikingLayer, OutputLayer)):
             *linear, affine = stage.synapses
             synapses = (*linear, replace(affine, weight=params[f"{stage.name}.w"]))
-            stage = replace(stage, synapses=synapses, bias=params[f"{stage.name}.b"])
+            shortcuts = tuple(
+                replace(
+                    sc,
+                    synapses=(
+                        *sc.synapses[:-1],
+                        replace(sc.synapses[-1], weight=params[f"{stage.name}.shortcut{i}.w"]),
+                    ),
+                )
+                for i, sc in enumerate(stage.shortcuts)
+            )
+            stage = replace(
+                stage, synapses=synapses, bias=params[f"{stage.name}.b"], shortcuts=shortcuts
+            )
         stages.append(stage)
     return retime(replace(snn, stages=tuple(stages)), windows)
 
@@ -131,51 +171,111 @@ def loss_and_gradients(
     """Cross-entropy of the output potentials and its exact gradients.
 
     x01: inputs already rescaled to [0, 1] (N, *input_shape). Returns (loss,
-    gradients keyed "<layer>.w" / "<layer>.b", logits, the largest value of each
-    layer before clipping). Without ``hardware`` this is the ideal b1 SNN.
+    gradients keyed "<layer>.w" / "<layer>.b" and "<layer>.shortcut<i>.w", logits,
+    the largest value of each layer before clipping). Without ``hardware`` this is
+    the ideal b1 SNN. A layer that joins a residual branch adds each shortcut's
+    synapses on its source's values (the delay makes that exact, see
+    neurodeploy.convert), so the gradient flows back along every shortcut too:
+    the b1 SNN's gradient is the ReLU network's.
     """
-    values = hardware.inputs(x01) if hardware else x01
+    values = {"input": hardware.inputs(x01) if hardware else x01}
+    # Stages whose values depend on trained parameters (not only on the input).
+    trained = set()
     tape = []
     peaks = {}
     logits = None
+    previous = "input"
     for stage in snn.stages:
+        x = values[previous]
         if isinstance(stage, TimePool):
             s = stage.sign[None, :, None, None]
-            tape.append((stage, values))
-            values = ops.maxpool2d(values * s, stage.kernel, stage.stride) * s
+            tape.append((stage, previous, x))
+            values[stage.name] = ops.maxpool2d(x * s, stage.kernel, stage.stride) * s
+            if previous in trained:
+                trained.add(stage.name)
+            previous = stage.name
             continue
-        drive, inputs = forward_cached(stage.synapses, values)
+        drive, inputs = forward_cached(stage.synapses, x)
         if hardware is not None:
-            drive = hardware.potential(stage, values)
+            drive = hardware.potential(stage, x)
+        cached = []
+        for i, shortcut in enumerate(stage.shortcuts):
+            sc_drive, sc_inputs = forward_cached(shortcut.synapses, values[shortcut.source])
+            if hardware is not None:
+                sc_drive = hardware.shortcut_potential(stage, i, values[shortcut.source])
+            drive = drive + sc_drive
+            cached.append(sc_inputs)
         pre = drive + stage.bias
+        trained.add(stage.name)
         if isinstance(stage, OutputLayer):
             logits = pre.reshape(len(pre), -1)
-            tape.append((stage, inputs, None))
+            tape.append((stage, previous, inputs, cached, None))
             break
         peaks[stage.name] = float(pre.max())
         # b1: spikes inside the window carry the value; silent and saturated neurons
         # (before or after the window) have zero spike-time gradients.
         fires = (pre > 0) & (pre < stage.window)
         y = np.clip(pre, 0.0, stage.window)
-        values = hardware.round(stage, y) if hardware else y
-        tape.append((stage, inputs, fires))
+        values[stage.name] = hardware.round(stage, y) if hardware else y
+        tape.append((stage, previous, inputs, cached, fires))
+        previous = stage.name
     loss, grad = _cross_entropy(logits, labels)
     grads = {}
-    grad = grad.reshape(len(grad), *snn.output.output_shape)
-    first = next(s for s in snn.stages if not isinstance(s, TimePool))
+    # d loss / d values of each stage, summed over its consumers (main and shortcuts).
+    value_grads = {snn.output.name: grad.reshape(len(grad), *snn.output.output_shape)}
     for entry in reversed(tape):
         stage = entry[0]
-        if isinstance(stage, TimePool):
-            grad = maxpool_backward(entry[1], grad, stage.kernel, stage.stride, stage.sign)
+        grad = value_grads.pop(stage.name, None)
+        if grad is None:  # pragma: no cover - every stage feeds the output
             continue
-        _, inputs, fires = entry
+        if isinstance(stage, TimePool):
+            _, source, x = entry
+            if source in trained:
+                _accumulate(
+                    value_grads,
+                    source,
+                    maxpool_backward(x, grad, stage.kernel, stage.stride, stage.sign),
+                )
+            continue
+        _, source, inputs, cached, fires = entry
         if fires is not None:
             grad = grad * fires
         grads[f"{stage.name}.b"] = grad.sum(axis=0)
-        grads[f"{stage.name}.w"], grad = backward(
-            stage.synapses, inputs, grad, need_input=stage is not first
+        grads[f"{stage.name}.w"], grad_in = backward(
+            stage.synapses, inputs, grad, need_input=source in trained
         )
+        if grad_in is not None:
+            _accumulate(value_grads, source, grad_in)
+        for index, (shortcut, sc_inputs) in enumerate(zip(stage.shortcuts, cached, strict=True)):
+            key = f"{stage.name}.shortcut{index}.w"
+            grads[key], grad_in = backward(
+                shortcut.synapses, sc_inputs, grad, need_input=shortcut.source in trained
+            )
+            mask = _shortcut_mask(shortcut)
+            if mask is not None:
+                grads[key] = grads[key] * mask
+            if grad_in is not None:
+                _accumulate(value_grads, shortcut.source, grad_in)
     return loss, grads, logits, peaks
+
+
+def _accumulate(value_grads: dict, name: str, grad: np.ndarray) -> None:
+    value_grads[name] = grad if name not in value_grads else value_grads[name] + grad
+
+
+def _shortcut_mask(shortcut) -> np.ndarray | None:
+    """For an identity-like shortcut (a diagonal 1x1 conv or square dense, possibly after
+    a flatten: the identity, scaled by folded batch norms), the mask of its diagonal, so
+    training keeps it an identity with one weight per channel; None for a projection
+    (all weights train)."""
+    weight = shortcut.synapses[-1].weight
+    n = weight.shape[0]
+    if weight.shape[:2] != (n, n) or weight.size != n * n:
+        return None
+    diagonal = np.eye(n, dtype=bool)
+    if np.any(weight.reshape(n, n)[~diagonal]):
+        return None
+    return diagonal.astype(np.float64).reshape(weight.shape)
 
 
 def finetune(
@@ -226,6 +326,8 @@ def finetune(
         if isinstance(stage, (SpikingLayer, OutputLayer)):
             params[f"{stage.name}.w"] = stage.synapses[-1].weight.copy()
             params[f"{stage.name}.b"] = stage.bias.copy()
+            for i, shortcut in enumerate(stage.shortcuts):
+                params[f"{stage.name}.shortcut{i}.w"] = shortcut.synapses[-1].weight.copy()
     optimiser = Adam(params, learning_rate)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
     history = []

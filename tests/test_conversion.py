@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from netgen import random_inputs, random_network
+from netgen import random_inputs, random_network, random_residual_network
 
 import neurodeploy as nd
 from neurodeploy.ttfs import SpikingLayer, TimePool
@@ -66,6 +66,13 @@ def test_random_networks_convert_exactly(seed, neuron):
     check_exact(net, x, neuron)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_residual_networks_convert_exactly(seed):
+    net = random_residual_network(seed, blocks=2 + seed % 2)
+    x = random_inputs(net, 32, seed)
+    check_exact(net, x, "b1")
+
+
 @settings(
     max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -78,6 +85,15 @@ def test_random_networks_convert_exactly(seed, neuron):
 def test_property_exact_on_any_seeded_network(seed, hidden_conv, hidden_dense, neuron):
     net = random_network(seed, hidden_conv=hidden_conv, hidden_dense=hidden_dense)
     check_exact(net, random_inputs(net, 16, seed), neuron)
+
+
+@settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(seed=st.integers(1000, 10**6), blocks=st.integers(2, 4))
+def test_property_exact_on_any_seeded_residual_network(seed, blocks):
+    net = random_residual_network(seed, blocks=blocks)
+    check_exact(net, random_inputs(net, 16, seed), "b1")
 
 
 def test_negative_batchnorm_scale_before_maxpool_becomes_min_pool():
@@ -233,3 +249,41 @@ def test_seed_grid_covers_every_layer_kind_and_batchnorm_placement():
         "bn_negative_scale",
     }
     assert expected <= kinds
+
+
+def test_residual_seed_grid_covers_every_block_shape_and_placement():
+    kinds = set()
+    for seed in SEEDS:
+        net = random_residual_network(seed, blocks=2 + seed % 2)
+        names = [layer.name for layer in net.layers]
+        for layer, srcs in zip(net.layers, net.sources, strict=True):
+            if isinstance(layer, nd.Add):
+                kinds.add("input_shortcut" if "input" in srcs else "add")
+                prefix = layer.name.rsplit("_", 1)[0]
+                projection = f"{prefix}_proj" in names
+                kinds.add("projection" if projection else "identity")
+                kinds.add("bottleneck" if f"{prefix}_conv2" in names else "basic")
+                kinds.add("bn_on_sum" if f"{prefix}_sumbn" in names else "add_then_relu")
+                if projection and names.index(f"{prefix}_proj") < names.index(f"{prefix}_conv0"):
+                    kinds.add("shortcut_listed_first")
+                if layer.name == "fc_add":
+                    kinds.add("dense_identity")
+            if isinstance(layer, nd.BatchNorm) and layer.name.endswith("_postbn"):
+                kinds.add("bn_after_block_relu")
+                if layer.name == "stem_postbn" and np.any(layer.gamma < 0):
+                    kinds.add("negative_bn_before_maxpool")
+    expected = {
+        "add",
+        "input_shortcut",
+        "projection",
+        "identity",
+        "bottleneck",
+        "basic",
+        "bn_on_sum",
+        "add_then_relu",
+        "shortcut_listed_first",
+        "dense_identity",
+        "bn_after_block_relu",
+        "negative_bn_before_maxpool",
+    }
+    assert expected <= kinds, expected - kinds

@@ -33,7 +33,9 @@ def require_b1(snn: TTFSNetwork, backend: str) -> None:
 
 def shortcut_term(stage: str, index: int) -> str:
     """Key of a join layer's ``index``-th shortcut group in ``quantization_terms``."""
-    return f"{stage}/shortcut{index}"
+    from ..deploy import shortcut_term_key
+
+    return shortcut_term_key(stage, index)
 
 
 def step_sizes(snn: TTFSNetwork, steps: int) -> dict[str, float]:

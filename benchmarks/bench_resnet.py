@@ -1,0 +1,164 @@
+"""ResNet-18 (ImageNet layout, 224x224) converts and simulates exactly; time per image.
+
+Builds a ResNet-18 with our IR directly (He et al., "Deep residual learning for image
+recognition", CVPR 2016, Table 1: a 7x7 stride-2 stem of 64 channels, a 3x3 stride-2
+max pool, four stages of two basic blocks of widths 64, 128, 256, 512, the last
+three downsampling by a stride-2 conv with a 1x1 conv + batch-norm projection,
+global average pooling, 1000 classes). Random He-scaled weights; every batch
+norm gets random gamma/beta and the batch statistics of its input on random
+images, as a trained network's running statistics would be. The stem's max pool
+has no padding (torchvision's has padding 1; padded pools convert on another
+branch): the maps are 112, 55, 28, 14, 7.
+
+Checks that the b1 SNN's logits and every hidden layer equal the ReLU network to
+1e-9 relative with no early (saturated) spikes, then times ``simulate`` against
+``net.forward`` per image: interleaved runs (forward, simulate, forward, ...), so
+both see the same machine load, and the medians.
+
+    .venv/bin/python benchmarks/bench_resnet.py [--images 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netgen import with_bn_statistics  # noqa: E402
+
+import neurodeploy as nd  # noqa: E402
+
+RELATIVE_TOLERANCE = 1e-9
+WIDTHS = (64, 128, 256, 512)  # ResNet-18 stage widths (He et al. 2016, Table 1)
+BLOCKS_PER_STAGE = 2
+
+
+def _conv(rng, name, c_in, c_out, k, stride, padding, inputs=()):
+    w = rng.normal(0.0, np.sqrt(2.0 / (c_in * k * k)), (c_out, c_in, k, k))
+    return nd.Conv2d(name, w, np.zeros(c_out), stride, padding, inputs=inputs)
+
+
+def _bn(rng, name, channels):
+    # statistics are replaced by measured ones (with_bn_statistics)
+    return nd.BatchNorm(
+        name,
+        gamma=rng.uniform(0.5, 1.5, channels),
+        beta=rng.normal(0.0, 0.2, channels),
+        mean=np.zeros(channels),
+        var=np.ones(channels),
+    )
+
+
+def resnet18(seed: int = 0, size: int = 224, classes: int = 1000) -> nd.Network:
+    """ResNet-18 in ImageNet layout (unpadded stem pool, see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    layers = [
+        _conv(rng, "conv1", 3, 64, 7, 2, 3),
+        _bn(rng, "bn1", 64),
+        nd.ReLU("relu"),
+        nd.MaxPool2d("maxpool", 3, 2),
+    ]
+    source, c = "maxpool", 64
+    for stage, width in enumerate(WIDTHS, start=1):
+        for block in range(BLOCKS_PER_STAGE):
+            p = f"layer{stage}.{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            layers += [
+                _conv(rng, f"{p}.conv1", c, width, 3, stride, 1, inputs=(source,)),
+                _bn(rng, f"{p}.bn1", width),
+                nd.ReLU(f"{p}.relu1"),
+                _conv(rng, f"{p}.conv2", width, width, 3, 1, 1),
+                _bn(rng, f"{p}.bn2", width),
+            ]
+            skip = source
+            if stride != 1 or c != width:
+                layers += [
+                    _conv(rng, f"{p}.downsample.0", c, width, 1, stride, 0, inputs=(source,)),
+                    _bn(rng, f"{p}.downsample.1", width),
+                ]
+                skip = f"{p}.downsample.1"
+            layers += [nd.Add(f"{p}.add", inputs=(f"{p}.bn2", skip)), nd.ReLU(f"{p}.relu2")]
+            source, c = f"{p}.relu2", width
+    final = size // 2  # stem conv
+    final = (final - 3) // 2 + 1  # unpadded 3x3 stride-2 max pool
+    for _ in WIDTHS[1:]:
+        final = (final + 2 - 3) // 2 + 1
+    layers += [
+        nd.AvgPool2d("avgpool", final, final),
+        nd.Flatten("flatten"),
+        nd.Dense(
+            "fc", rng.normal(0.0, np.sqrt(1.0 / c), (classes, c)), rng.normal(0, 0.01, classes)
+        ),
+    ]
+    x = rng.uniform(0.0, 1.0, (2, 3, size, size))
+    return nd.Network("resnet18", (3, size, size), (0.0, 1.0), with_bn_statistics(layers, x))
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median wall time (s) of each function, the calls interleaved round by round (after
+    one warm-up round), so slow phases of a shared machine hit all of them alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    net = resnet18(size=args.size)
+    x = np.random.default_rng(1).uniform(0.0, 1.0, (args.images, *net.input_shape))
+    snn = nd.convert(net, calibration=x)
+    build = time.perf_counter() - start
+    trace = nd.simulate(snn, x)
+    ref = net.forward(x)
+    error = float(np.abs(trace.output - ref).max() / np.abs(ref).max())
+    acts = net.activations(x)
+    hidden = 0.0
+    for stage in snn.spiking_layers:
+        relu = next(
+            layer.name
+            for layer in net.layers[[lay.name for lay in net.layers].index(stage.name) :]
+            if isinstance(layer, nd.ReLU)
+        )
+        got, want = stage.decode(trace.spike_times[stage.name]), acts[relu]
+        hidden = max(hidden, float(np.abs(got - want).max() / max(want.max(), 1e-300)))
+    joins = sum(1 for s in snn.spiking_layers if s.shortcuts)
+    print(
+        f"resnet18 {args.size}x{args.size}: {len(snn.spiking_layers)} spiking layers "
+        f"({joins} residual joins), {snn.neuron_count / 1e6:.2f} M neurons, latency "
+        f"{snn.latency:.1f} time units; built + converted in {build:.1f} s"
+    )
+    print(
+        f"exactness: logits {error:.2e}, hidden layers {hidden:.2e} relative "
+        f"(tolerance {RELATIVE_TOLERANCE:g}); saturated spikes {trace.saturated}"
+    )
+    if error > RELATIVE_TOLERANCE or hidden > RELATIVE_TOLERANCE or trace.saturated:
+        raise SystemExit("NOT EXACT")
+    medians = interleaved_medians(
+        {"forward": lambda: net.forward(x), "simulate": lambda: nd.simulate(snn, x)},
+        args.repeats,
+    )
+    per = {name: t / args.images for name, t in medians.items()}
+    print(
+        f"per image: ReLU forward {per['forward'] * 1e3:.0f} ms, b1 simulate "
+        f"{per['simulate'] * 1e3:.0f} ms, ratio {per['simulate'] / per['forward']:.2f}x "
+        f"({args.images} images, float64, medians of {args.repeats} interleaved runs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
