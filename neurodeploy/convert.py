@@ -15,7 +15,10 @@ spiking neural networks with 0.3 spikes per neuron" (Nature Communications
    [-10, 0.99] (the bounds of the exact-mapping paper's code), compensated in
    the next layer (ReLU and max pooling commute with positive scales).
 3. Calibrate: the largest ReLU output X_n of every layer on the calibration
-   set sets its window B_n = (1 + zeta) X_n.
+   set sets its window B_n = (1 + zeta) X_n. A clipped ReLU (ReLU6, Clip(0, M))
+   gets B_n = M instead: a b1 neuron whose value exceeds its window fires when
+   the window opens and encodes exactly B_n, so the clip is computed exactly
+   and no value can exceed the window (no margin needed).
 4. Thresholds of the chosen neuron model.
 """
 
@@ -75,6 +78,8 @@ class _Block:
     output_shape: Shape
     relu: bool = False
     window: float | None = None  # a window stored on the ReLU (fine-tuned), else calibrated
+    clip: float | None = None  # the ReLU's clip M (ReLU6: 6), None for a plain ReLU
+    # source_layers: the dense/conv, what folded into it, and last its ReLU
     source_layers: list[str] = field(default_factory=list)
 
     @property
@@ -91,6 +96,22 @@ def _zero_bias(layer: Dense | Conv2d, weight: np.ndarray) -> Dense | Conv2d:
     return replace(layer, weight=weight, bias=np.zeros(weight.shape[0]))
 
 
+def _scale_input_weights(layer: Dense | Conv2d, factors: np.ndarray) -> np.ndarray:
+    """The layer's weight with the weights from input channel (conv) or feature (dense) c
+    multiplied by factors[c].
+
+    A grouped conv's weight (O, C / G, k, k) holds, for output channel o of group
+    g = o // (O / G), the input channels g C/G .. (g+1) C/G - 1 along axis 1: each
+    output channel takes its own group's slice of the factors.
+    """
+    if isinstance(layer, Dense):
+        return layer.weight * factors[None, :]
+    out_ch, c_per_group = layer.weight.shape[:2]
+    per_out = factors.reshape(layer.groups, c_per_group)
+    per_out = np.repeat(per_out, out_ch // layer.groups, axis=0)  # (O, C / G)
+    return layer.weight * per_out[:, :, None, None]
+
+
 def _fold_input_transform(
     layer: Dense | Conv2d, in_shape: Shape, scale: np.ndarray, shift: np.ndarray
 ) -> tuple[Dense | Conv2d, np.ndarray]:
@@ -100,12 +121,10 @@ def _fold_input_transform(
     through the layer's own linear map on a constant input, so zero padding
     gives the border neurons their own bias.
     """
-    if isinstance(layer, Dense):
-        weight = layer.weight * scale[None, :]
-    else:
-        weight = layer.weight * scale[None, :, None, None]
-    folded = _zero_bias(layer, weight)
-    const = np.broadcast_to(_per_channel(shift, in_shape), in_shape)[None]
+    folded = _zero_bias(layer, _scale_input_weights(layer, scale))
+    if shift.shape != tuple(in_shape):  # per channel; a map after a padded average pool
+        shift = _per_channel(shift, in_shape)
+    const = np.broadcast_to(shift, in_shape)[None]
     out_shape = layer.output_shape(in_shape)
     own_bias = (
         layer.bias if layer.bias.ndim == len(out_shape) else _per_channel(layer.bias, out_shape)
@@ -125,13 +144,6 @@ def _require_convertible(net: Network) -> None:
             f"layer '{branch.name}' ({branch.type}) takes {list(branch.inputs)}: branching and "
             "residual networks do not convert yet"
         )
-    for layer in net.layers:
-        if isinstance(layer, ReLU) and layer.clip is not None:
-            raise ConversionError(f"layer '{layer.name}': clipped ReLUs do not convert yet")
-        if isinstance(layer, (MaxPool2d, AvgPool2d)) and layer.padding:
-            raise ConversionError(
-                f"layer '{layer.name}' ({layer.type}): padded pooling does not convert yet"
-            )
 
 
 def _fold(net: Network) -> list[_Block]:
@@ -177,6 +189,7 @@ def _fold(net: Network) -> list[_Block]:
                 )
             blocks[-1].relu = True
             blocks[-1].window = layer.window
+            blocks[-1].clip = layer.clip
             blocks[-1].source_layers.append(layer.name)
             state = "relu"
             scale, shift = np.ones(shape[0]), np.zeros(shape[0])
@@ -189,7 +202,11 @@ def _fold(net: Network) -> list[_Block]:
                     )
                 _fold_backward(blocks[-1], layer, pools)
             else:
-                scale, shift = layer.scale * scale, layer.scale * shift + layer.shift
+                bn_scale, bn_shift = layer.scale, layer.shift
+                if shift.ndim > 1:  # a per-position shift (after a padded average pool)
+                    bn_scale = _per_channel(layer.scale, shift.shape)
+                    bn_shift = _per_channel(layer.shift, shift.shape)
+                scale, shift = layer.scale * scale, bn_scale * shift + bn_shift
         elif isinstance(layer, MaxPool2d):
             if linear:
                 raise ConversionError(
@@ -212,7 +229,14 @@ def _fold(net: Network) -> list[_Block]:
                 linear.append(layer)
                 if isinstance(layer, Flatten) and state != "affine":
                     hw = int(np.prod(shape[1:]))
-                    scale, shift = np.repeat(scale, hw), np.repeat(shift, hw)
+                    scale = np.repeat(scale, hw)
+                    shift = shift.reshape(-1) if shift.ndim > 1 else np.repeat(shift, hw)
+                elif state != "affine" and layer.padding and layer.count_include_pad:
+                    # The zero padding is not shifted: at the borders a window averages
+                    # fewer shifted inputs, so the pending shift becomes one per position.
+                    if shift.ndim == 1:
+                        shift = np.broadcast_to(_per_channel(shift, shape), shape)
+                    shift = layer.linear(shift[None])[0]
         else:  # pragma: no cover - Network validation admits no other type
             raise ConversionError(f"layer '{layer.name}': unsupported type {layer.type}")
         if state == "affine" and not isinstance(layer, AFFINE_TYPES):
@@ -250,9 +274,7 @@ def _scale_block_inputs(block: _Block, per_channel: np.ndarray) -> None:
         if isinstance(lin, Flatten):
             factors = np.repeat(factors, int(np.prod(shape[1:])))
         shape = lin.output_shape(shape)
-    w = block.affine.weight
-    w = w * (factors[None, :] if w.ndim == 2 else factors[None, :, None, None])
-    block.affine = _zero_bias(block.affine, w)
+    block.affine = _zero_bias(block.affine, _scale_input_weights(block.affine, factors))
 
 
 def _rescale_for_alpha1(blocks: list[_Block]) -> None:
@@ -281,7 +303,7 @@ def _rescale_for_alpha1(blocks: list[_Block]) -> None:
 def _pool_values(values: np.ndarray, pool: MaxPool2d, sign: np.ndarray) -> np.ndarray:
     """Max pooling of non-negative values, min pooling for channels with sign -1."""
     s = sign[None, :, None, None]
-    return ops.maxpool2d(values * s, pool.kernel, pool.stride) * s
+    return ops.maxpool2d(values * s, pool.kernel, pool.stride, pool.padding) * s
 
 
 def _calibrate(blocks: list[_Block], x01: np.ndarray) -> list[float]:
@@ -292,6 +314,8 @@ def _calibrate(blocks: list[_Block], x01: np.ndarray) -> list[float]:
         for pool, sign, _, _ in block.pools:
             v = _pool_values(v, pool, sign)
         v = np.maximum(apply_synapses(block.synapses, v) + block.bias, 0.0)
+        if block.clip is not None:
+            np.minimum(v, block.clip, out=v)
         x_max.append(float(v.max()))
     return x_max
 
@@ -333,6 +357,15 @@ def convert(
         raise ConversionError("calibration set is empty: windows need at least one sample")
     blocks = _fold(net)
     if neuron == "alpha1":
+        clipped = [block.source_layers[-1] for block in blocks if block.clip is not None]
+        if clipped:
+            # An alpha1 neuron may fire while its inputs still arrive, before its window
+            # opens, and then encodes more than B_n: it has no saturation that could
+            # compute the clip (and min(u, M) is not one alpha1 neuron).
+            raise ConversionError(
+                f"layer '{clipped[0]}': clipped ReLUs convert exactly with the b1 neuron only "
+                "(neuron='b1'); the alpha1 neuron cannot saturate at the clip"
+            )
         _rescale_for_alpha1(blocks)
     p, q = net.input_range
     x_max = _calibrate(blocks, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
@@ -351,6 +384,7 @@ def convert(
                     out_shape,
                     t_min=t_min_prev,
                     t_max=t_min,
+                    padding=pool.padding,
                 )
             )
         if not block.relu:
@@ -369,6 +403,8 @@ def convert(
         x_n = x_max[i]
         stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
         window = stored or (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
+        if block.clip is not None:
+            window = _clipped_window(block)
         t_max = t_min + window
         extra = {}
         if neuron == "b1":
@@ -396,6 +432,7 @@ def convert(
                 t_max=t_max,
                 x_max=x_n,
                 threshold=threshold,
+                clipped=block.clip is not None,
                 **extra,
             )
         )
@@ -413,13 +450,36 @@ def convert(
     )
 
 
+# Relative difference below which a stored window equals the clip (float round trips).
+_WINDOW_CLIP_RTOL = 1e-12
+
+
+def _clipped_window(block: _Block) -> float:
+    """B_n = M of a clipped ReLU's block; a stored window must agree.
+
+    The window of a b1 layer is the value at which it saturates, so it cannot be both
+    M (for the clip to be exact) and another stored value: a conflicting window is
+    refused rather than silently giving a different clip.
+    """
+    clip = float(block.clip)
+    if block.window is not None and abs(block.window - clip) > _WINDOW_CLIP_RTOL * clip:
+        relu = block.source_layers[-1]
+        raise ConversionError(
+            f"layer '{relu}': stored window {block.window:g} conflicts with clip {clip:g}; "
+            "a clipped ReLU's window is its clip (remove the window or set it to the clip)"
+        )
+    return clip
+
+
 def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
     """A copy of ``snn`` with new window lengths B_n (time units) for the named layers.
 
     Every later window shifts with them and every threshold follows, so the copy
     computes the same values as long as they fit their windows (a shorter window
     clips, and saturation counts the clipped values). Used to shorten latency
-    and to test what a too-short window does.
+    and to test what a too-short window does. A clipped layer's window is its
+    clip: a new window there clips at the new value (by design, not counted as
+    saturation).
     """
     names = {s.name for s in snn.spiking_layers}
     unknown = set(windows) - names
@@ -478,7 +538,7 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
             flip = stage.sign < 0
             if flip.any():
                 layers.append(_sign_norm(f"{stage.name}_sign_in", stage.sign))
-            layers.append(MaxPool2d(stage.name, stage.kernel, stage.stride))
+            layers.append(MaxPool2d(stage.name, stage.kernel, stage.stride, stage.padding))
             if flip.any():
                 layers.append(_sign_norm(f"{stage.name}_sign_out", stage.sign))
             continue
@@ -494,7 +554,8 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
         layers.extend(linear)
         layers.append(replace(affine, weight=weight, bias=bias))
         if isinstance(stage, SpikingLayer):
-            layers.append(ReLU(f"{stage.name}_relu", window=stage.window))
+            clip = stage.window if stage.clipped else None
+            layers.append(ReLU(f"{stage.name}_relu", window=stage.window, clip=clip))
     source = snn.source
     return Network(
         name=name or snn.name,

@@ -269,7 +269,7 @@ def crosscheck(
         hw_v = _values(hw_t, hw_stage.t_max)
         if isinstance(stage, TimePool):
             s = stage.sign[None, :, None, None]
-            local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride) * s
+            local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride, stage.padding) * s
             bound = np.zeros(1)
             kind = "pool"
         else:

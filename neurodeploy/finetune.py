@@ -21,7 +21,9 @@ straight-through estimator), so the network learns weights that tolerate them.
 Windows follow the papers' rule: a layer's window grows when its values
 leave it, B_n = max(B_n, (1 + zeta) max value). ``window_scale`` < 1 instead
 shortens every window at the start and keeps it fixed: the network learns to
-fit into the shorter latency.
+fit into the shorter latency. A clipped ReLU's window is its clip (ReLU6: 6)
+and never grows; with ``window_scale`` it shrinks like the others, and the
+result is a network clipped at the shorter window (saved as the ReLU's clip).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class _Hardware:
                     prog = program_layer(
                         stage, self.steps, profile.weights.bits, profile.neuron.membrane_bits
                     )
-                    _, pool_factor = fold_average_pools(stage.synapses)
+                    _, pool_factor = fold_average_pools(stage.synapses, stage.input_shape)
                     hw = prog.synapses[-1].weight * prog.lsb / prog.dt_in / pool_factor
                     *linear, affine = stage.synapses
                     self.weights[stage.name] = (*linear, replace(affine, weight=hw))
@@ -142,7 +144,7 @@ def loss_and_gradients(
         if isinstance(stage, TimePool):
             s = stage.sign[None, :, None, None]
             tape.append((stage, values))
-            values = ops.maxpool2d(values * s, stage.kernel, stage.stride) * s
+            values = ops.maxpool2d(values * s, stage.kernel, stage.stride, stage.padding) * s
             continue
         drive, inputs = forward_cached(stage.synapses, values)
         if hardware is not None:
@@ -152,9 +154,11 @@ def loss_and_gradients(
             logits = pre.reshape(len(pre), -1)
             tape.append((stage, inputs, None))
             break
-        peaks[stage.name] = float(pre.max())
+        if not stage.clipped:  # a clipped layer's window is its clip: it does not grow
+            peaks[stage.name] = float(pre.max())
         # b1: spikes inside the window carry the value; silent and saturated neurons
-        # (before or after the window) have zero spike-time gradients.
+        # (before or after the window) have zero spike-time gradients (a clipped ReLU's
+        # own gradient above its clip).
         fires = (pre > 0) & (pre < stage.window)
         y = np.clip(pre, 0.0, stage.window)
         values = hardware.round(stage, y) if hardware else y
@@ -166,7 +170,9 @@ def loss_and_gradients(
     for entry in reversed(tape):
         stage = entry[0]
         if isinstance(stage, TimePool):
-            grad = maxpool_backward(entry[1], grad, stage.kernel, stage.stride, stage.sign)
+            grad = maxpool_backward(
+                entry[1], grad, stage.kernel, stage.stride, stage.sign, stage.padding
+            )
             continue
         _, inputs, fires = entry
         if fires is not None:

@@ -97,7 +97,7 @@ def _with_weight(op, weight: np.ndarray):
 
 
 def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None) -> LayerProgram:
-    ops, pool_factor = fold_average_pools(stage.synapses)
+    ops, pool_factor = fold_average_pools(stage.synapses, stage.input_shape)
     affine = ops[-1]
     assert isinstance(affine, (Dense, Conv2d))
     weight = affine.weight * pool_factor
@@ -252,7 +252,8 @@ class EmulatorDeployment(Deployment):
             m = np.subtract(prog.threshold, v, out=v)
             m /= prog.ramp
             early = 0
-            if m.min(initial=0.0) < -0.5:  # V - Theta > R / 2: value beyond the window
+            # V - Theta > R / 2: value beyond the window (a clipped layer's clip: not counted)
+            if not stage.clipped and m.min(initial=0.0) < -0.5:
                 early = int(np.count_nonzero(m < -0.5))
             np.ceil(m, out=m)
             np.maximum(m, 0.0, out=m)
@@ -354,11 +355,13 @@ class EmulatorDeployment(Deployment):
             # Rounding a weight to its mantissa errs by at most half a mantissa step,
             # 2^(e-1) (the profile's bits and the layer's largest weight set e); sum
             # pools carry the average pools' 1/k^2 into the weight.
-            _, pool_factor = fold_average_pools(stage.synapses)
+            _, pool_factor = fold_average_pools(stage.synapses, stage.input_shape)
             weight_shape = stage.synapses[-1].weight.shape
             delta = None
             if prog.exponent is not None:
-                delta = np.full(weight_shape, 0.5 * 2.0**prog.exponent / pool_factor)
+                delta = np.array(
+                    np.broadcast_to(0.5 * 2.0**prog.exponent / pool_factor, weight_shape)
+                )
             if isinstance(stage, OutputLayer):
                 own = 0.5 * prog.lsb if prog.exponent is not None else 0.0  # bias rounding
             elif prog.exponent is None:  # float weights: only the step grid rounds
