@@ -49,13 +49,14 @@ def main() -> None:
     for n, c, h, groups, stride in CASES:
         x = rng.normal(size=(n, c, h, h))
         weight = rng.normal(size=(c, c // groups, 3, 3))
-        fast = ops.conv2d(x, weight, stride, 1, groups)
-        slow = loop_over_groups(x, weight, stride, 1, groups)
+        case = (x, weight, stride, 1, groups)
+        fast, slow = ops.conv2d(*case), loop_over_groups(*case)
         assert np.abs(fast - slow).max() <= 1e-12 * np.abs(slow).max()
-        t_loop = best_time(lambda: loop_over_groups(x, weight, stride, 1, groups), args.repeats)
-        t_fast = best_time(lambda: ops.conv2d(x, weight, stride, 1, groups), args.repeats)
+        t_loop = best_time(lambda c=case: loop_over_groups(*c), args.repeats)
+        t_fast = best_time(lambda c=case: ops.conv2d(*c), args.repeats)
         label = f"{n} x {c} x {h}, {groups}, {stride}"
-        print(f"{label:<28} {t_loop * 1e3:>6.1f} ms {t_fast * 1e3:>8.1f} ms {t_loop / t_fast:>8.1f}x")
+        speed_up = t_loop / t_fast
+        print(f"{label:<28} {t_loop * 1e3:>6.1f} ms {t_fast * 1e3:>8.1f} ms {speed_up:>8.1f}x")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def _depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride: int, padding: i
     """Convolution in which every output channel reads one input channel (weight
     (O, 1, k, k), O a multiple of C): k*k shifted multiply-adds over the whole map.
 
-    Measured on 2 cores against a loop over the groups: 16x faster for one 256-channel
-    16x16 image, 5-10x for 16 images of 512 channels at 8x8 (benchmarks/bench_ops.py).
+    Against a loop over the groups (benchmarks/bench_ops.py, 2 shared cores): 7-23x
+    faster for one 256-channel 16x16 image, about 4x for 16 images of 512 channels at
+    8x8, on par for large batches (there the loop's per-group products are large).
     """
     out_ch, _, k, _ = weight.shape
     x = _pad_spatial(x, padding, 0.0)

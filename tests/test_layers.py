@@ -582,3 +582,19 @@ def test_finetune_runs_an_epoch_on_depthwise_and_clipped_layers(mobile, tmp_path
         relative_error(nd.simulate(again, x).output, nd.simulate(result.snn, x).output)
         <= RELATIVE_TOLERANCE
     )
+
+
+def test_emulator_counts_only_the_synapses_a_depthwise_layer_has(mobile):
+    _, _, snn = mobile
+    dep = nd.deploy(snn, "loihi2")
+    for stage in snn.spiking_layers:
+        conv = stage.synapses[-1]
+        if conv.groups == 1:
+            continue
+        prog = dep.programs[stage.name]
+        channels, height = stage.input_shape[0], stage.input_shape[1]
+        # every output channel reads its own channel's in-bounds 3x3 taps: no cross-channel
+        taps = ops.pool_counts((height, height), conv.kernel, conv.stride, conv.padding)
+        assert prog.synapse_count == channels * int(taps.sum())
+        assert prog.fanout.sum() == prog.synapse_count
+        assert prog.fanout.max() <= conv.kernel * conv.kernel  # one output channel each

@@ -150,8 +150,10 @@ def _tiles_needed(groups: int, rows: int, cols: int, cb: Crossbar) -> int:
 
 
 def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """x (P, G, r) times matrix (r, c) or (G, r, c) per group: (P, G c)."""
-    out = np.matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c); G = 1 is one BLAS product
+    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c)."""
+    if matrix.ndim == 2:  # one 2-D BLAS product, bit for bit what an ungrouped layer gave
+        return x[:, 0, :] @ matrix
+    out = np.matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
@@ -314,7 +316,7 @@ class CrossbarDeployment(Deployment):
             sl = slice(lo, min(rows, lo + cb.tile_rows))
             adc_step, max_code = None, 0
             if conv_cfg.adc_bits is not None:
-                sums = _group_product(patches[:, :, sl], diff_target[:, sl])
+                sums = _group_product(patches[:, :, sl], per_group(diff_target[:, sl]))
                 largest = np.abs(sums).max(axis=0).reshape(groups, cols)
                 max_code = 2 ** (conv_cfg.adc_bits - 1) - 1
                 adc_step = per_group(conv_cfg.adc_headroom * largest / max(max_code, 1))
