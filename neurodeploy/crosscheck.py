@@ -339,9 +339,13 @@ def _bound(stage, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
     if delta is not None:
         bound = bound + apply_synapses(abs_weight_ops(stage.synapses, delta), inputs)
     if input_error:
-        weight = np.abs(stage.synapses[-1].weight)
-        nonzero = (inputs > 0).astype(np.float64) * input_error
-        bound = bound + apply_synapses(abs_weight_ops(stage.synapses, weight), nonzero)
+        # The error is on the inputs of the dense/conv map itself (a DAC drives the word
+        # lines with the pooled, flattened values): an average pool in front does not
+        # shrink it.
+        *linear, affine = stage.synapses
+        weight = np.abs(affine.weight)
+        nonzero = (apply_synapses(tuple(linear), inputs) > 0).astype(np.float64) * input_error
+        bound = bound + apply_synapses(abs_weight_ops((affine,), weight), nonzero)
     return bound
 
 

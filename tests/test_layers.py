@@ -598,3 +598,25 @@ def test_emulator_counts_only_the_synapses_a_depthwise_layer_has(mobile):
         assert prog.synapse_count == channels * int(taps.sum())
         assert prog.fanout.sum() == prog.synapse_count
         assert prog.fanout.max() <= conv.kernel * conv.kernel  # one output channel each
+
+
+@pytest.mark.parametrize("net_name", ["sink", "mobile"])
+def test_crossbar_quantisation_alone_stays_within_the_cross_check_bounds(net_name, sink, mobile):
+    """Conductance levels, DAC and ADC (per group column) only: every layer of a grouped,
+    clipped, padded network stays within the bound quantisation explains."""
+    _, x, snn = sink if net_name == "sink" else mobile
+    profile = nd.load_profile("pcm").with_overrides(
+        {
+            "crossbar.prog_noise_scale": 0.0,
+            "crossbar.read_noise_scale": 0.0,
+            "crossbar.drift_scale": 0.0,
+            "crossbar.drift_compensation": False,
+            "faults.stuck_on": 0.0,
+            "faults.stuck_off": 0.0,
+            "crossbar.variability": 0.0,
+            "crosscheck.max_beyond_bound": 0.0,
+        }
+    )
+    report = nd.crosscheck(snn, nd.deploy(snn, profile, backend="crossbar"), x)
+    assert report.divergence_layer is None, report.reasons
+    assert all(layer.saturated == 0 for layer in report.layers if layer.kind == "spiking")
