@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from netgen import random_inputs, random_network
 from test_conversion import RELATIVE_TOLERANCE, check_exact, relative_error
-from test_emulator import assert_same_spikes
+from test_emulator import _naive_chip, assert_same_spikes
 
 import neurodeploy as nd
 from neurodeploy import ops
@@ -620,3 +620,34 @@ def test_crossbar_quantisation_alone_stays_within_the_cross_check_bounds(net_nam
     report = nd.crosscheck(snn, nd.deploy(snn, profile, backend="crossbar"), x)
     assert report.divergence_layer is None, report.reasons
     assert all(layer.saturated == 0 for layer in report.layers if layer.kind == "spiking")
+
+
+@pytest.mark.parametrize("membrane_bits", [24, 12])
+def test_grouped_padded_programs_equal_literal_integer_execution(sink, membrane_bits):
+    """The integer programs of grouped convs, padded sum pools and the per-feature
+    divisors of a count_include_pad=False pool, run literally with Python integers (12
+    bits forces saturating step-by-step integration somewhere)."""
+    _, x, snn = sink
+    profile = nd.load_profile("loihi2").with_overrides(
+        {"timing.steps_per_window": 8, "neuron.membrane_bits": membrane_bits}
+    )
+    dep = nd.deploy(snn, profile)
+    if membrane_bits == 12:
+        assert any(p.stepped for p in dep.programs.values())
+    np.testing.assert_array_equal(dep.run(x[:2]).output, _naive_chip(dep, x[:2]))
+
+
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(seed=st.integers(1000, 10**6), hidden_conv=st.integers(2, 4))
+def test_property_ideal_backends_match_the_reference(seed, hidden_conv):
+    net = random_network(seed, hidden_conv=hidden_conv, hidden_dense=2, modern=True)
+    x = random_inputs(net, 12, seed)
+    snn = nd.convert(net, calibration=x)
+    ref = nd.simulate(snn, x)
+    for backend in ("emulator", "crossbar"):
+        trace = nd.deploy(snn, "ideal", backend=backend).run(x)
+        assert_same_spikes(trace, ref, IDEAL_TOLERANCE)
+        np.testing.assert_allclose(trace.output, ref.output, rtol=0, atol=IDEAL_TOLERANCE)
+        assert trace.saturated_per_layer == ref.saturated_per_layer
