@@ -651,3 +651,32 @@ def test_property_ideal_backends_match_the_reference(seed, hidden_conv):
         assert_same_spikes(trace, ref, IDEAL_TOLERANCE)
         np.testing.assert_allclose(trace.output, ref.output, rtol=0, atol=IDEAL_TOLERANCE)
         assert trace.saturated_per_layer == ref.saturated_per_layer
+
+
+@pytest.mark.parametrize("neuron", ["b1", "alpha1"])
+def test_shift_through_a_padded_average_pool_becomes_one_per_position(neuron):
+    """relu -> batch norm (a shift) -> average pool counting zero padding: at the border
+    a window averages fewer shifted inputs, so the folded bias differs per position."""
+    rng = np.random.default_rng(6)
+    layers = (
+        nd.Conv2d("c0", rng.normal(0, 0.5, (3, 1, 3, 3)), np.full(3, 0.1), padding=1),
+        nd.ReLU("r0"),
+        nd.BatchNorm(
+            "bn",
+            np.array([1.5, -0.5, 1.0]),
+            np.array([1.0, 0.5, -0.7]),
+            np.zeros(3),
+            np.full(3, 1.0 - 1e-5),
+        ),
+        nd.AvgPool2d("avg", 3, 1, padding=1),
+        nd.Conv2d("c1", rng.normal(0, 0.5, (4, 3, 3, 3)), np.zeros(4), padding=1),
+        nd.ReLU("r1"),
+        nd.Flatten("f"),
+        nd.Dense("out", rng.normal(0, 0.3, (2, 4 * 6 * 6)), np.zeros(2)),
+    )
+    net = nd.Network("shift_pool", (1, 6, 6), (0.0, 1.0), layers)
+    x = rng.uniform(0, 1, (16, 1, 6, 6))
+    snn = nd.convert(net, calibration=x, neuron=neuron)
+    assert relative_error(nd.simulate(snn, x).output, net.forward(x)) <= RELATIVE_TOLERANCE
+    bias = snn.stage("c1").bias
+    assert bias.shape == (4, 6, 6) and not np.allclose(bias[:, 0, 0], bias[:, 2, 2])
