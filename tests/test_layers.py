@@ -564,10 +564,11 @@ def test_finetune_gradients_equal_finite_differences_on_the_kitchen_sink(sink):
             )
 
 
-def test_finetune_runs_an_epoch_on_depthwise_and_clipped_layers(mobile, tmp_path):
+@pytest.mark.parametrize("profile", ["loihi2", "pcm"])
+def test_finetune_runs_an_epoch_on_depthwise_and_clipped_layers(mobile, tmp_path, profile):
     net, x, snn = mobile
     y = net.predict(x)
-    result = finetune(snn, "loihi2", x, y, epochs=1, batch_size=16, learning_rate=1e-3)
+    result = finetune(snn, profile, x, y, epochs=1, batch_size=16, learning_rate=1e-3)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
     for stage in result.snn.spiking_layers:
         # a clip's window does not grow
@@ -680,3 +681,26 @@ def test_shift_through_a_padded_average_pool_becomes_one_per_position(neuron):
     assert relative_error(nd.simulate(snn, x).output, net.forward(x)) <= RELATIVE_TOLERANCE
     bias = snn.stage("c1").bias
     assert bias.shape == (4, 6, 6) and not np.allclose(bias[:, 0, 0], bias[:, 2, 2])
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_padded_pool_on_the_raw_input_folds_the_input_range(include):
+    """The input rescaling x = (q - p) x' + p is a shift too: through a padded average
+    pool on the input it becomes per position (count_include_pad) or stays constant."""
+    rng = np.random.default_rng(8)
+    layers = (
+        nd.AvgPool2d("avg", 3, 1, padding=1, count_include_pad=include),
+        nd.Conv2d("c", rng.normal(0, 0.5, (3, 2, 3, 3)), np.full(3, 0.1), padding=1, groups=1),
+        nd.ReLU("r", clip=1.5),
+        nd.MaxPool2d("mp", 3, 2, padding=1),
+        nd.Flatten("f"),
+        nd.Dense("out", rng.normal(0, 0.3, (2, 3 * 3 * 3)), np.zeros(2)),
+    )
+    net = nd.Network("input_pool", (2, 5, 5), (-2.0, 3.0), layers)
+    x = rng.uniform(-2, 3, (16, 2, 5, 5))
+    snn = nd.convert(net, calibration=x)
+    trace = nd.simulate(snn, x)
+    assert trace.saturated == 0
+    assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
+    back = snn_to_network(snn)
+    assert relative_error(back.forward(x), net.forward(x)) <= RELATIVE_TOLERANCE
