@@ -3,9 +3,10 @@
 The loop (one im2col and one product per group) was ops.conv2d's first grouped
 implementation; depthwise layers (groups = channels, MobileNet) then cost one
 Python iteration per channel. ops.conv2d now does depthwise convolutions as
-k*k shifted multiply-adds over the whole map and other groupings as one
-batched product over the groups from a single im2col. Prints both times, best
-of several repetitions, and checks they agree.
+k*k shifted multiply-adds in cache-sized blocks, and other groupings as one
+batched product over the groups from a single im2col when the products are
+small (the loop when they are large). Prints both times, best of several
+repetitions, and checks they agree.
 
     .venv/bin/python benchmarks/bench_ops.py [--repeats 5]
 """
@@ -27,6 +28,7 @@ CASES = (
     (16, 512, 8, 512, 1),
     (128, 64, 16, 64, 2),
     (16, 256, 16, 32, 1),
+    (1, 256, 16, 64, 1),
 )
 
 

@@ -53,8 +53,18 @@ def conv2d(
         return out.reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
     if c_per_group == 1:
         return _depthwise_conv2d(x, weight, stride, padding)
-    # One im2col; its columns are group-major, so each group is one slice of rows of a
-    # batched product (G, P, r) @ (G, r, O/G): no Python loop over the groups.
+    ho = conv_output_size(x.shape[2], k, stride, padding)
+    wo = conv_output_size(x.shape[3], k, stride, padding)
+    if x.shape[0] * ho * wo >= _GROUP_LOOP_MIN_ROWS:  # large products: one per group
+        c_in, o_per = x.shape[1] // groups, out_ch // groups
+        parts = [
+            conv2d(x[:, g * c_in : (g + 1) * c_in], weight[g * o_per : (g + 1) * o_per],
+                   stride, padding)
+            for g in range(groups)
+        ]
+        return np.concatenate(parts, axis=1)
+    # Small products: one im2col, whose columns are group-major, so each group is one
+    # slice of a batched product (G, P, r) @ (G, r, O/G).
     cols, ho, wo = im2col(x, k, stride, padding)
     rows, r = cols.shape[0], c_per_group * k * k
     per_group = cols.reshape(rows, groups, r).transpose(1, 0, 2)
@@ -63,13 +73,24 @@ def conv2d(
     return out.transpose(1, 0, 2).reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
 
 
+# Patch rows (N Ho Wo) from which a grouped conv's per-group products are large enough
+# that one BLAS product per group (cache-sized im2cols) beats one batched product: below
+# it the batched product is ~3x faster (1 image, 64 groups), above it 1.1-1.5x slower
+# (benchmarks/bench_ops.py).
+_GROUP_LOOP_MIN_ROWS = 4096
+# Output elements per block of the depthwise kernel: the block and its product buffer
+# (2 x 128 KiB of float64) stay in a core's L2 cache through the k*k passes; measured
+# here 1.5-2.6x faster than passes over the whole map (16-200 images, 32-256 channels).
+_DEPTHWISE_BLOCK = 1 << 14
+
+
 def _depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -> np.ndarray:
     """Convolution in which every output channel reads one input channel (weight
-    (O, 1, k, k), O a multiple of C): k*k shifted multiply-adds over the whole map.
+    (O, 1, k, k), O a multiple of C): k*k shifted multiply-adds, block by block.
 
-    Against a loop over the groups (benchmarks/bench_ops.py, 2 shared cores): 7-23x
-    faster for one 256-channel 16x16 image, about 4x for 16 images of 512 channels at
-    8x8, on par for large batches (there the loop's per-group products are large).
+    Against a loop over the groups (benchmarks/bench_ops.py, 2 shared cores): an order of
+    magnitude faster for one image of many channels, a few times for small batches,
+    on par or faster for large batches (there the loop's per-group products are large).
     """
     out_ch, _, k, _ = weight.shape
     x = _pad_spatial(x, padding, 0.0)
@@ -78,14 +99,24 @@ def _depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride: int, padding: i
     n, _, h, w = x.shape
     ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
     out = np.zeros((n, out_ch, ho, wo))
-    term = np.empty_like(out)
-    for i in range(k):
-        for j in range(k):
-            rows = slice(i, i + stride * (ho - 1) + 1, stride)
-            cols = slice(j, j + stride * (wo - 1) + 1, stride)
-            view = x[:, :, rows, cols]
-            np.multiply(view, weight[None, :, 0, i, j, None, None], out=term)
-            out += term
+    taps = weight[:, 0]
+    plane = ho * wo
+    samples = max(1, _DEPTHWISE_BLOCK // (out_ch * plane))
+    channels = out_ch if out_ch * plane <= _DEPTHWISE_BLOCK else max(1, _DEPTHWISE_BLOCK // plane)
+    for lo in range(0, n, samples):
+        for c0 in range(0, out_ch, channels):
+            block = out[lo : lo + samples, c0 : c0 + channels]
+            source = x[lo : lo + samples, c0 : c0 + channels]
+            term = np.empty_like(block)
+            for i in range(k):
+                for j in range(k):
+                    rows = slice(i, i + stride * (ho - 1) + 1, stride)
+                    cols = slice(j, j + stride * (wo - 1) + 1, stride)
+                    np.multiply(
+                        source[:, :, rows, cols], taps[c0 : c0 + channels, i, j, None, None],
+                        out=term,
+                    )
+                    block += term
     return out
 
 

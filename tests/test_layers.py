@@ -326,9 +326,12 @@ def test_mobilenet_like_net_converts_exactly(mobile):
         (8, 4, 4, 1, 1, 0),
     ],
 )
-def test_grouped_conv_equals_one_conv_per_group(c_in, c_out, groups, kernel, stride, padding):
+@pytest.mark.parametrize("batch, size", [(3, 7), (8, 24)])  # batched product / loop
+def test_grouped_conv_equals_one_conv_per_group(
+    c_in, c_out, groups, kernel, stride, padding, batch, size
+):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, c_in, 7, 7))
+    x = rng.normal(size=(batch, c_in, size, size))
     w = rng.normal(size=(c_out, c_in // groups, kernel, kernel))
     ci, co = c_in // groups, c_out // groups
     expected = np.concatenate(
