@@ -144,6 +144,12 @@ def pool_counts(size: tuple[int, int], kernel: int, stride: int, padding: int) -
     return _windows(_pad_spatial(ones, padding, 0.0), kernel, stride).sum(axis=(4, 5))[0, 0]
 
 
+def sumpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
+    """Sum over k x k windows of x (N, C, H, W) with zero padding; exact on integers
+    (below 2^53), unlike k^2 times the mean."""
+    return _windows(_pad_spatial(x, padding, 0.0), kernel, stride).sum(axis=(4, 5))
+
+
 def avgpool2d(
     x: np.ndarray, kernel: int, stride: int, padding: int = 0, count_include_pad: bool = True
 ) -> np.ndarray:

@@ -390,19 +390,23 @@ def test_padded_pool_gradients_equal_finite_differences(include, kernel, stride,
 
 
 def test_sum_pools_and_folded_divisors_compute_the_average_pools_exactly(sink):
-    _, x, snn = sink
-    values = np.abs(random_inputs(kitchen_sink(), 4, 3))
+    _, _, snn = sink
+    pools = 0
     for stage in snn.stages:
         if isinstance(stage, TimePool):
             continue
         folded, factor = fold_average_pools(stage.synapses, stage.input_shape)
+        pools += sum(op.type == "sumpool2d" for op in folded)
         *linear, affine = folded
         synapses = (*linear, replace(affine, weight=affine.weight * factor))
         v = np.abs(np.random.default_rng(5).normal(size=(4, *stage.input_shape)))
         np.testing.assert_allclose(
             apply_synapses(synapses, v), apply_synapses(stage.synapses, v), rtol=1e-12, atol=1e-12
         )
-    assert values.size  # inputs drawn from the network's own range
+        integers = np.random.default_rng(6).integers(0, 64, (4, *stage.input_shape))
+        sums = apply_synapses(tuple(linear), integers.astype(np.float64))
+        np.testing.assert_array_equal(sums, np.rint(sums))  # integers stay integers
+    assert pools == 2  # p1 (counting its padding) and p2 (count_include_pad=False)
 
 
 # -- backends -----------------------------------------------------------------------------
@@ -484,10 +488,12 @@ def test_clipped_layer_gives_exactly_its_clip_on_the_step_grid(sink):
     assert trace.saturated_per_layer["dw1"] == 0
 
 
-def test_count_include_pad_false_before_a_conv_is_refused_by_fixed_point_backends():
+def test_count_include_pad_false_before_a_conv_runs_exactly_on_fixed_point_backends():
+    """The per-position divisor 1/c = (L/c)/L: integer multiplicities L/c in the sum pool,
+    1/L in the conv's weights; integers stay integers on the chip."""
     rng = np.random.default_rng(0)
     layers = (
-        nd.Conv2d("c0", rng.normal(0, 0.5, (3, 1, 3, 3)), np.zeros(3), padding=1),
+        nd.Conv2d("c0", rng.normal(0, 0.5, (3, 1, 3, 3)), np.full(3, 0.2), padding=1),
         nd.ReLU("r0"),
         nd.AvgPool2d("avg", 3, 1, padding=1, count_include_pad=False),
         nd.Conv2d("c1", rng.normal(0, 0.5, (2, 3, 3, 3)), np.zeros(2)),
@@ -498,12 +504,27 @@ def test_count_include_pad_false_before_a_conv_is_refused_by_fixed_point_backend
     net = nd.Network("avg_exclude", (1, 5, 5), (0.0, 1.0), layers)
     x = rng.uniform(0, 1, (8, 1, 5, 5))
     snn = nd.convert(net, calibration=x)
-    assert relative_error(nd.simulate(snn, x).output, net.forward(x)) <= RELATIVE_TOLERANCE
-    with pytest.raises(nd.DeployError, match="'avg'.*count_include_pad.*'c1'"):
-        nd.deploy(snn, "loihi2")
-    # the crossbar's digital periphery averages exactly
-    trace = nd.deploy(snn, "ideal", backend="crossbar").run(x)
-    np.testing.assert_allclose(trace.output, nd.simulate(snn, x).output, rtol=0, atol=1e-12)
+    ref = nd.simulate(snn, x)
+    assert relative_error(ref.output, net.forward(x)) <= RELATIVE_TOLERANCE
+    pool, _ = fold_average_pools(snn.stage("c1").synapses, snn.stage("c1").input_shape)
+    np.testing.assert_array_equal(pool[0].multiplicity[[0, 0, 1], [0, 1, 1]], [9, 6, 4])
+    dep = nd.deploy(snn, "loihi2")
+    trace = dep.run(x)
+    np.testing.assert_array_equal(trace.output, _naive_chip(dep, x))
+    report = nd.crosscheck(snn, dep, x, hardware=trace, reference=ref)
+    assert report.divergence_layer is None, report.reasons
+    # the multiplicities are weights, not synapses: the same count as a pool counting
+    # its padding
+    including = replace(
+        net, layers=(*layers[:2], replace(layers[2], count_include_pad=True), *layers[3:])
+    )
+    dep_including = nd.deploy(nd.convert(including, calibration=x), "loihi2")
+    assert dep.programs["c1"].synapse_count == dep_including.programs["c1"].synapse_count
+    for backend in ("emulator", "crossbar"):
+        ideal = nd.deploy(snn, "ideal", backend=backend).run(x)
+        np.testing.assert_allclose(ideal.output, ref.output, rtol=0, atol=IDEAL_TOLERANCE)
+    lava = nd.deploy(snn, "loihi2", backend="lava", batch=8).run(x)
+    np.testing.assert_array_equal(lava.output, trace.output)
 
 
 def test_mobilenet_like_net_deploys_on_emulator_crossbar_and_lava(mobile):

@@ -8,7 +8,7 @@ k = K - round(x / dt) (round half up), K meaning no spike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -65,14 +65,19 @@ def durations(t_in: np.ndarray, t_end: float, dt: float) -> np.ndarray:
     return np.maximum(d, 0.0, out=d)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SumPool2d(Layer):
-    """Sum over k x k windows (zero padding): an average pool that counts the padding,
-    times k^2; integer-preserving."""
+    """Sum over k x k windows (zero padding), integer-preserving: an average pool that
+    counts its padding, times k^2.
+
+    multiplicity: (Ho, Wo) integers, one per window, that its sum is multiplied by (a
+    count_include_pad=False pool: L / count, see :func:`fold_average_pools`); None: 1.
+    """
 
     kernel: int = 2
     stride: int = 2
     padding: int = 0
+    multiplicity: np.ndarray | None = field(default=None, repr=False)
     type = "sumpool2d"
 
     def output_shape(self, input_shape):
@@ -83,60 +88,53 @@ class SumPool2d(Layer):
     def linear(self, x: np.ndarray) -> np.ndarray:
         from .. import ops
 
-        total = ops.avgpool2d(x, self.kernel, self.stride, self.padding)
-        return total * (self.kernel * self.kernel)
+        total = ops.sumpool2d(x, self.kernel, self.stride, self.padding)
+        if self.multiplicity is not None:
+            total *= self.multiplicity
+        return total
+
+    def connectivity(self) -> SumPool2d:
+        """The same pool with every window counted once (which inputs reach which
+        outputs, for synapse counts)."""
+        return replace(self, multiplicity=None)
 
 
 def fold_average_pools(
     synapses: tuple[Layer, ...], input_shape: Shape | None = None
-) -> tuple[tuple[Layer, ...], float | np.ndarray]:
+) -> tuple[tuple[Layer, ...], float]:
     """Average pools become sum pools; returns (ops, factor the affine weights must take).
 
-    The factor is 1/k^2 per pool, a scalar, when every window's divisor is k^2. A
-    padded pool with count_include_pad=False divides each window by its own count of
-    in-bounds inputs; that per-position divisor folds exactly into the weights of a
-    dense layer fed by flattening (factor (1, F_in), one per input feature), but not
-    into the shared weights of a convolution or through another pool: refused there,
-    naming the pool (integer synapses have one weight per kernel tap). input_shape
-    (the synapses' input) is needed for such pools.
+    A pool dividing by k^2 becomes a sum pool and 1/k^2 goes into the factor. A padded
+    pool with count_include_pad=False divides each window by its own count c of
+    in-bounds inputs (k^2 inside, fewer at the border): with L the least common
+    multiple of the counts, 1/c = (L / c) / L, so it becomes a sum pool whose windows
+    carry the integer multiplicities L / c, and 1/L goes into the factor. Integers
+    stay integers, so every fixed-point layer computes these pools exactly, whatever
+    follows them. input_shape (the synapses' input) is needed for such pools.
     """
-    factor: float | np.ndarray = 1.0
+    from .. import ops as kernels
+
+    factor = 1.0
     ops = []
     shape = input_shape
-    for i, op in enumerate(synapses):
-        if isinstance(op, AvgPool2d):
+    for op in synapses:
+        if isinstance(op, AvgPool2d) and op.padding and not op.count_include_pad:
+            if shape is None:  # pragma: no cover - every caller passes the shape
+                raise DeployError(f"layer '{op.name}': the pool's input shape is needed")
+            counts = kernels.pool_counts(shape[1:], op.kernel, op.stride, op.padding)
+            counts = counts.astype(np.int64)
+            common = int(np.lcm.reduce(counts.reshape(-1)))
+            multiplicity = (common // counts).astype(np.float64)
+            ops.append(SumPool2d(op.name, op.kernel, op.stride, op.padding, multiplicity))
+            factor /= common
+        elif isinstance(op, AvgPool2d):
             ops.append(SumPool2d(op.name, op.kernel, op.stride, op.padding))
-            factor = factor / (op.kernel * op.kernel)
-            if op.padding and not op.count_include_pad:
-                factor = factor * _per_position_factor(op, synapses[i + 1 :], shape)
+            factor /= op.kernel * op.kernel
         else:
             ops.append(op)
         if shape is not None:
             shape = op.output_shape(shape)
     return tuple(ops), factor
-
-
-def _per_position_factor(pool: AvgPool2d, rest: tuple[Layer, ...], shape) -> np.ndarray | float:
-    """k^2 / count per input feature of the dense layer after a count_include_pad=False
-    pool, (1, F_in); see :func:`fold_average_pools`."""
-    from .. import ops
-    from ..network import Dense, Flatten
-
-    if shape is None:  # pragma: no cover - every caller passes the shape
-        raise DeployError(f"layer '{pool.name}': the pool's input shape is needed")
-    counts = ops.pool_counts(shape[1:], pool.kernel, pool.stride, pool.padding)
-    if np.all(counts == counts.flat[0]):
-        return pool.kernel * pool.kernel / float(counts.flat[0])
-    if not (all(isinstance(op, Flatten) for op in rest[:-1]) and isinstance(rest[-1], Dense)):
-        after = rest[0]
-        raise DeployError(
-            f"layer '{pool.name}' (avgpool2d, padding {pool.padding}, count_include_pad "
-            f"false): its divisor differs per position and cannot fold into the shared "
-            f"weights of '{after.name}' ({after.type}) on fixed-point hardware; use "
-            "count_include_pad=true or a dense layer after the pool"
-        )
-    per_feature = np.tile((pool.kernel * pool.kernel / counts).reshape(-1), shape[0])
-    return per_feature[None, :]
 
 
 def child_rng(seed: int, *path: int) -> np.random.Generator:

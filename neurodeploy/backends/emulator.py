@@ -5,7 +5,9 @@ batch (integers are held exactly in float64, < 2^53, so BLAS does the sums):
 
 - weights: ``weights.bits`` signed mantissas w with one power-of-two exponent e
   per layer (W ~ w 2^e), scaled into the membrane by a left shift s:
-  w_q = w 2^s; average pools become sum pools with 1/k^2 folded into W;
+  w_q = w 2^s; average pools become sum pools with 1/k^2 folded into W (a
+  count_include_pad=False pool: integer multiplicities per window and 1/L, see
+  backends.common.fold_average_pools);
 - inputs: a spike at step k of the previous window is an input of d = K - k
   steps; during that window the synaptic current I grows by w_q at the spike
   and the membrane V adds I every step, so at the window's end V = sum w_q d;
@@ -35,6 +37,7 @@ from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_p
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool, apply_synapses
 from .common import (
+    SumPool2d,
     durations,
     encode_on_grid,
     fold_average_pools,
@@ -108,7 +111,8 @@ def program_layer(stage, steps: int, bits: int | None, membrane_bits: int | None
     ) / steps
     is_output = isinstance(stage, OutputLayer)
     dt = 0.0 if is_output else stage.window / steps
-    indicator = (*ops[:-1], _with_weight(affine, (weight != 0).astype(np.float64)))
+    linear = tuple(op.connectivity() if isinstance(op, SumPool2d) else op for op in ops[:-1])
+    indicator = (*linear, _with_weight(affine, (weight != 0).astype(np.float64)))
     ones = np.ones((1, *stage.input_shape))
     synapse_count = int(apply_synapses(indicator, ones).sum())
     threshold_phys = None if is_output else stage.threshold - dt / 2
@@ -359,9 +363,7 @@ class EmulatorDeployment(Deployment):
             weight_shape = stage.synapses[-1].weight.shape
             delta = None
             if prog.exponent is not None:
-                delta = np.array(
-                    np.broadcast_to(0.5 * 2.0**prog.exponent / pool_factor, weight_shape)
-                )
+                delta = np.full(weight_shape, 0.5 * 2.0**prog.exponent / pool_factor)
             if isinstance(stage, OutputLayer):
                 own = 0.5 * prog.lsb if prog.exponent is not None else 0.0  # bias rounding
             elif prog.exponent is None:  # float weights: only the step grid rounds
