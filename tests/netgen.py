@@ -32,9 +32,8 @@ def random_network(
     modern: also draw grouped and depthwise convolutions (a per-channel batch norm
     after the previous ReLU then folds into each group's own input slice), clipped
     ReLUs (clip low enough to bite) and padded 3x3 pools, max or average with
-    count_include_pad either way (False only in front of the flatten: fixed-point
-    backends fold its per-position divisor into a dense layer only). Without it the
-    random stream, hence every network, is the same as before these existed.
+    count_include_pad either way. Without it the random stream, hence every network,
+    is the same as before these existed.
     """
     rng = np.random.default_rng(seed)
     layers: list = []
@@ -65,8 +64,7 @@ def random_network(
         if shape[1] >= 4:
             pool = rng.choice(["max", "avg", "none"])
             if modern and pool != "none" and rng.random() < 0.6:
-                last = i == hidden_conv - 1
-                layers.append(_padded_pool(rng, f"pool{i}", str(pool), last))
+                layers.append(_padded_pool(rng, f"pool{i}", str(pool)))
             elif pool == "max":
                 layers.append(nd.MaxPool2d(f"pool{i}", 2, 2))
             elif pool == "avg":
@@ -102,11 +100,11 @@ def _draw_groups(rng: np.random.Generator, c_in: int, c_out: int) -> tuple[int, 
     return 1, c_out
 
 
-def _padded_pool(rng: np.random.Generator, name: str, kind: str, last: bool) -> nd.Layer:
+def _padded_pool(rng: np.random.Generator, name: str, kind: str) -> nd.Layer:
     stride = int(rng.integers(1, 3))
     if kind == "max":
         return nd.MaxPool2d(name, 3, stride, padding=1)
-    include = bool(rng.random() < 0.5) or not last
+    include = bool(rng.random() < 0.5)
     return nd.AvgPool2d(name, 3, stride, padding=1, count_include_pad=include)
 
 

@@ -186,8 +186,8 @@ def test_seed_grid_covers_every_new_construct():
         "clip_bites",
         "padded_max",
         "padded_avg_include",
+        "padded_avg_exclude",
     } <= kinds
-    # count_include_pad=False: the kitchen-sink network and the tests below
 
 
 @pytest.mark.parametrize("neuron", ["b1", "alpha1"])
@@ -728,3 +728,14 @@ def test_padded_pool_on_the_raw_input_folds_the_input_range(include):
     assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
     back = snn_to_network(snn)
     assert relative_error(back.forward(x), net.forward(x)) <= RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("seed", [9, 12])  # count_include_pad=False pools before a conv
+def test_loihi2_cross_check_passes_on_modern_random_networks(seed):
+    net = random_network(seed, modern=True)
+    x = random_inputs(net, 24, seed)
+    snn = nd.convert(net, calibration=x)
+    dep = nd.deploy(snn, "loihi2")
+    report = nd.crosscheck(snn, dep, x)
+    assert report.divergence_layer is None, report.reasons
+    np.testing.assert_array_equal(dep.run(x[:2]).output, _naive_chip(dep, x[:2]))
