@@ -15,7 +15,10 @@ spiking neural networks with 0.3 spikes per neuron" (Nature Communications
    [-10, 0.99] (the bounds of the exact-mapping paper's code), compensated in
    the next layer (ReLU and max pooling commute with positive scales).
 3. Calibrate: the largest ReLU output X_n of every layer on the calibration
-   set sets its window B_n = (1 + zeta) X_n.
+   set sets its window B_n = (1 + zeta) X_n. A clipped ReLU (ReLU6, Clip(0, M))
+   gets B_n = M instead: a b1 neuron whose value exceeds its window fires when
+   the window opens and encodes exactly B_n, so the clip is computed exactly
+   and no value can exceed the window (no margin needed).
 4. Thresholds of the chosen neuron model.
 
 Residual networks (the network is a DAG; b1 only)
@@ -148,6 +151,7 @@ class _Block:
     after: list[Layer] = field(default_factory=list)
     relu: bool = False
     window: float | None = None  # a window stored on the ReLU (fine-tuned), else calibrated
+    clip: float | None = None  # the ReLU's clip M (ReLU6: 6), None for a plain ReLU
     join: str | None = None  # the Add layer of a residual join
     source_layers: list[str] = field(default_factory=list)
 
@@ -208,14 +212,14 @@ def _zero_bias(layer: Dense | Conv2d, weight: np.ndarray) -> Dense | Conv2d:
 def _identity_synapse(name: str, shape: Shape) -> Dense | Conv2d:
     """The unit-weight map of an identity shortcut on values of ``shape`` (zero bias).
 
-    Images: a 1x1 Conv2d with the (C, C) identity matrix as weight; vectors: a
-    Dense with the identity matrix. (A depthwise groups = C unit 1x1 conv, C
-    synapses instead of C^2 weights, once grouped convolutions convert.)
+    Images: a depthwise (groups = C) 1x1 Conv2d of unit weights, C synapses per
+    position (one per channel) rather than the C^2 of a full identity matrix;
+    vectors: a Dense with the identity matrix.
     """
     channels = shape[0]
     if len(shape) == 1:
         return Dense(name, np.eye(channels), np.zeros(channels))
-    return Conv2d(name, np.eye(channels).reshape(channels, channels, 1, 1), np.zeros(channels))
+    return Conv2d(name, np.ones((channels, 1, 1, 1)), np.zeros(channels), groups=channels)
 
 
 def _is_identity_synapse(synapses: tuple[Layer, ...]) -> bool:
@@ -231,6 +235,22 @@ def _is_identity_synapse(synapses: tuple[Layer, ...]) -> bool:
     return op.weight.shape[:2] == (n, n) and np.array_equal(op.weight.reshape(n, n), np.eye(n))
 
 
+def _scale_input_weights(layer: Dense | Conv2d, factors: np.ndarray) -> np.ndarray:
+    """The layer's weight with the weights from input channel (conv) or feature (dense) c
+    multiplied by factors[c].
+
+    A grouped conv's weight (O, C / G, k, k) holds, for output channel o of group
+    g = o // (O / G), the input channels g C/G .. (g+1) C/G - 1 along axis 1: each
+    output channel takes its own group's slice of the factors.
+    """
+    if isinstance(layer, Dense):
+        return layer.weight * factors[None, :]
+    out_ch, c_per_group = layer.weight.shape[:2]
+    per_out = factors.reshape(layer.groups, c_per_group)
+    per_out = np.repeat(per_out, out_ch // layer.groups, axis=0)  # (O, C / G)
+    return layer.weight * per_out[:, :, None, None]
+
+
 def _fold_input_transform(
     layer: Dense | Conv2d, in_shape: Shape, scale: np.ndarray, shift: np.ndarray
 ) -> tuple[Dense | Conv2d, np.ndarray]:
@@ -240,12 +260,10 @@ def _fold_input_transform(
     through the layer's own linear map on a constant input, so zero padding
     gives the border neurons their own bias.
     """
-    if isinstance(layer, Dense):
-        weight = layer.weight * scale[None, :]
-    else:
-        weight = layer.weight * scale[None, :, None, None]
-    folded = _zero_bias(layer, weight)
-    const = np.broadcast_to(_per_channel(shift, in_shape), in_shape)[None]
+    folded = _zero_bias(layer, _scale_input_weights(layer, scale))
+    if shift.shape != tuple(in_shape):  # per channel; a map after a padded average pool
+        shift = _per_channel(shift, in_shape)
+    const = np.broadcast_to(shift, in_shape)[None]
     out_shape = layer.output_shape(in_shape)
     own_bias = (
         layer.bias if layer.bias.ndim == len(out_shape) else _per_channel(layer.bias, out_shape)
@@ -254,24 +272,12 @@ def _fold_input_transform(
     return folded, bias
 
 
-def _require_convertible(net: Network) -> None:
-    """Refuse, naming the layer, what the converter does not map yet."""
-    for layer in net.layers:
-        if isinstance(layer, ReLU) and layer.clip is not None:
-            raise ConversionError(f"layer '{layer.name}': clipped ReLUs do not convert yet")
-        if isinstance(layer, (MaxPool2d, AvgPool2d)) and layer.padding:
-            raise ConversionError(
-                f"layer '{layer.name}' ({layer.type}): padded pooling does not convert yet"
-            )
-
-
 def _fold(net: Network) -> list[_Block | _Pool]:
     """Fold input rescaling and batch norms; split the network into stages.
 
     Returns the plan: blocks (spiking layers, the output last) and pools in the
     order they run, each block's main operand first (see the module docstring).
     """
-    _require_convertible(net)
     p, q = net.input_range
     consumers: dict[str, list[str]] = {}
     for layer, srcs in zip(net.layers, net.sources, strict=True):
@@ -332,6 +338,7 @@ def _fold_layer(layer: Layer, value, out_shape: Shape, plan: list) -> _Spikes | 
     if isinstance(layer, ReLU):
         block.relu = True
         block.window = layer.window
+        block.clip = layer.clip
         block.source_layers.append(layer.name)
         return _emit(block, plan)
     if isinstance(layer, BatchNorm):
@@ -374,8 +381,12 @@ def _fold_after_relu(layer: Layer, value: _Spikes, out_shape: Shape, plan: list)
             f"layer '{layer.name}' (relu) does not follow a dense or conv2d layer"
         )
     if isinstance(layer, BatchNorm):
+        bn_scale, bn_shift = layer.scale, layer.shift
+        if value.shift.ndim > 1:  # a per-position shift (after a padded average pool)
+            bn_scale = _per_channel(layer.scale, value.shift.shape)
+            bn_shift = _per_channel(layer.shift, value.shift.shape)
         return replace(
-            value, scale=layer.scale * value.scale, shift=layer.scale * value.shift + layer.shift
+            value, scale=layer.scale * value.scale, shift=bn_scale * value.shift + bn_shift
         )
     if isinstance(layer, MaxPool2d):
         if value.linear:
@@ -399,7 +410,14 @@ def _fold_after_relu(layer: Layer, value: _Spikes, out_shape: Shape, plan: list)
         scale, shift = value.scale, value.shift
         if isinstance(layer, Flatten):
             hw = int(np.prod(value.shape[1:]))
-            scale, shift = np.repeat(scale, hw), np.repeat(shift, hw)
+            scale = np.repeat(scale, hw)
+            shift = shift.reshape(-1) if shift.ndim > 1 else np.repeat(shift, hw)
+        elif layer.padding and layer.count_include_pad:
+            # The zero padding is not shifted: at the borders a window averages fewer
+            # shifted inputs, so the pending shift becomes one per position.
+            if shift.ndim == 1:
+                shift = np.broadcast_to(_per_channel(shift, value.shape), value.shape)
+            shift = layer.linear(shift[None])[0]
         return replace(
             value, linear=(*value.linear, layer), shape=out_shape, scale=scale, shift=shift
         )
@@ -492,9 +510,9 @@ def _scale_block_inputs(block: _Block, per_channel: np.ndarray) -> None:
         if isinstance(lin, Flatten):
             factors = np.repeat(factors, int(np.prod(shape[1:])))
         shape = lin.output_shape(shape)
-    w = block.main.affine.weight
-    w = w * (factors[None, :] if w.ndim == 2 else factors[None, :, None, None])
-    block.main.affine = _zero_bias(block.main.affine, w)
+    block.main.affine = _zero_bias(
+        block.main.affine, _scale_input_weights(block.main.affine, factors)
+    )
 
 
 def _rescale_for_alpha1(blocks: list[_Block]) -> None:
@@ -523,7 +541,7 @@ def _rescale_for_alpha1(blocks: list[_Block]) -> None:
 def _pool_values(values: np.ndarray, pool: MaxPool2d, sign: np.ndarray) -> np.ndarray:
     """Max pooling of non-negative values, min pooling for channels with sign -1."""
     s = sign[None, :, None, None]
-    return ops.maxpool2d(values * s, pool.kernel, pool.stride) * s
+    return ops.maxpool2d(values * s, pool.kernel, pool.stride, pool.padding) * s
 
 
 def _block_drive(block: _Block, values: dict[str, np.ndarray]) -> np.ndarray:
@@ -550,6 +568,8 @@ def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
         elif item.relu:
             with np.errstate(over="ignore", invalid="ignore"):
                 v = np.maximum(_block_drive(item, values), 0.0)
+                if item.clip is not None:
+                    np.minimum(v, item.clip, out=v)
             x_max[item.name] = float(v.max())
             if not np.isfinite(x_max[item.name]):
                 raise ConversionError(
@@ -615,6 +635,15 @@ def convert(
                 "only; the alpha1 neuron needs every input inside its layer's input window, "
                 "which a shortcut from an earlier window cannot meet"
             )
+        clipped = [block.source_layers[-1] for block in blocks if block.clip is not None]
+        if clipped:
+            # An alpha1 neuron may fire while its inputs still arrive, before its window
+            # opens, and then encodes more than B_n: it has no saturation that could
+            # compute the clip (and min(u, M) is not one alpha1 neuron).
+            raise ConversionError(
+                f"layer '{clipped[0]}': clipped ReLUs convert exactly with the b1 neuron only "
+                "(neuron='b1'); the alpha1 neuron cannot saturate at the clip"
+            )
         _rescale_for_alpha1(blocks)
     p, q = net.input_range
     x_max = _calibrate(plan, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
@@ -635,6 +664,7 @@ def convert(
                     item.output_shape,
                     t_min=t_min,
                     t_max=t_max,
+                    padding=item.pool.padding,
                 )
             )
             continue
@@ -661,6 +691,8 @@ def convert(
         x_n = x_max[block.name]
         stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
         window = stored or (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
+        if block.clip is not None:
+            window = _clipped_window(block)
         t_max = t_min + window
         extra = {}
         if neuron == "b1":
@@ -689,6 +721,7 @@ def convert(
                 x_max=x_n,
                 threshold=threshold,
                 shortcuts=shortcuts,
+                clipped=block.clip is not None,
                 **extra,
             )
         )
@@ -706,6 +739,27 @@ def convert(
     )
 
 
+# Relative difference below which a stored window equals the clip (float round trips).
+_WINDOW_CLIP_RTOL = 1e-12
+
+
+def _clipped_window(block: _Block) -> float:
+    """B_n = M of a clipped ReLU's block; a stored window must agree.
+
+    The window of a b1 layer is the value at which it saturates, so it cannot be both
+    M (for the clip to be exact) and another stored value: a conflicting window is
+    refused rather than silently giving a different clip.
+    """
+    clip = float(block.clip)
+    if block.window is not None and abs(block.window - clip) > _WINDOW_CLIP_RTOL * clip:
+        relu = block.source_layers[-1]
+        raise ConversionError(
+            f"layer '{relu}': stored window {block.window:g} conflicts with clip {clip:g}; "
+            "a clipped ReLU's window is its clip (remove the window or set it to the clip)"
+        )
+    return clip
+
+
 def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
     """A copy of ``snn`` with new window lengths B_n (time units) for the named layers.
 
@@ -713,7 +767,9 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
     computes the same values as long as they fit their windows (a shorter window
     clips, and saturation counts the clipped values). Shortcuts take their
     sources' new window ends (their delays follow). Used to shorten latency and
-    to test what a too-short window does.
+    to test what a too-short window does. A clipped layer's window is its clip:
+    a new window there clips at the new value (by design, not counted as
+    saturation).
     """
     names = {s.name for s in snn.spiking_layers}
     unknown = set(windows) - names
@@ -805,6 +861,7 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
                     stage.name,
                     stage.kernel,
                     stage.stride,
+                    stage.padding,
                     inputs=take(layers[-1].name if flip.any() else src),
                 )
             )
@@ -861,7 +918,15 @@ def snn_to_network(snn: TTFSNetwork, name: str | None = None) -> Network:
                     "network's logits come from its last dense layer"
                 )
             break
-        layers.append(ReLU(f"{stage.name}_relu", window=stage.window, inputs=take(layers[-1].name)))
+        clip = stage.window if stage.clipped else None
+        layers.append(
+            ReLU(
+                f"{stage.name}_relu",
+                window=stage.window,
+                clip=clip,
+                inputs=take(layers[-1].name),
+            )
+        )
         value_of[stage.name] = layers[-1].name
         previous = stage.name
     source = snn.source

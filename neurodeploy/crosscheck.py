@@ -272,7 +272,7 @@ def crosscheck(
         hw_v = _values(hw_t, hw_stage.t_max)
         if isinstance(stage, TimePool):
             s = stage.sign[None, :, None, None]
-            local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride) * s
+            local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride, stage.padding) * s
             bound = np.zeros(1)
             kind = "pool"
         else:
@@ -359,9 +359,13 @@ def _bound(synapses, output_shape, own, delta, input_error, inputs: np.ndarray) 
     if delta is not None:
         bound = bound + apply_synapses(abs_weight_ops(synapses, delta), inputs)
     if input_error:
-        weight = np.abs(synapses[-1].weight)
-        nonzero = (inputs > 0).astype(np.float64) * input_error
-        bound = bound + apply_synapses(abs_weight_ops(synapses, weight), nonzero)
+        # The error is on the inputs of the dense/conv map itself (a DAC drives the word
+        # lines with the pooled, flattened values): an average pool in front does not
+        # shrink it.
+        *linear, affine = synapses
+        weight = np.abs(affine.weight)
+        nonzero = (apply_synapses(tuple(linear), inputs) > 0).astype(np.float64) * input_error
+        bound = bound + apply_synapses(abs_weight_ops((affine,), weight), nonzero)
     return bound
 
 

@@ -64,7 +64,8 @@ class Deployment(ABC):
         error| (time units; scalar or per neuron) the stage's own rounding adds
         (spike steps, threshold, ramp, ADC, bias); ``weight_error`` |W_hw - W| in the
         shape of the stage's dense/conv weight, or None; ``input_error`` the largest
-        error the stage adds to each nonzero input (e.g. a DAC's half level).
+        error the stage adds to each nonzero input of its dense/conv map, after any
+        average pooling and flattening in front of it (e.g. a DAC's half level).
         "input" -> (rounding of the encoded input, None, 0). Pools are exact. A join
         layer's i-th shortcut group has its own entry under
         :func:`shortcut_term_key` (stage, i) ("stage/shortcut<i>"), in the same

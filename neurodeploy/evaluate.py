@@ -29,8 +29,12 @@ def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
         }
         if isinstance(stage, SpikingLayer):
             row.update(t_min=stage.t_min, t_max=stage.t_max, x_max=stage.x_max)
+            if stage.clipped:  # window = the ReLU's clip
+                row["clipped"] = True
         elif isinstance(stage, TimePool):
             row.update(t_min=stage.t_min, t_max=stage.t_max, kernel=stage.kernel)
+            if stage.padding:
+                row["padding"] = stage.padding
         else:
             row.update(t_read=stage.t_read)
         if getattr(stage, "shortcuts", ()):

@@ -24,7 +24,9 @@ straight-through estimator), so the network learns weights that tolerate them.
 Windows follow the papers' rule: a layer's window grows when its values
 leave it, B_n = max(B_n, (1 + zeta) max value). ``window_scale`` < 1 instead
 shortens every window at the start and keeps it fixed: the network learns to
-fit into the shorter latency.
+fit into the shorter latency. A clipped ReLU's window is its clip (ReLU6: 6)
+and never grows; with ``window_scale`` it shrinks like the others, and the
+result is a network clipped at the shorter window (saved as the ReLU's clip).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class _Hardware:
             for stage in snn.stages:
                 if isinstance(stage, (SpikingLayer, OutputLayer)):
                     prog = programs[stage.name]
-                    _, pool_factor = fold_average_pools(stage.synapses)
+                    _, pool_factor = fold_average_pools(stage.synapses, stage.input_shape)
                     hw = prog.synapses[-1].weight * prog.lsb / prog.dt_in / pool_factor
                     *linear, affine = stage.synapses
                     self.weights[stage.name] = (*linear, replace(affine, weight=hw))
@@ -190,7 +192,9 @@ def loss_and_gradients(
         if isinstance(stage, TimePool):
             s = stage.sign[None, :, None, None]
             tape.append((stage, previous, x))
-            values[stage.name] = ops.maxpool2d(x * s, stage.kernel, stage.stride) * s
+            values[stage.name] = (
+                ops.maxpool2d(x * s, stage.kernel, stage.stride, stage.padding) * s
+            )
             if previous in trained:
                 trained.add(stage.name)
             previous = stage.name
@@ -211,9 +215,11 @@ def loss_and_gradients(
             logits = pre.reshape(len(pre), -1)
             tape.append((stage, previous, inputs, cached, None))
             break
-        peaks[stage.name] = float(pre.max())
+        if not stage.clipped:  # a clipped layer's window is its clip: it does not grow
+            peaks[stage.name] = float(pre.max())
         # b1: spikes inside the window carry the value; silent and saturated neurons
-        # (before or after the window) have zero spike-time gradients.
+        # (before or after the window) have zero spike-time gradients (a clipped ReLU's
+        # own gradient above its clip).
         fires = (pre > 0) & (pre < stage.window)
         y = np.clip(pre, 0.0, stage.window)
         values[stage.name] = hardware.round(stage, y) if hardware else y
@@ -234,7 +240,9 @@ def loss_and_gradients(
                 _accumulate(
                     value_grads,
                     source,
-                    maxpool_backward(x, grad, stage.kernel, stage.stride, stage.sign),
+                    maxpool_backward(
+                        x, grad, stage.kernel, stage.stride, stage.sign, stage.padding
+                    ),
                 )
             continue
         _, source, inputs, cached, fires = entry

@@ -22,9 +22,13 @@ def _input_grad(op, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
     if isinstance(op, Dense):
         return ops.dense_grad_input(grad, op.weight)
     if isinstance(op, Conv2d):
-        return ops.conv2d_grad_input(grad, op.weight, x.shape[1:], op.stride, op.padding)
+        return ops.conv2d_grad_input(
+            grad, op.weight, x.shape[1:], op.stride, op.padding, op.groups
+        )
     if isinstance(op, AvgPool2d):
-        return ops.avgpool2d_grad_input(grad, x.shape[1:], op.kernel, op.stride)
+        return ops.avgpool2d_grad_input(
+            grad, x.shape[1:], op.kernel, op.stride, op.padding, op.count_include_pad
+        )
     if isinstance(op, Flatten):
         return grad.reshape(x.shape)
     raise TypeError(f"no gradient rule for {type(op).__name__}")  # pragma: no cover
@@ -33,7 +37,7 @@ def _input_grad(op, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
 def _weight_grad(op, x: np.ndarray, grad: np.ndarray) -> np.ndarray:
     if isinstance(op, Dense):
         return ops.dense_grad_weight(x, grad)
-    return ops.conv2d_grad_weight(x, grad, op.kernel, op.stride, op.padding)
+    return ops.conv2d_grad_weight(x, grad, op.kernel, op.stride, op.padding, op.groups)
 
 
 def backward(
@@ -52,8 +56,9 @@ def backward(
 
 
 def maxpool_backward(
-    x: np.ndarray, grad: np.ndarray, kernel: int, stride: int, sign: np.ndarray
+    x: np.ndarray, grad: np.ndarray, kernel: int, stride: int, sign: np.ndarray, padding: int = 0
 ) -> np.ndarray:
-    """Gradient of a signed max pool (min pool for channels with sign -1)."""
+    """Gradient of a signed max pool (min pool for channels with sign -1); padded
+    positions never win."""
     s = sign[None, :, None, None]
-    return ops.maxpool2d_grad_input(x * s, grad * s, kernel, stride) * s
+    return ops.maxpool2d_grad_input(x * s, grad * s, kernel, stride, padding) * s

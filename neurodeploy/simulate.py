@@ -78,12 +78,14 @@ def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int]:
 
     From t_min the membrane rises with slope 1: it reaches theta at
     t_min + theta - v; a neuron already above threshold fires at once (counted
-    as saturated), one that would need longer than its window stays silent.
+    as saturated, except in a clipped layer, where that is the clip), one that
+    would need longer than its window stays silent.
     """
     t_fire = np.subtract(layer.t_min + layer.threshold, v, out=v)
     early = 0
     if t_fire.min(initial=np.inf) < layer.t_min:
-        early = int(np.count_nonzero(t_fire < layer.t_min))
+        if not layer.clipped:
+            early = int(np.count_nonzero(t_fire < layer.t_min))
         np.maximum(t_fire, layer.t_min, out=t_fire)
     _silence_from(t_fire, layer.t_max)
     return t_fire, early
@@ -138,9 +140,10 @@ def _alpha1_layer(
 
 
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
-    """Earliest spike per window (latest for sign -1 channels); inf stays silent."""
+    """Earliest spike per window (latest for sign -1 channels); inf stays silent and
+    padded positions never win."""
     s = pool.sign[None, :, None, None]
-    return ops.minpool2d(t_in * s, pool.kernel, pool.stride) * s
+    return ops.minpool2d(t_in * s, pool.kernel, pool.stride, pool.padding) * s
 
 
 def output_potential(layer: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = ()) -> np.ndarray:

@@ -25,7 +25,9 @@ class Trace:
     spikes_per_neuron: mean spikes per neuron of the neuron layers.
     saturated: neurons (summed over samples) that fired before their window
     opened, i.e. whose value exceeded the calibrated window (the decoded value
-    is then clipped or wrong); inputs outside [p, q] count under "input".
+    is then clipped or wrong); inputs outside [p, q] count under "input". A
+    clipped ReLU's layer (its window is the clip) never counts: its neurons
+    above the window give the clip, which is the layer's function.
     saturated_per_layer: the same per stage.
     latency: (N,) time (time units) at which each sample's output was read.
     backend: name of what produced the trace.

@@ -97,6 +97,11 @@ class SpikingLayer(_SpikingStage):
     (N_out, N_in), the effective synaptic matrix J = alpha W / (1 - sum_j W_ij).
     shortcuts: residual inputs from earlier stages (b1 only), added to the
     membrane at t_min.
+
+    clipped: the layer's ReLU is clipped (ReLU6, Clip(0, M)) and its window is
+    the clip, B_n = M. A b1 neuron above threshold when its window opens fires
+    at t_min, encoding exactly B_n: that is the clip, computed exactly, not a
+    value lost to too short a window, so simulators count no saturation here.
     """
 
     name: str
@@ -112,6 +117,7 @@ class SpikingLayer(_SpikingStage):
     alpha: float = 1.0
     coupling: np.ndarray | None = field(default=None, repr=False)
     shortcuts: tuple[Shortcut, ...] = ()
+    clipped: bool = False
 
     @property
     def window(self) -> float:
@@ -124,12 +130,14 @@ class SpikingLayer(_SpikingStage):
 
 @dataclass(frozen=True, eq=False)
 class TimePool(_SpikingStage):
-    """Max pooling of spike times over k x k windows (no padding).
+    """Max pooling of spike times over k x k windows with symmetric padding.
 
     sign: (channels,) +1 passes each window's earliest spike (max value); -1
     passes the latest (min value; no spike if any input is silent), for
     channels whose following batch norm had a negative scale. The output stays
-    in the window [t_min, t_max] of the layer it pools.
+    in the window [t_min, t_max] of the layer it pools. padding: positions
+    outside the map never win (a max pool pads with -inf), so a window passes
+    the earliest (latest) spike of its in-bounds inputs: exact on ReLU values.
     """
 
     name: str
@@ -140,6 +148,7 @@ class TimePool(_SpikingStage):
     output_shape: Shape
     t_min: float
     t_max: float
+    padding: int = 0
 
 
 @dataclass(frozen=True, eq=False)

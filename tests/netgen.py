@@ -19,13 +19,21 @@ def _bn(name: str, rng: np.random.Generator, channels: int) -> nd.BatchNorm:
     )
 
 
-def random_network(seed: int, hidden_conv: int = 3, hidden_dense: int = 2) -> nd.Network:
+def random_network(
+    seed: int, hidden_conv: int = 3, hidden_dense: int = 2, modern: bool = False
+) -> nd.Network:
     """A conv net with ``hidden_conv`` conv blocks and ``hidden_dense`` dense blocks.
 
     Conv blocks draw stride 1 or 2 and padding 0 or 1; batch norm before or
     after the ReLU (or none); max or average pooling where the map is large
     enough. Weights are He-scaled so activations neither vanish nor explode.
     Input: (2, 10, 10) with raw range [-1, 3].
+
+    modern: also draw grouped and depthwise convolutions (a per-channel batch norm
+    after the previous ReLU then folds into each group's own input slice), clipped
+    ReLUs (clip low enough to bite) and padded 3x3 pools, max or average with
+    count_include_pad either way. Without it the random stream, hence every network,
+    is the same as before these existed.
     """
     rng = np.random.default_rng(seed)
     layers: list = []
@@ -38,18 +46,26 @@ def random_network(seed: int, hidden_conv: int = 3, hidden_dense: int = 2) -> nd
         stride = int(rng.integers(1, 3)) if h >= 6 else 1
         if (h + 2 * padding - k) // stride + 1 < 2:
             padding, stride = 1, 1
-        w = rng.normal(0, np.sqrt(2.0 / (c_in * k * k)), (c_out, c_in, k, k))
-        layers.append(nd.Conv2d(f"conv{i}", w, rng.normal(0, 0.1, c_out), stride, padding))
+        groups = 1
+        if modern:
+            groups, c_out = _draw_groups(rng, c_in, c_out)
+        w = rng.normal(0, np.sqrt(2.0 / (c_in // groups * k * k)), (c_out, c_in // groups, k, k))
+        layers.append(
+            nd.Conv2d(f"conv{i}", w, rng.normal(0, 0.1, c_out), stride, padding, groups=groups)
+        )
         bn_where = rng.choice(["before", "after", "none"])
         if bn_where == "before":
             layers.append(_bn(f"bn{i}", rng, c_out))
-        layers.append(nd.ReLU(f"relu{i}"))
+        clip = float(rng.uniform(0.4, 1.2)) if modern and rng.random() < 0.5 else None
+        layers.append(nd.ReLU(f"relu{i}", clip=clip))
         if bn_where == "after":
             layers.append(_bn(f"bn{i}", rng, c_out))
         shape = _shape(layers, (2, 10, 10))
         if shape[1] >= 4:
             pool = rng.choice(["max", "avg", "none"])
-            if pool == "max":
+            if modern and pool != "none" and rng.random() < 0.6:
+                layers.append(_padded_pool(rng, f"pool{i}", str(pool)))
+            elif pool == "max":
                 layers.append(nd.MaxPool2d(f"pool{i}", 2, 2))
             elif pool == "avg":
                 layers.append(nd.AvgPool2d(f"pool{i}", 2, int(rng.integers(1, 3))))
@@ -72,6 +88,24 @@ def random_network(seed: int, hidden_conv: int = 3, hidden_dense: int = 2) -> nd
         )
     )
     return nd.Network(f"random{seed}", (2, 10, 10), (-1.0, 3.0), tuple(layers))
+
+
+def _draw_groups(rng: np.random.Generator, c_in: int, c_out: int) -> tuple[int, int]:
+    """(groups, out channels): dense, depthwise (multiplier 1 or 2) or two groups."""
+    kind = rng.choice(["dense", "depthwise", "two"])
+    if kind == "depthwise":
+        return c_in, c_in * int(rng.integers(1, 3))
+    if kind == "two" and c_in % 2 == 0:
+        return 2, 2 * max(2, c_out // 2)
+    return 1, c_out
+
+
+def _padded_pool(rng: np.random.Generator, name: str, kind: str) -> nd.Layer:
+    stride = int(rng.integers(1, 3))
+    if kind == "max":
+        return nd.MaxPool2d(name, 3, stride, padding=1)
+    include = bool(rng.random() < 0.5)
+    return nd.AvgPool2d(name, 3, stride, padding=1, count_include_pad=include)
 
 
 def _shape(layers, shape):

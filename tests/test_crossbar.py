@@ -275,7 +275,7 @@ def test_residual_summary_and_energy_count_the_shortcut_arrays(resnets):
     fixed = (trace.energy_j * v2 - louder.energy_j * v1) / (v2 - v1)
     e = profile.energy
     adc = sum(layer["adc_conversions_per_inference"] for layer in layers.values())
-    arrays = [g for layer in dep.layers.values() for g in layer.groups]
+    arrays = [g for layer in dep.layers.values() for g in layer.arrays]
     dac = sum(g.positions * g.rows for g in arrays)
     assert dac > sum(layer.positions * layer.rows for layer in dep.layers.values())
     expected = adc * e.adc_conversion_j + dac * e.dac_conversion_j + trace.spike_count * e.spike_j

@@ -64,7 +64,9 @@ def test_resnet8_converts_and_simulates_exactly():
     # layer1: identity shortcut from the stem, a unit 1x1 map; later: 1x1 projections.
     identity = joins[0].shortcuts[0]
     assert identity.source == "stem"
-    np.testing.assert_array_equal(identity.synapses[-1].weight[:, :, 0, 0], np.eye(16))
+    unit = identity.synapses[-1]  # depthwise: one unit weight per channel
+    assert unit.groups == 16 and unit.weight.shape == (16, 1, 1, 1)
+    np.testing.assert_array_equal(unit.weight, 1.0)
     assert joins[1].shortcuts[0].synapses[-1].weight.shape == (32, 16, 1, 1)
     for join in joins:
         shortcut = join.shortcuts[0]
@@ -80,7 +82,7 @@ def test_identity_synapse_is_a_unit_one_by_one_map():
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 1, (2, 3, 4, 4))
     conv = _identity_synapse("id", (3, 4, 4))
-    assert isinstance(conv, nd.Conv2d) and conv.kernel == 1
+    assert isinstance(conv, nd.Conv2d) and conv.kernel == 1 and conv.groups == 3
     np.testing.assert_array_equal(conv.forward(image), image)
     vector = rng.uniform(0, 1, (2, 5))
     dense = _identity_synapse("id", (5,))
@@ -105,7 +107,8 @@ def test_shortcut_from_the_network_input_takes_its_rescaling():
     shortcut = snn.stage("c1").shortcuts[0]
     assert shortcut.source == "input" and shortcut.t_source == 1.0
     # x = 2 x' + 2: the identity's weight is the scale, its shift is in the join's bias.
-    np.testing.assert_array_equal(shortcut.synapses[-1].weight[:, :, 0, 0], 2 * np.eye(2))
+    assert shortcut.synapses[-1].groups == 2
+    np.testing.assert_array_equal(shortcut.synapses[-1].weight.reshape(-1), [2.0, 2.0])
     trace = nd.simulate(snn, x)
     assert trace.saturated == 0
     assert relative_error(trace.output, net.forward(x)) <= RELATIVE_TOLERANCE
@@ -419,8 +422,8 @@ def test_residual_network_fine_tunes_on_digits_with_the_ideal_profile(tmp_path):
         relative_error(nd.simulate(again, x_te).output, nd.simulate(result.snn, x_te).output) < 1e-9
     )
     # Identity shortcuts stay identities (one weight per channel).
-    identity = result.snn.stage("b0_conv1").shortcuts[0].synapses[-1].weight[:, :, 0, 0]
-    assert np.count_nonzero(identity - np.diag(np.diag(identity))) == 0
+    identity = result.snn.stage("b0_conv1").shortcuts[0].synapses[-1]
+    assert identity.groups == identity.weight.shape[0] and identity.weight.shape[1:] == (1, 1, 1)
 
 
 @pytest.mark.parametrize("profile, backend", [("loihi2", "emulator"), ("pcm", "crossbar")])

@@ -7,7 +7,12 @@ its input patch on the word lines (im2col). Average pooling and flattening in
 front of a layer stay in the digital periphery. W maps onto pairs
 G+ - G- in [g_min, g_max] with W = (G+ - G-) w_max / (g_max - g_min).
 A matrix larger than a tile (``tile_rows`` x ``tile_cols``) is split; the
-partial sums of the row tiles are digitised separately and added.
+partial sums of the row tiles are digitised separately and added. A grouped
+(depthwise) convolution is G independent matrices of (C/G k^2) rows and O/G
+columns, not one block-diagonal C k^2 x O matrix: only the diagonal blocks are
+programmed (2 devices per weight), small blocks share a tile along its
+diagonal (the devices between them stay unprogrammed and carry no current,
+modelled as absent), and every group's patch drives its own word lines.
 
 Programming (once, at ``deploy``; each effect with its own seeded stream per
 layer, and each switchable): quantisation to ``levels`` conductances,
@@ -104,11 +109,14 @@ _IDEAL_CROSSBAR = Crossbar(
 
 @dataclass(frozen=True, eq=False)
 class _Tile:
+    """One band of rows of a layer's matrix (of every group's matrix, stacked on a
+    leading group axis when the layer has groups > 1)."""
+
     rows: slice
-    g_pos: np.ndarray  # (r, cols) conductance at inference time (uS)
+    g_pos: np.ndarray  # (r, cols), or (G, r, cols): conductance at inference time (uS)
     g_neg: np.ndarray
-    read_var: np.ndarray | None  # (r, cols) sigma+^2 + sigma-^2 per read (uS^2)
-    adc_step: np.ndarray | None  # (cols,) value of one ADC level (uS x time units)
+    read_var: np.ndarray | None  # like g_pos: sigma+^2 + sigma-^2 per read (uS^2)
+    adc_step: np.ndarray | None  # (cols,) or (G, cols): value of one ADC level (uS x t)
     adc_max_code: int
 
 
@@ -117,28 +125,59 @@ class _CrossbarLayer:
     name: str
     pre_ops: tuple  # digital average pooling / flattening before the array
     conv: Conv2d | None  # unrolled convolution geometry (None: dense)
-    rows: int
-    cols: int
+    rows: int  # per group matrix
+    cols: int  # per group matrix
     tiles: tuple[_Tile, ...]
-    col_tiles: int
+    physical_tiles: int  # crossbar tiles the layer occupies
     weight_scale: float  # w_max / (g_max - g_min): weight per uS
     compensation: float  # global drift compensation factor (1 without)
     input_range: float  # longest input pulse (the input window, time units)
-    row_conductance: np.ndarray  # (rows,) sum of G+ + G- over columns, for read energy
+    row_conductance: np.ndarray  # (groups * rows,) sum of G+ + G- over columns (read energy)
     positions: int  # reads per sample (output positions)
+    groups: int = 1  # convolution groups: independent matrices of rows x cols
     source: str | None = None  # a shortcut group: the stage whose (delayed) spikes it reads
     shortcuts: tuple[_CrossbarLayer, ...] = ()  # a join layer's shortcut groups
 
     @property
-    def groups(self) -> tuple[_CrossbarLayer, ...]:
+    def arrays(self) -> tuple[_CrossbarLayer, ...]:
         """The layer's arrays: the main one, then its shortcut groups."""
         return (self, *self.shortcuts)
 
+    @property
+    def word_lines(self) -> int:
+        return self.groups * self.rows
 
-def _weight_matrix(affine) -> np.ndarray:
+    @property
+    def bit_lines(self) -> int:
+        return self.groups * self.cols
+
+
+def _weight_matrices(affine) -> np.ndarray:
+    """(G, rows, cols): one matrix per group, rows = inputs, columns = outputs."""
     if isinstance(affine, Conv2d):
-        return affine.weight.reshape(affine.weight.shape[0], -1).T  # (C*k*k, O)
-    return affine.weight.T  # (in, out)
+        g = affine.groups
+        out_ch = affine.weight.shape[0]
+        # (O, C/G, k, k) -> (G, O/G, C/G k k) -> (G, C/G k k, O/G): one kernel per column
+        return affine.weight.reshape(g, out_ch // g, -1).transpose(0, 2, 1)
+    return affine.weight.T[None]  # (1, in, out)
+
+
+def _tiles_needed(groups: int, rows: int, cols: int, cb: Crossbar) -> int:
+    """Tiles holding G matrices of rows x cols: split when larger than a tile, else
+    packed side by side along the tile's diagonal (each its own word and bit lines)."""
+    row_tiles, col_tiles = -(-rows // cb.tile_rows), -(-cols // cb.tile_cols)
+    if groups == 1 or row_tiles > 1 or col_tiles > 1:
+        return groups * row_tiles * col_tiles
+    per_tile = min(cb.tile_rows // rows, cb.tile_cols // cols)
+    return -(-groups // per_tile)
+
+
+def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c)."""
+    if matrix.ndim == 2:  # one 2-D BLAS product, bit for bit what an ungrouped layer gave
+        return x[:, 0, :] @ matrix
+    out = np.matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
+    return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
 def _quantise_levels(g: np.ndarray, cb: Crossbar) -> np.ndarray:
@@ -315,8 +354,8 @@ class CrossbarDeployment(Deployment):
         pulse (time units); index: the random streams' path (see :func:`program_pairs`)."""
         cb, conv_cfg = self.device, self.converter
         *pre_ops, affine = synapses
-        w = _weight_matrix(affine)
-        rows, cols = w.shape
+        w = _weight_matrices(affine)
+        groups, rows, cols = w.shape
         target, programmed, now, weight_scale = program_pairs(w, cb, self.faults, self.seed, index)
         compensation = 1.0
         if cb.drift_compensation:
@@ -333,21 +372,27 @@ class CrossbarDeployment(Deployment):
         patches = None
         if calibration_values is not None:
             patches = self._patches(tuple(pre_ops), conv, calibration_values)[0]
+            patches = patches.reshape(len(patches), groups, rows)
+
+        def per_group(a: np.ndarray) -> np.ndarray:  # ungrouped layers keep 2-D arrays
+            return a[0] if groups == 1 else a
+
         tiles = []
         diff_target = target[0] - target[1]
         for lo in range(0, rows, cb.tile_rows):
             sl = slice(lo, min(rows, lo + cb.tile_rows))
             adc_step, max_code = None, 0
             if conv_cfg.adc_bits is not None:
-                largest = np.abs(patches[:, sl] @ diff_target[sl]).max(axis=0)
+                sums = _group_product(patches[:, :, sl], per_group(diff_target[:, sl]))
+                largest = np.abs(sums).max(axis=0).reshape(groups, cols)
                 max_code = 2 ** (conv_cfg.adc_bits - 1) - 1
-                adc_step = conv_cfg.adc_headroom * largest / max(max_code, 1)
+                adc_step = per_group(conv_cfg.adc_headroom * largest / max(max_code, 1))
             tiles.append(
                 _Tile(
                     sl,
-                    now[0][sl],
-                    now[1][sl],
-                    None if read_var is None else read_var[sl],
+                    per_group(now[0][:, sl]),
+                    per_group(now[1][:, sl]),
+                    None if read_var is None else per_group(read_var[:, sl]),
                     adc_step,
                     max_code,
                 )
@@ -360,12 +405,13 @@ class CrossbarDeployment(Deployment):
             rows=rows,
             cols=cols,
             tiles=tuple(tiles),
-            col_tiles=-(-cols // cb.tile_cols),
+            physical_tiles=_tiles_needed(groups, rows, cols, cb),
             weight_scale=weight_scale,
             compensation=compensation,
             input_range=window,
-            row_conductance=(now[0] + now[1]).sum(axis=1),
+            row_conductance=(now[0] + now[1]).sum(axis=2).reshape(-1),
             positions=positions,
+            groups=groups,
             source=source,
         )
 
@@ -386,25 +432,28 @@ class CrossbarDeployment(Deployment):
             levels = 2**dac_bits - 1
             unit = layer.input_range / levels
             patches = np.clip(np.rint(patches / unit), 0, levels) * unit
-        out = np.zeros((patches.shape[0], layer.cols))
+        out = np.zeros((patches.shape[0], layer.bit_lines))
+        grouped = patches.reshape(len(patches), layer.groups, layer.rows)
         clipped = 0
         for tile in layer.tiles:
-            xr = patches[:, tile.rows]
-            part = xr @ (tile.g_pos - tile.g_neg)
+            xr = grouped[:, :, tile.rows]
+            part = _group_product(xr, tile.g_pos - tile.g_neg)
             if tile.read_var is not None:
-                part += np.sqrt((xr * xr) @ tile.read_var) * rng.standard_normal(part.shape)
+                sigma = np.sqrt(_group_product(xr * xr, tile.read_var))
+                part += sigma * rng.standard_normal(part.shape)
             if tile.adc_step is not None:
-                step = np.where(tile.adc_step > 0, tile.adc_step, 1.0)
+                adc_step = tile.adc_step.reshape(-1)
+                step = np.where(adc_step > 0, adc_step, 1.0)
                 code = np.rint(part / step)
                 clipped += int(np.count_nonzero(np.abs(code) > tile.adc_max_code))
                 part = np.clip(code, -tile.adc_max_code, tile.adc_max_code) * step
-                part[:, tile.adc_step <= 0] = 0.0
+                part[:, adc_step <= 0] = 0.0
             out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
-            out = out.reshape(n, ho, wo, layer.cols).transpose(0, 3, 1, 2)
+            out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
         return out
 
     def run(self, x, read_seed: int = 0) -> Trace:
@@ -441,7 +490,7 @@ class CrossbarDeployment(Deployment):
                 return b1_fire(stage, v)
             dt = self.step_size[stage.name]
             m = np.ceil((stage.threshold - dt / 2 - v) / dt)  # nearest step of t_min + theta - v
-            early = int(np.count_nonzero(stage.threshold - v < 0))
+            early = 0 if stage.clipped else int(np.count_nonzero(stage.threshold - v < 0))
             np.maximum(m, 0.0, out=m)
             t = stage.t_min + m * dt
             t[m >= self.steps] = np.inf
@@ -484,9 +533,9 @@ class CrossbarDeployment(Deployment):
         e = self.profile.energy
         cb = self.device
         read_j = cb.v_read_v**2 * 1e-6 * read_charge * self._seconds_per_time_unit()
-        arrays = [group for layer in self.layers.values() for group in layer.groups]
-        conversions = sum(group.positions * group.cols * len(group.tiles) for group in arrays)
-        dac = sum(group.positions * group.rows for group in arrays)
+        arrays = [array for layer in self.layers.values() for array in layer.arrays]
+        conversions = sum(a.positions * a.bit_lines * len(a.tiles) for a in arrays)
+        dac = sum(a.positions * a.word_lines for a in arrays)
         fixed = 0.0
         if self.converter.adc_bits is not None:
             fixed += conversions * e.adc_conversion_j
@@ -524,10 +573,11 @@ class CrossbarDeployment(Deployment):
             span = self.device.g_max_us - self.device.g_min_us
             level = span / (self.device.levels - 1)
             delta = np.full(affine.weight.shape, 0.5 * level * layer.weight_scale)
-        own = np.zeros(layer.cols)
+        own = np.zeros(layer.bit_lines)
         for tile in layer.tiles:
             if tile.adc_step is not None:
-                own = own + 0.5 * tile.adc_step * layer.weight_scale * layer.compensation
+                step = tile.adc_step.reshape(-1)
+                own = own + 0.5 * step * layer.weight_scale * layer.compensation
         own = own.reshape((-1,) + (1,) * (len(output_shape) - 1))
         dac = 0.0
         if self.converter.dac_bits is not None:
@@ -539,15 +589,15 @@ class CrossbarDeployment(Deployment):
         adc = self.converter.adc_bits is not None
 
         def array(group: _CrossbarLayer) -> dict:
-            tiles = len(group.tiles) * group.col_tiles
             return {
                 "rows": group.rows,
                 "cols": group.cols,
-                "devices": 2 * group.rows * group.cols,
-                "tiles": tiles,
+                "groups": group.groups,
+                "devices": 2 * group.groups * group.rows * group.cols,  # programmed pairs
+                "tiles": group.physical_tiles,
                 "reads_per_inference": group.positions,
                 "adc_conversions_per_inference": (
-                    group.positions * group.cols * len(group.tiles) if adc else 0
+                    group.positions * group.bit_lines * len(group.tiles) if adc else 0
                 ),
                 "weight_per_us": group.weight_scale,
                 "drift_compensation": group.compensation,
@@ -566,7 +616,7 @@ class CrossbarDeployment(Deployment):
                     # the layer's totals: main array and shortcut groups
                     "devices": sum(g["devices"] for g in groups),
                     "tiles": tiles,
-                    "utilisation": sum(g["rows"] * g["cols"] for g in groups)
+                    "utilisation": sum(g["devices"] // 2 for g in groups)
                     / (tiles * cb.tile_rows * cb.tile_cols),
                     "adc_conversions_per_inference": sum(
                         g["adc_conversions_per_inference"] for g in groups

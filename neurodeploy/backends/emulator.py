@@ -5,7 +5,9 @@ batch (integers are held exactly in float64, < 2^53, so BLAS does the sums):
 
 - weights: ``weights.bits`` signed mantissas w with one power-of-two exponent e
   per layer (W ~ w 2^e), scaled into the membrane by a left shift s:
-  w_q = w 2^s; average pools become sum pools with 1/k^2 folded into W;
+  w_q = w 2^s; average pools become sum pools with 1/k^2 folded into W (a
+  count_include_pad=False pool: integer multiplicities per window and 1/L, see
+  backends.common.fold_average_pools);
 - inputs: a spike at step k of the previous window is an input of d = K - k
   steps; during that window the synaptic current I grows by w_q at the spike
   and the membrane V adds I every step, so at the window's end V = sum w_q d;
@@ -53,6 +55,7 @@ from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_p
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
 from .common import (
+    SumPool2d,
     durations,
     encode_on_grid,
     fold_average_pools,
@@ -134,10 +137,13 @@ def _with_weight(op, weight: np.ndarray):
 
 def _group(synapses: tuple, input_shape) -> tuple:
     """(ops with sum pools, affine op, pool factor, indicator ops, synapse count, fanout)."""
-    ops, pool_factor = fold_average_pools(synapses)
+    ops, pool_factor = fold_average_pools(synapses, input_shape)
     affine = ops[-1]
     assert isinstance(affine, (Dense, Conv2d))
-    indicator = (*ops[:-1], _with_weight(affine, (affine.weight != 0).astype(np.float64)))
+    # Synapses exist where weights are nonzero; sum pools count each input once per
+    # window (their multiplicities for count_include_pad=false are weights, not synapses).
+    linear = tuple(op.connectivity() if isinstance(op, SumPool2d) else op for op in ops[:-1])
+    indicator = (*linear, _with_weight(affine, (affine.weight != 0).astype(np.float64)))
     count = int(apply_synapses(indicator, np.ones((1, *input_shape))).sum())
     return ops, affine, pool_factor, indicator, count, _fanout(indicator, input_shape)
 
@@ -415,7 +421,8 @@ class EmulatorDeployment(Deployment):
             m = np.subtract(prog.threshold, v, out=v)
             m /= prog.ramp
             early = 0
-            if m.min(initial=0.0) < -0.5:  # V - Theta > R / 2: value beyond the window
+            # V - Theta > R / 2: value beyond the window (a clipped layer's clip: not counted)
+            if not stage.clipped and m.min(initial=0.0) < -0.5:
                 early = int(np.count_nonzero(m < -0.5))
             np.ceil(m, out=m)
             np.maximum(m, 0.0, out=m)
@@ -523,7 +530,7 @@ class EmulatorDeployment(Deployment):
             # Rounding a weight to its mantissa errs by at most half a mantissa step,
             # 2^(e-1) (the profile's bits and the layer's largest weight set e); sum
             # pools carry the average pools' 1/k^2 into the weight.
-            _, pool_factor = fold_average_pools(stage.synapses)
+            _, pool_factor = fold_average_pools(stage.synapses, stage.input_shape)
             weight_shape = stage.synapses[-1].weight.shape
             delta = None
             if prog.exponent is not None:

@@ -204,6 +204,7 @@ class LavaDeployment(EmulatorDeployment):
                     out_shape=stage.output_shape,
                     kernel=stage.kernel,
                     stride=stage.stride,
+                    padding=stage.padding,
                     sign=stage.sign.astype(float),
                     first_step=window_start,
                     result_path=path,
@@ -335,7 +336,8 @@ class LavaDeployment(EmulatorDeployment):
             t[m >= steps] = np.inf
             spike_times[stage.name] = t.reshape(n, *stage.output_shape)
             if isinstance(stage, SpikingLayer):
-                saturated[stage.name] = int(res["early"].sum())
+                # a clipped layer's neurons above the window give the clip, by design
+                saturated[stage.name] = 0 if stage.clipped else int(res["early"].sum())
                 overflow[stage.name] = int(res["clipped"].sum())
         return Trace(
             output=output,

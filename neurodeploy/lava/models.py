@@ -128,23 +128,35 @@ class PySpikePoolModel(_Chunked):
         n_out = int(np.prod(p["out_shape"]))
         self.spike_step = np.full((p["samples"], n_out), p["steps"], dtype=np.int64)
         self.step_record = np.full((p["batch"], n_out), p["steps"], dtype=np.int64)
+        # Arrivals that make a window's output spike: +1, the first spike of the window
+        # passes; -1, the spike completing it does (every in-bounds input has spiked).
+        in_bounds = np.ones((1, 1, *p["in_shape"][1:]))
+        pad = p["padding"]
+        in_bounds = np.pad(in_bounds, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        k, stride = p["kernel"], p["stride"]
+        view = np.lib.stride_tricks.sliding_window_view(in_bounds, (k, k), axis=(2, 3))
+        self.positions = view[0, 0, ::stride, ::stride].sum(axis=(2, 3)).reshape(-1)  # (Ho Wo,)
+        self.needed = None  # set at the first step: the sign Var is not there before
 
     def step(self):
         p = self.proc_params
         _, local = self._clock()
+        if self.needed is None:
+            sign = self.sign.reshape(-1, 1)
+            needed = np.where(sign > 0, 1, self.positions[None, :])
+            self.needed = needed.reshape(-1).astype(np.int64)
         if local == 0:
             self.arrived[:] = 0
             self.step_record[:] = p["steps"]
         spikes = self._recv("s_in").reshape(-1, *p["in_shape"])
-        k, stride = p["kernel"], p["stride"]
+        k, stride, pad = p["kernel"], p["stride"], p["padding"]
+        if pad:  # padded positions never spike
+            spikes = np.pad(spikes, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
         windows = np.lib.stride_tricks.sliding_window_view(spikes, (k, k), axis=(2, 3))
         counts = windows[:, :, ::stride, ::stride].sum(axis=(4, 5)).reshape(len(spikes), -1)
         before = self.arrived.copy()
         self.arrived += counts.astype(np.int64)
-        # +1: the first spike of the window passes; -1: the spike completing it does.
-        needed = np.where(self.sign > 0, 1, k * k)
-        needed = np.repeat(needed, int(np.prod(p["out_shape"][1:])))
-        out = (before < needed) & (self.arrived >= needed)
+        out = (before < self.needed) & (self.arrived >= self.needed)
         chunk, local = self._clock()
         m = local - p["first_step"]
         if 0 <= m < p["steps"]:

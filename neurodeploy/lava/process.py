@@ -53,7 +53,9 @@ class SpikePool(AbstractProcess):
     """Max pooling of spike times: per k x k window, the first spike (sign +1) or
     the spike that completes the window (sign -1, all inputs spiked).
 
-    geometry: (C, H, W) input, kernel, stride; sign: (C,) +1 or -1. first_step:
+    geometry: (C, H, W) input, kernel, stride, padding (padded positions never
+    spike; a sign -1 window completes when its in-bounds inputs have all spiked);
+    sign: (C,) +1 or -1. first_step:
     chunk-local step at which the pooled layer's window opens; the step of each
     output spike in that window is recorded per sample.
     """
@@ -66,6 +68,7 @@ class SpikePool(AbstractProcess):
         out_shape: tuple,
         kernel: int,
         stride: int,
+        padding: int,
         sign: np.ndarray,
         first_step: int,
         steps: int,
@@ -81,6 +84,7 @@ class SpikePool(AbstractProcess):
             out_shape=tuple(out_shape),
             kernel=kernel,
             stride=stride,
+            padding=padding,
             first_step=first_step,
             steps=steps,
             chunk_steps=chunk_steps,
