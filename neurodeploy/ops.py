@@ -54,8 +54,9 @@ def conv2d(
     c_in = x.shape[1] // groups
     o_per = out_ch // groups
     parts = [
-        conv2d(x[:, g * c_in : (g + 1) * c_in], weight[g * o_per : (g + 1) * o_per], stride,
-               padding)
+        conv2d(
+            x[:, g * c_in : (g + 1) * c_in], weight[g * o_per : (g + 1) * o_per], stride, padding
+        )
         for g in range(groups)
     ]
     return np.concatenate(parts, axis=1)
