@@ -208,6 +208,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def report_file_names(spec: SweepSpec) -> list[str]:
     """The files ``write_report`` writes for ``spec``: report.html and its figures."""
     names = ["report.html", *(f"accuracy_{key.replace('.', '_')}.png" for key, _ in spec.params)]
+    names.append("tradeoff.png")  # accuracy against energy and latency
     return [*names, "heatmap.png"] if len(spec.params) == 2 else names
 
 
