@@ -298,8 +298,9 @@ def _cmd_run(args) -> int:
     for layer in payload["mapping"]["layers"]:
         print("  " + "  ".join(f"{k}={_short(v)}" for k, v in layer.items()))
     print()
+    what = "pulses on nonzero conductance pairs" if metrics["op_kind"] == "MAC" else "spikes"
     print(
-        f"NeuroBench metrics (mean per inference; effective {metrics['op_kind']}s: spikes "
+        f"NeuroBench metrics (mean per inference; effective {metrics['op_kind']}s: {what} "
         "on nonzero weights; sparsities 0..1; footprint at the hardware's precision):"
     )
     for line in metrics_table(metrics):

@@ -288,7 +288,7 @@ def metrics_table(metrics: dict) -> list[str]:
     for row in [*metrics["layers"], {"name": "total", **metrics["total"]}]:
         lines.append(
             f"{row['name']:<10} {row['weights']:>9} {row['connection_sparsity']:>7.3f} "
-            f"{row['synapses']:>10} {row['dense_ops']:>11.4g} {row['effective_ops']:>11.4g} "
+            f"{row['synapses']:>10} {row['dense_ops']:>11.0f} {row['effective_ops']:>11.1f} "
             f"{fmt_sparsity(row['activation_sparsity']):>7} "
             f"{fmt_sparsity(row['activation_sparsity_per_inference']):>10} {fmt_bytes(row):>11}"
         )

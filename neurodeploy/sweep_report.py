@@ -332,6 +332,19 @@ def _tradeoff_figure(groups: list[dict], labelled: bool) -> bytes:
     return _png(fig)
 
 
+def _front_points(rows: list[dict], metric: str) -> set[int]:
+    """The points (indices into the sweep) on the accuracy-against-``metric`` front."""
+    done = [r for r in rows if r["seeds"] and r["accuracy"] is not None and r[metric]]
+    done = [r for r in done if np.isfinite(r[metric][0])]
+    front = pareto_front([r[metric][0] for r in done], [r["accuracy"][0] for r in done])
+    return {done[i]["point"] for i in front}
+
+
+def _front_marks(point: int, fronts: dict[str, set[int]]) -> str:
+    names = {"energy_j": "energy", "latency_s": "latency"}
+    return ", ".join(names[m] for m, members in fronts.items() if point in members) or ""
+
+
 def _fmt_interval(interval) -> str:
     if interval is None or any(
         v is None or (isinstance(v, float) and math.isnan(v)) for v in interval
@@ -434,12 +447,14 @@ def _points_table(group: dict, tolerance_points: float) -> str:
     header = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
         "<th>seeds</th><th>accuracy (95 % CI)</th><th>agreement (95 % CI)</th>"
         "<th>logit error</th><th>spikes/neuron</th><th>latency</th><th>energy</th>"
+        "<th>Pareto front (energy, latency)</th>"
     )
+    fronts = {metric: _front_points(rows, metric) for metric, _, _ in _COSTS}
     body = []
     for row in rows:
         cells = "".join(f"<td>{html.escape(str(row['params'][k]))}</td>" for k in keys)
         if not row["seeds"]:
-            body.append(f"<tr>{cells}<td>0</td><td colspan='6'>not run yet</td></tr>")
+            body.append(f"<tr>{cells}<td>0</td><td colspan='7'>not run yet</td></tr>")
             continue
         within = row["accuracy"] is not None and row["accuracy"][0] >= (
             reference - tolerance_points / 100 - 1e-12
@@ -450,7 +465,8 @@ def _points_table(group: dict, tolerance_points: float) -> str:
             f"<td>{_fmt_interval(row['agreement'])}</td><td>{row['logit_error'][0]:.3g}</td>"
             f"<td>{row['spikes_per_neuron'][0]:.3f}</td>"
             f"<td>{row['latency_s'][0] * 1e6:.4g} µs</td>"
-            f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td></tr>"
+            f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td>"
+            f"<td>{_front_marks(row['point'], fronts)}</td></tr>"
         )
     title = f"{group['label']} (reference SNN accuracy {100 * reference:.2f} %)"
     return (

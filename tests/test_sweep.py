@@ -211,6 +211,7 @@ def test_report_has_bands_heat_map_and_knees(tmp_path):
         assert (tmp_path / png).stat().st_size > 5000
     assert "Noise resilience and knees" in page and "95 %" in page
     assert "Accuracy against energy and latency per inference" in page
+    assert "Pareto front (energy, latency)" in page and "<td>energy" in page
     assert main(["report", str(tmp_path)]) == 0
 
 
