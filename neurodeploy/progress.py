@@ -83,11 +83,17 @@ def bar(
     return tqdm(
         total=total,
         desc=description,
-        unit=f" {unit}" if unit else "it",
+        unit=f" {unit}" if unit else " it",
         file=sys.stderr,
         position=position,
         leave=leave,
         dynamic_ncols=True,
+        # tqdm's default, with the rate always as units per second ("0.13 seeds/s",
+        # not "7.96s/ seeds") and the unit after the count
+        bar_format=(
+            "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} "
+            "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+        ),
         mininterval=MIN_INTERVAL_S,
         smoothing=0.1,
         disable=False,
