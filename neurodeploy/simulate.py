@@ -54,7 +54,7 @@ def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
 
 def _b1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, int]:
     v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
     v = add_shortcuts(layer, v, shortcut_in)
     return b1_fire(layer, v)
@@ -73,22 +73,24 @@ def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
     return v
 
 
-def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int]:
-    """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten).
+def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten), the
+    saturated count and the early count.
 
     From t_min the membrane rises with slope 1: it reaches theta at
     t_min + theta - v; a neuron already above threshold fires at once (counted
     as saturated, except in a clipped layer, where that is the clip), one that
-    would need longer than its window stays silent.
+    would need longer than its window stays silent. A b1 neuron only ramps from
+    t_min, so it never fires early: the early count is 0 by construction.
     """
     t_fire = np.subtract(layer.t_min + layer.threshold, v, out=v)
-    early = 0
+    saturated = 0
     if t_fire.min(initial=np.inf) < layer.t_min:
         if not layer.clipped:
-            early = int(np.count_nonzero(t_fire < layer.t_min))
+            saturated = int(np.count_nonzero(t_fire < layer.t_min))
         np.maximum(t_fire, layer.t_min, out=t_fire)
     _silence_from(t_fire, layer.t_max)
-    return t_fire, early
+    return t_fire, saturated, 0
 
 
 def _silence_from(t: np.ndarray, t_end: float) -> None:
@@ -103,7 +105,7 @@ def _silence_from(t: np.ndarray, t_end: float) -> None:
 
 def _alpha1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, int]:
     if shortcut_in:  # pragma: no cover - convert refuses residual alpha1 networks
         raise NotImplementedError("alpha1 layers take no shortcuts")
     n = t_in.shape[0]
@@ -135,8 +137,16 @@ def _alpha1_layer(
         t_cross = np.where(found, t_cross, np.inf)
         t_cross = np.where(first_ok, np.maximum(before_first, t0), t_cross)
         t_out[lo : lo + chunk] = np.minimum(t_cross, layer.t_max)
-    early = int(np.count_nonzero(t_out < layer.t_min))
-    return t_out.reshape(n, *layer.output_shape), early
+    # Saturated: the value exceeds the window (V(t_min) above theta: it would fire before
+    # t_min even once every input had arrived); early: fired before t_min otherwise.
+    v_end = alpha * (layer.t_min - t0) + spike_values(t_flat, layer.t_min) @ coupling.T
+    before = t_out < layer.t_min
+    over = v_end > theta
+    return (
+        t_out.reshape(n, *layer.output_shape),
+        int(np.count_nonzero(before & over)),
+        int(np.count_nonzero(before & ~over)),
+    )
 
 
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
@@ -152,18 +162,31 @@ def output_potential(layer: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = 
     return (potential + layer.bias).reshape(t_in.shape[0], -1)
 
 
-def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, output_layer):
+def run_stages(
+    snn: TTFSNetwork,
+    t_input: np.ndarray,
+    spiking_layer,
+    time_pool,
+    output_layer,
+    early: dict[str, int] | None = None,
+):
     """Run every stage in order; the backends supply how each kind of stage computes.
 
-    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons);
-    time_pool(stage, t_in) -> t_out; output_layer(stage, t_in, shortcut_in) ->
-    logits (N, classes). t_in: spike times of the stage before; shortcut_in: a
-    tuple with the spike times of each of ``stage.shortcuts``' sources (empty
-    for a chain). Spike times are in time units with inf for silence. Returns
-    (logits, spike_times, saturated).
+    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons) or
+    (t_out, saturated, early neurons); time_pool(stage, t_in) -> t_out;
+    output_layer(stage, t_in, shortcut_in) -> logits (N, classes). t_in: spike
+    times of the stage before; shortcut_in: a tuple with the spike times of each
+    of ``stage.shortcuts``' sources (empty for a chain). Spike times are in time
+    units with inf for silence. Returns (logits, spike_times, saturated).
+
+    early: filled with the early count of "input" (0: the encoding spikes in its
+    window) and of every spiking layer. A two-value callback is a b1 neuron's,
+    which ramps from t_min and cannot fire early: its layers count 0.
     """
     spike_times = {"input": t_input}
     saturated = {}
+    early = {} if early is None else early
+    early["input"] = 0
     t = t_input
     output = None
     for stage in snn.stages:
@@ -172,7 +195,8 @@ def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, 
         else:
             shortcut_in = tuple(spike_times[sc.source] for sc in stage.shortcuts)
             if isinstance(stage, SpikingLayer):
-                t, saturated[stage.name] = spiking_layer(stage, t, shortcut_in)
+                t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
+                early[stage.name] = int(fired_early[0]) if fired_early else 0
             else:
                 output = output_layer(stage, t, shortcut_in)
                 break
@@ -189,7 +213,10 @@ def simulate(snn: TTFSNetwork, x) -> Trace:
     """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`."""
     t, outside = encode_input(snn, x)
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
-    output, spike_times, saturated = run_stages(snn, t, layer_step, time_pool, output_potential)
+    early: dict[str, int] = {}
+    output, spike_times, saturated = run_stages(
+        snn, t, layer_step, time_pool, output_potential, early
+    )
     return Trace(
         output=output,
         spike_times=spike_times,
@@ -197,4 +224,5 @@ def simulate(snn: TTFSNetwork, x) -> Trace:
         saturated_per_layer={"input": outside, **saturated},
         latency=np.full(t.shape[0], snn.latency),
         backend="reference",
+        early_per_layer=early,
     )

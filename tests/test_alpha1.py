@@ -104,3 +104,94 @@ def test_alpha1_windows_cover_the_interval_bound_of_every_neuron():
         assert bound.max() <= stage.window * (1 + 1e-12)
         assert stage.window >= stage.x_max
         reach = bound
+
+
+def dense_map(stage: SpikingLayer) -> np.ndarray:
+    """The stage's synapses as a dense (N_out, N_in) matrix (small test nets only)."""
+    n_in = int(np.prod(stage.input_shape))
+    eye = np.eye(n_in).reshape(n_in, *stage.input_shape)
+    return apply_synapses(stage.synapses, eye).reshape(n_in, -1).T
+
+
+def brute_force_alpha1(stage: SpikingLayer, t_in: np.ndarray):
+    """alpha1 spike times, saturated and early counts by evaluating the membrane
+    V(t) = alpha (t - t0) + sum_j g_i W_ij (t - t_j)_+ at every kink (input time) and
+    solving each linear segment, written independently of the simulator (dense maps)."""
+    w = dense_map(stage)
+    g = stage.alpha / (1.0 - w.sum(axis=1))  # J = g_i W_ij
+    coupling = g[:, None] * w
+    theta = stage.threshold.reshape(-1)
+    t0, t1 = stage.t_min_prev, stage.t_min
+    n = t_in.shape[0]
+    out = np.full((n, w.shape[0]), stage.t_max)
+    saturated = early = 0
+    for s in range(n):
+        t_s = t_in[s].reshape(-1)
+        kinks = np.unique(np.concatenate([[t0], t_s[np.isfinite(t_s)], [t1]]))
+        kinks = np.concatenate([kinks, [stage.t_max]])
+        ramp = np.maximum(kinks[:, None] - t_s[None, :], 0.0)  # (K, N_in)
+        v = stage.alpha * (kinks[:, None] - t0) + ramp @ coupling.T  # (K, N_out)
+        for i in range(w.shape[0]):
+            above = np.nonzero(v[:, i] >= theta[i])[0]
+            if above.size:
+                k = above[0]
+                if k == 0:
+                    out[s, i] = kinks[0]
+                else:  # linear on [kinks[k-1], kinks[k]]
+                    a, b = v[k - 1, i], v[k, i]
+                    out[s, i] = kinks[k - 1] + (theta[i] - a) / (b - a) * (kinks[k] - kinks[k - 1])
+            v_end = v[np.searchsorted(kinks, t1), i]
+            if out[s, i] < t1:
+                if v_end > theta[i]:
+                    saturated += 1
+                else:
+                    early += 1
+    return out.reshape(n, *stage.output_shape), saturated, early
+
+
+def test_alpha1_simulator_matches_an_independent_membrane_integration():
+    net = scaled_network(11, 2, 2)
+    x = np.concatenate([random_inputs(net, 6, 11), box_corners(net, 6, 11)])
+    snn = nd.convert(net, calibration=x[:6], zeta=0.0, neuron="alpha1")
+    trace = nd.simulate(snn, x)
+    for stage in snn.spiking_layers:
+        index = snn.stages.index(stage)
+        before = "input" if index == 0 else snn.stages[index - 1].name
+        expected, saturated, early = brute_force_alpha1(stage, trace.spike_times[before])
+        np.testing.assert_allclose(trace.spike_times[stage.name], expected, rtol=0, atol=1e-9)
+        assert (saturated, early) == (0, 0)
+        assert trace.early_per_layer[stage.name] == 0
+
+
+def test_early_spikes_are_counted_apart_from_saturation():
+    # The last hidden window cut to a tenth of its bound: the no-early-spike condition
+    # fails there, and the simulator must say which spikes came early (value in the
+    # window) and which saturated (value beyond it), as an independent integration does.
+    # (Earlier layers stay exact, so every input of the cut layer arrives in its window.)
+    net = scaled_network(11, 1, 2)
+    x = np.concatenate([random_inputs(net, 8, 11), box_corners(net, 8, 11)])
+    snn = nd.convert(net, calibration=x, zeta=0.0, neuron="alpha1")
+    last = snn.spiking_layers[-1]
+    snn = nd.retime(snn, {last.name: 0.1 * last.window})
+    trace = nd.simulate(snn, x)
+    total_early = 0
+    for stage in snn.spiking_layers:
+        index = snn.stages.index(stage)
+        before = "input" if index == 0 else snn.stages[index - 1].name
+        expected, saturated, early = brute_force_alpha1(stage, trace.spike_times[before])
+        np.testing.assert_allclose(trace.spike_times[stage.name], expected, rtol=0, atol=1e-9)
+        assert trace.saturated_per_layer[stage.name] == saturated
+        assert trace.early_per_layer[stage.name] == early
+        total_early += early
+    assert trace.saturated > 0
+    assert trace.early == total_early
+
+
+def test_b1_counts_no_early_spikes_on_every_backend_trace():
+    net = scaled_network(5, 2, 2)
+    x = random_inputs(net, 8, 5)
+    snn = nd.convert(net, calibration=x[:2], zeta=0.0)
+    trace = nd.simulate(snn, x)
+    assert trace.saturated > 0  # too small a calibration set: values beyond the window
+    assert set(trace.early_per_layer) == {"input", *(s.name for s in snn.spiking_layers)}
+    assert trace.early == 0
