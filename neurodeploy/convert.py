@@ -12,7 +12,7 @@ spiking neural networks with 0.3 spikes per neuron" (Nature Communications
    gives every output position its own bias (the border effects); max pooling
    in front of a negative batch-norm scale becomes a min pooling.
 2. alpha1 only: rescale each channel so its pre-activation bound over the
-   input range is at most 1 and every neuron's input weight sum lies in
+   calibrated input range is at most 1 and every neuron's input weight sum lies in
    [-10, 0.99] (the bounds of the exact-mapping paper's code), compensated in
    the next layer (ReLU and max pooling commute with positive scales); see
    "alpha1: no early spike, by construction" below.
@@ -50,23 +50,38 @@ and V_i < theta_i on [t0, t1) for every input as soon as
 
     b_i + sum_j W+_ij x_j <= B_n          (alpha, t0 and g_i cancel).
 
-The bound is attained (positive inputs at t0, negative ones at t1), so the
-condition is also necessary for an input box. It must hold for every input,
-not only the calibration samples: :func:`_rescale_for_alpha1` propagates
-through the chain the reach R_j >= x_j of every stage over the whole input
-range (R = 1 for the rescaled input; R_i = max(0, b_i + sum_j W+_ij R_j),
-computed with the layer's own linear maps; pools pass the max of their
-windows' reaches), scales each channel to reach at most 1 (and its weight
-sums into [-10, 0.99], the paper's bounds, which keep S_i > 0), and
-:func:`convert` makes the window
+The bound is attained (positive inputs at t0, negative ones at t1, whose
+values are then 0: a real input with u_i = b_i + sum_j W+_ij x_j), so on a box
+of inputs "no early spike" is the same as "no value beyond the window".
 
-    B_n = max((1 + zeta) X_n, (1 + 1e-9) max(X_n, max_i R_i)).
+Which inputs. It must hold for every input in the calibrated range, not only
+the calibration samples. :func:`_rescale_for_alpha1` gives every stage a
+per-neuron range r_j >= x_j:
 
-Then no alpha1 neuron fires before its window opens and none saturates, for
-every input in [p, q]: exact by construction. alpha and zeta are free (alpha
-cancels; zeta only widens); the window B_n is what the condition fixes. On a
-validated network (parameters below 1e100) an admissible choice always
-exists; a bound that is not finite in float64 is refused with the layer named.
+    r = min(R, (1 + zeta) X_c),   R_i = max(0, b_i + sum_j W+_ij R_j),
+
+R the box bound over the whole input range [p, q] (R = 1 for the rescaled
+input; computed with the layer's own linear maps; pools pass the max, for
+sign -1 the min, of their windows' bounds) and X_c the calibrated maximum of
+the neuron's channel. The box bound alone compounds over depth (measured on a
+CIFAR-sized VGG: typical values 1e-4 of the window by the fourth conv, 3e-7
+relative error in float64); capping it per layer by the calibrated channel
+range keeps each window within one layer's looseness of its values. Each
+channel is then scaled to bound at most 1 (and its weight sums into
+[-10, 0.99], the paper's bounds, which keep g_i > 0), and :func:`convert`
+makes the window
+
+    B_n = max((1 + zeta) X_n, (1 + 1e-9) max(X_n, max_i (b_i + sum_j W+_ij r_j))).
+
+Guarantee: for every input in [p, q] whose values at each stage stay within
+(1 + zeta) times their channel's calibrated maximum (every calibration sample,
+at any zeta), no alpha1 neuron fires before its window opens and none
+saturates: the network is exact by construction. Outside that range the
+simulators count early spikes (``Trace.early``) apart from saturation. alpha
+and the integration start cancel from the condition; the window is what it
+fixes. On a validated network (parameters below 1e100) an admissible choice
+always exists; a bound that is not finite in float64 is refused with the layer
+named.
 
 Residual networks (the network is a DAG; b1 only)
 -------------------------------------------------
@@ -142,6 +157,7 @@ from .ttfs import (
     SpikingLayer,
     TimePool,
     TTFSNetwork,
+    alpha1_threshold,
     apply_synapses,
 )
 
@@ -575,49 +591,66 @@ def _positive_synapses(synapses: tuple[Layer, ...]) -> tuple[Layer, ...]:
     return (*linear, _zero_bias(affine, np.maximum(affine.weight, 0.0)))
 
 
-def _rescale_for_alpha1(plan: list[_Block | _Pool], input_shape: Shape) -> dict[str, float]:
+def _rescale_for_alpha1(
+    plan: list[_Block | _Pool], input_shape: Shape, channel_max: dict, zeta: float
+) -> dict[str, float]:
     """Scale each hidden block so no alpha1 neuron can fire before its window opens.
 
-    Walks the chain in order, keeping for every stage its *reach* R (per neuron):
-    the largest value it can take for any network input in [p, q] (rescaled to
-    [0, 1], so R = 1 for the input). A block's reach is the interval bound
+    Walks the chain in order, keeping for every stage its box bound R (per
+    neuron, the largest value over all network inputs in [p, q]; R = 1 for the
+    rescaled input) and the per-channel factor its values carry. A block's
+    inputs get the range r = min(R, (1 + zeta) X_c) (channel_max: X_c per stage,
+    from :func:`_calibrate` before scaling), and its pre-activation bound is
 
-        R_i = max(0, b_i + sum_j W+_ij R_j),   W+ = max(W, 0),
+        U_i = max(0, b_i + sum_j W+_ij r_j),   W+ = max(W, 0),
 
-    computed with the block's own linear maps on R (pools pass the max, for
-    sign -1 the min, of their windows' reaches). Each output channel (conv) or
+    computed with the block's own linear maps. Each output channel (conv) or
     neuron (dense) then gets one positive factor c, applied to its weights and
     bias and undone in the next block's input weights (ReLU and max pooling
     commute with positive scales, so the network's function is unchanged):
 
-        c = min(1 / R_max, 0.99 / w_max, 10 / (-w_min)),
+        c = min(1 / U_max, 0.99 / w_max, 10 / (-w_min)),
 
-    R_max the channel's largest reach and w the weight sums sum_j W_ij over its
+    U_max the channel's largest bound and w the weight sums sum_j W_ij over its
     positions (the exact-mapping paper's bounds [-10, 0.99] on them; the alpha1
-    neuron needs w < 1). After scaling no channel reaches above 1 and the
-    layer's window is chosen at least max_i R_i (see :func:`convert`), which is
-    the condition that rules out early spikes (module docstring, "alpha1").
+    neuron needs w < 1). The layer's window is then chosen at least max_i U_i
+    (see :func:`convert`): the condition that rules out early spikes (module
+    docstring, "alpha1").
 
-    Returns the largest reach of every hidden block after scaling (time units).
+    Returns max_i U_i of every hidden block after scaling (time units).
     Raises :class:`ConversionError` naming the layer when the bound or the
     factors are not finite (weights or biases beyond float64).
     """
     blocks = [item for item in plan if isinstance(item, _Block)]
     following = dict(zip((b.name for b in blocks[:-1]), blocks[1:], strict=True))
-    reach: dict[str, np.ndarray] = {INPUT: np.ones(input_shape)}
+    reach: dict[str, np.ndarray] = {INPUT: np.ones(input_shape)}  # box-propagated bound
+    scale: dict[str, np.ndarray] = {}  # the per-channel factor each stage's values carry
     largest: dict[str, float] = {}
+
+    def value_range(stage: str) -> np.ndarray:
+        """r: the box reach, capped by (1 + zeta) x the calibrated channel maximum."""
+        if stage == INPUT:
+            return reach[INPUT]
+        shape = reach[stage].shape
+        calibrated = (1.0 + zeta) * channel_max[stage] * scale[stage]
+        return np.minimum(reach[stage], _per_channel(calibrated, shape))
+
     for item in plan:
         if isinstance(item, _Pool):
             reach[item.name] = _pool_values(reach[item.source][None], item.pool, item.sign)[0]
+            scale[item.name] = scale[item.source]
             continue
         block = item
         if not block.relu:
             break
         shape = block.output_shape
         with np.errstate(over="ignore", invalid="ignore"):
-            bound = block.bias + apply_synapses(
+            r_in = value_range(block.main.source)
+            box = block.bias + apply_synapses(
                 _positive_synapses(block.synapses), reach[block.main.source][None]
             )[0]
+            np.maximum(box, 0.0, out=box)
+            bound = block.bias + apply_synapses(_positive_synapses(block.synapses), r_in[None])[0]
             np.maximum(bound, 0.0, out=bound)
             sums = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
         per_channel_bound = bound.reshape(shape[0], -1).max(axis=1)
@@ -648,8 +681,9 @@ def _rescale_for_alpha1(plan: list[_Block | _Pool], input_shape: Shape) -> dict[
         w = w * (factor[:, None] if w.ndim == 2 else factor[:, None, None, None])
         block.main.affine = _zero_bias(block.main.affine, w)
         block.bias = block.bias * _per_channel(factor, shape)
-        reach[block.name] = bound * _per_channel(factor, shape)
-        largest[block.name] = float(reach[block.name].max())
+        scale[block.name] = factor
+        reach[block.name] = box * _per_channel(factor, shape)
+        largest[block.name] = float((bound * _per_channel(factor, shape)).max())
         _scale_block_inputs(following[block.name], 1.0 / factor)
     return largest
 
@@ -668,9 +702,14 @@ def _block_drive(block: _Block, values: dict[str, np.ndarray]) -> np.ndarray:
     return u
 
 
-def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
+def _calibrate(
+    plan: list[_Block | _Pool], x01: np.ndarray, channels: dict | None = None
+) -> dict[str, float]:
     """Largest ReLU output of every hidden block on the rescaled calibration inputs (the
-    DAG's forward pass, stage by stage; values are dropped after their last use)."""
+    DAG's forward pass, stage by stage; values are dropped after their last use).
+
+    channels: if given, filled with every stage's (blocks and pools) largest value per
+    channel (conv) or neuron (dense), shape (C,)."""
     last_use = {}
     for i, item in enumerate(plan):
         sources = [item.source] if isinstance(item, _Pool) else [o.source for o in item.operands]
@@ -694,17 +733,12 @@ def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
                 )
         else:
             break
+        if channels is not None:
+            channels[item.name] = v.max(axis=(0, *range(2, v.ndim)))
         values[item.name] = v
         for src in [name for name, last in last_use.items() if last == i]:
             values.pop(src, None)
     return x_max
-
-
-def _coupling_matrix(block: _Block) -> np.ndarray:
-    """Dense effective weight matrix (N_out, N_in) of a block's synapses."""
-    n_in = int(np.prod(block.input_shape))
-    eye = np.eye(n_in).reshape(n_in, *block.input_shape)
-    return apply_synapses(block.synapses, eye).reshape(n_in, -1).T
 
 
 def convert(
@@ -760,9 +794,13 @@ def convert(
                 f"layer '{clipped[0]}': clipped ReLUs convert exactly with the b1 neuron only "
                 "(neuron='b1'); the alpha1 neuron cannot saturate at the clip"
             )
-        reach = _rescale_for_alpha1(plan, net.input_shape)
     p, q = net.input_range
-    x_max = _calibrate(plan, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
+    x01 = np.clip((x_cal - p) / (q - p), 0.0, 1.0)
+    if neuron == "alpha1":
+        channel_max: dict[str, np.ndarray] = {}
+        _calibrate(plan, x01, channel_max)
+        reach = _rescale_for_alpha1(plan, net.input_shape, channel_max, float(zeta))
+    x_max = _calibrate(plan, x01)
 
     stages = []
     windows = {INPUT: INPUT_WINDOW}  # stage name -> (t_min, t_max)
@@ -808,7 +846,7 @@ def convert(
         stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
         largest = x_n if x_n > 0 else DEAD_LAYER_X_MAX
         if neuron == "alpha1" and reach[block.name] > 0:
-            # No early spike for any input in [p, q]: B_n >= max_i R_i (module docstring).
+            # No early spike in the calibrated range: B_n >= max_i U_i (module docstring).
             largest = max(x_n, reach[block.name])
         # The margin keeps the largest value inside the window when the simulator's
         # operation order rounds it up (zeta = 0 puts it on the window's edge).
@@ -820,16 +858,13 @@ def convert(
         if neuron == "b1":
             threshold = window - block.bias
         else:
-            coupling_w = _coupling_matrix(block)
-            w_sum = coupling_w.sum(axis=1)
+            # Weight sums through the layer's own maps (zero padding: fewer taps at borders).
+            w_sum = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
             alpha = ALPHA1_ALPHA
-            j_sum = alpha * w_sum / (1.0 - w_sum)
-            coupling = alpha * coupling_w / (1.0 - w_sum)[:, None]
-            bias = block.bias.reshape(-1)
-            threshold = (
-                (alpha + j_sum) * (t_max - bias) - alpha * t_min_prev - j_sum * t_min
-            ).reshape(block.output_shape)
-            extra = {"alpha": alpha, "coupling": coupling}
+            coupling_scale = alpha / (1.0 - w_sum)  # J_ij = g_i W_ij, g_i > 0 (w_sum < 1)
+            bias = np.broadcast_to(block.bias, block.output_shape)
+            threshold = alpha1_threshold(coupling_scale, bias, alpha, t_min_prev, t_min, t_max)
+            extra = {"alpha": alpha, "coupling_scale": coupling_scale}
         stages.append(
             SpikingLayer(
                 name=block.name,
@@ -920,16 +955,13 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
             continue
         window = float(windows.get(stage.name, stage.window))
         t_max = t_min + window
-        if stage.coupling is None:
+        if stage.coupling_scale is None:
             threshold = window - stage.bias
         else:
-            j_sum = stage.coupling.sum(axis=1)
-            alpha = stage.alpha
-            threshold = (
-                (alpha + j_sum) * (t_max - stage.bias.reshape(-1))
-                - alpha * t_min_prev
-                - j_sum * t_min
-            ).reshape(stage.output_shape)
+            bias = np.broadcast_to(stage.bias, stage.output_shape)
+            threshold = alpha1_threshold(
+                stage.coupling_scale, bias, stage.alpha, t_min_prev, t_min, t_max
+            )
         stages.append(
             replace(
                 stage,

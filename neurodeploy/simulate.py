@@ -8,9 +8,10 @@ Spike times follow from the neuron dynamics of each model:
   reaches theta_i, at t_i = t_min + theta_i - V(t_min) if that is before t_max.
   A neuron already above threshold at t_min fires at t_min (saturation).
 - alpha1: dV/dt = alpha H(t - t_min_prev) + sum_j J_ij H(t - t_j) from
-  t_min_prev, a piecewise linear trajectory; the simulation sorts the input
-  spikes and finds the first segment in which V crosses vartheta_i (event by
-  event). A neuron that has not fired by t_max is made to fire at t_max.
+  t_min_prev, J_ij = g_i W_ij, a piecewise linear trajectory; a closed form once
+  every input is in, a bound that rules out earlier crossings, and an exact
+  sweep over the input times only where the bound does not (:func:`_alpha1_layer`).
+  A neuron that has not fired by t_max is made to fire at t_max.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from . import ops
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
-# Bound on the (batch, inputs, neurons) work arrays of the alpha1 simulation.
+# Bound on the elements of the (kink times, *input_shape) ramps one alpha1 sweep chunk
+# pushes through a layer's maps (32 MB of float64).
 _ALPHA1_CHUNK_ELEMENTS = 4_000_000
 
 
@@ -106,47 +108,91 @@ def _silence_from(t: np.ndarray, t_end: float) -> None:
 def _alpha1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
 ) -> tuple[np.ndarray, int, int]:
+    """Spike times (N, *output_shape) of an alpha1 layer, its saturated and early counts.
+
+    The membrane from t0 = t_min_prev is piecewise linear,
+    V_i(t) = alpha (t - t0) + g_i sum_j W_ij (t - t_j)_+ (inputs that arrived before t0,
+    from a previous layer's early or saturated spikes, have integrated since), and a
+    neuron fires at its first crossing of vartheta_i, no earlier than t0; one that has
+    not fired by t_max fires at t_max (value 0). Everything runs through the layer's
+    own linear maps (a convolution stays one): no dense or (batch, N_in, N_out) array.
+
+    - Once every input is in (t >= t_min = t1): V(t1) = alpha (t1 - t0) + g_i (W x)_i
+      with x = t1 - t, then V rises with slope g_i > 0: a closed form.
+    - Before t1: max_{t < t1} V_i < alpha (t1 - t0) + g_i (W+ x)_i (module
+      ``convert``, "alpha1"). A neuron whose bound stays at or below vartheta_i cannot
+      cross before t1 (the converter guarantees it in the calibrated range).
+    - Only the samples with a neuron above that bound are swept event by event: V at
+      every distinct input time in [t0, t1] (the kinks), in chunks through the layer's
+      maps, the crossing solved on its linear segment.
+
+    saturated: fired before t1 with V(t1) > vartheta (its value exceeds the window);
+    early: fired before t1 although V(t1) <= vartheta (value in the window).
+    """
     if shortcut_in:  # pragma: no cover - convert refuses residual alpha1 networks
         raise NotImplementedError("alpha1 layers take no shortcuts")
+    alpha, t0, t1 = layer.alpha, layer.t_min_prev, layer.t_min
+    g, theta = layer.coupling_scale, layer.threshold
+    x = spike_values(t_in, t1)
+    ramp_end = alpha * (t1 - t0)
+    v_end = apply_synapses(layer.synapses, x)
+    v_end *= g
+    v_end += ramp_end
+    t_out = np.subtract(theta, v_end)  # crossing after t1: t1 + (theta - V(t1)) / g
+    t_out /= g
+    t_out += t1
+    np.minimum(t_out, layer.t_max, out=t_out)
+    bound = apply_synapses(layer.positive_synapses, x)
+    bound *= g
+    bound += ramp_end
+    may_cross = bound > theta
     n = t_in.shape[0]
-    t_flat = t_in.reshape(n, -1)
-    coupling = layer.coupling  # (N_out, N_in)
-    n_out, n_in = coupling.shape
-    alpha, t0 = layer.alpha, layer.t_min_prev
-    theta = layer.threshold.reshape(-1)
-    t_out = np.empty((n, n_out))
-    chunk = max(1, _ALPHA1_CHUNK_ELEMENTS // (n_in * n_out))
-    for lo in range(0, n, chunk):
-        t = t_flat[lo : lo + chunk]
-        order = np.argsort(t, axis=1, kind="stable")
-        t_sorted = np.take_along_axis(t, order, axis=1)  # (b, N_in)
-        j_sorted = coupling.T[order]  # (b, N_in, N_out): weight of the k-th arriving spike
-        slope = alpha + np.cumsum(j_sorted, axis=1)  # after the k-th spike
-        offset = np.cumsum(j_sorted * t_sorted[:, :, None], axis=1)
-        # V(t) = slope_k t - alpha t0 - offset_k on [t_k, t_{k+1}); crossing of theta:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            crossing = (theta + alpha * t0 + offset) / slope
-        seg_end = np.concatenate([t_sorted[:, 1:], np.full((t.shape[0], 1), np.inf)], axis=1)
-        valid = (slope > 0) & (crossing >= t_sorted[:, :, None]) & (crossing < seg_end[:, :, None])
-        # Before the first input spike only alpha drives V: V = alpha (t - t0).
-        before_first = t0 + theta / alpha
-        first_ok = before_first < t_sorted[:, :1]
-        k = np.argmax(valid, axis=1)  # first valid segment per neuron
-        found = np.take_along_axis(valid, k[:, None, :], axis=1)[:, 0, :]
-        t_cross = np.take_along_axis(crossing, k[:, None, :], axis=1)[:, 0, :]
-        t_cross = np.where(found, t_cross, np.inf)
-        t_cross = np.where(first_ok, np.maximum(before_first, t0), t_cross)
-        t_out[lo : lo + chunk] = np.minimum(t_cross, layer.t_max)
-    # Saturated: the value exceeds the window (V(t_min) above theta: it would fire before
-    # t_min even once every input had arrived); early: fired before t_min otherwise.
-    v_end = alpha * (layer.t_min - t0) + spike_values(t_flat, layer.t_min) @ coupling.T
-    before = t_out < layer.t_min
+    flagged = np.flatnonzero(may_cross.reshape(n, -1).any(axis=1))
+    for sample in flagged:
+        _alpha1_sweep(layer, t_in[sample], may_cross[sample], t_out[sample])
+    before = t_out < t1
     over = v_end > theta
-    return (
-        t_out.reshape(n, *layer.output_shape),
-        int(np.count_nonzero(before & over)),
-        int(np.count_nonzero(before & ~over)),
-    )
+    return t_out, int(np.count_nonzero(before & over)), int(np.count_nonzero(before & ~over))
+
+
+def _alpha1_sweep(
+    layer: SpikingLayer, t_in: np.ndarray, candidates: np.ndarray, t_out: np.ndarray
+) -> None:
+    """First threshold crossings before t_min of one sample's candidate neurons, exactly.
+
+    t_in: (*input_shape) spike times; candidates: (*output_shape) neurons that may
+    cross before t_min; t_out (*output_shape) holds the closed-form times after t_min
+    and is overwritten where a neuron crosses earlier. V is linear between
+    consecutive distinct input times, so it is evaluated there (through the layer's
+    maps on the ramps (tau - t_j)_+, a chunk of times at a time) and the crossing
+    solved on the first segment that reaches vartheta.
+    """
+    alpha, t0, t1 = layer.alpha, layer.t_min_prev, layer.t_min
+    g, theta = layer.coupling_scale, layer.threshold
+    times = t_in[np.isfinite(t_in)]
+    kinks = np.unique(np.concatenate([[t0, t1], np.clip(times, t0, t1)]))
+    chunk = max(1, _ALPHA1_CHUNK_ELEMENTS // max(1, t_in.size))
+    pending = candidates.copy()
+    v_prev = tau_prev = None
+    for lo in range(0, kinks.size, chunk):
+        tau = kinks[lo : lo + chunk]
+        ramps = np.maximum(tau.reshape(-1, *(1,) * t_in.ndim) - t_in[None], 0.0)
+        v = apply_synapses(layer.synapses, ramps) * g + alpha * (tau - t0).reshape(
+            -1, *(1,) * g.ndim
+        )
+        for k in range(tau.size):
+            reached = pending & (v[k] >= theta)
+            if reached.any():
+                if v_prev is None:  # above threshold when integration starts
+                    t_out[reached] = t0
+                else:
+                    slope = (v[k] - v_prev) / (tau[k] - tau_prev)
+                    t_cross = tau_prev + (theta - v_prev) / np.where(reached, slope, 1.0)
+                    t_out[reached] = t_cross[reached]
+                pending &= ~reached
+                if not pending.any():
+                    return
+            v_prev, tau_prev = v[k], tau[k]
 
 
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
