@@ -132,27 +132,24 @@ def _alpha1_layer(
     if shortcut_in:  # pragma: no cover - convert refuses residual alpha1 networks
         raise NotImplementedError("alpha1 layers take no shortcuts")
     alpha, t0, t1 = layer.alpha, layer.t_min_prev, layer.t_min
-    g, theta = layer.coupling_scale, layer.threshold
-    x = spike_values(t_in, t1)
-    ramp_end = alpha * (t1 - t0)
-    v_end = apply_synapses(layer.synapses, x)
-    v_end *= g
-    v_end += ramp_end
-    t_out = np.subtract(theta, v_end)  # crossing after t1: t1 + (theta - V(t1)) / g
-    t_out /= g
-    t_out += t1
+    # (vartheta - V's ramp at t1) / g: the drive W x at which a neuron fires at t1, and the
+    # bound W+ x may not exceed (B_n - b_i for a converted layer). (output_shape)
+    margin = (layer.threshold - alpha * (t1 - t0)) / layer.coupling_scale
+    drive, positive_drive = layer.drive_and_positive_drive(spike_values(t_in, t1))
+    # After t1 V rises with slope g from V(t1) = alpha (t1 - t0) + g W x, so it reaches
+    # vartheta at t1 + margin - W x.
+    t_out = np.subtract(t1 + margin, drive)  # contiguous: drive may be a view
     np.minimum(t_out, layer.t_max, out=t_out)
-    bound = apply_synapses(layer.positive_synapses, x)
-    bound *= g
-    bound += ramp_end
-    may_cross = bound > theta
+    saturated = int(np.count_nonzero(t_out < t1))  # V(t1) > vartheta: beyond the window
+    may_cross = positive_drive > margin
+    if not np.count_nonzero(may_cross):
+        return t_out, saturated, 0
     n = t_in.shape[0]
-    flagged = np.flatnonzero(may_cross.reshape(n, -1).any(axis=1))
-    for sample in flagged:
+    for sample in np.flatnonzero(may_cross.reshape(n, -1).any(axis=1)):
         _alpha1_sweep(layer, t_in[sample], may_cross[sample], t_out[sample])
-    before = t_out < t1
-    over = v_end > theta
-    return t_out, int(np.count_nonzero(before & over)), int(np.count_nonzero(before & ~over))
+    # The sweeps only move spikes earlier, to before t1: the new ones there came early.
+    early = int(np.count_nonzero(t_out < t1)) - saturated
+    return t_out, saturated, early
 
 
 def _alpha1_sweep(

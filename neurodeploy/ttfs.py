@@ -145,11 +145,30 @@ class SpikingLayer(_SpikingStage):
         return self.t_max - self.t_min
 
     @cached_property
-    def positive_synapses(self) -> tuple[Layer, ...]:
-        """The synapses with the dense/conv weights' negative entries set to 0 (W+),
-        in the layer's own structure (average pooling and flattening are non-negative)."""
+    def _paired_synapses(self) -> tuple[Layer, ...]:
+        """W and W+ stacked along the output channels, group by group (a grouped conv's
+        output channels stay in their groups), so one pass computes both."""
         *linear, affine = self.synapses
-        return (*linear, replace(affine, weight=np.maximum(affine.weight, 0.0)))
+        w = affine.weight
+        groups = getattr(affine, "groups", 1)
+        per_group = w.reshape(groups, -1, *w.shape[1:])
+        paired = np.concatenate([per_group, np.maximum(per_group, 0.0)], axis=1)
+        paired = paired.reshape(2 * w.shape[0], *w.shape[1:])
+        return (*linear, replace(affine, weight=paired, bias=np.zeros(paired.shape[0])))
+
+    def drive_and_positive_drive(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(W x, W+ x) for values (N, *input_shape), each (N, *output_shape), from one
+        pass of the layer's own map with both weight sets (one im2col for a conv)."""
+        *_, affine = self.synapses
+        groups = getattr(affine, "groups", 1)
+        both = apply_synapses(self._paired_synapses, values)
+        if groups == 1:  # views of the two halves along the channels: no copies
+            half = both.shape[1] // 2
+            return both[:, :half], both[:, half:]
+        n = both.shape[0]
+        both = both.reshape(n, groups, 2, -1, *both.shape[2:])
+        shape = (n, *self.output_shape)
+        return both[:, :, 0].reshape(shape), both[:, :, 1].reshape(shape)
 
     def delay(self, shortcut: Shortcut) -> float:
         """Delay (time units) of a shortcut's spikes: t_min - its source's window end."""
