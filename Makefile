@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_lava.py
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_alpha1.py
 
 $(PY):
 	@py="$$(tools/find_python310.sh)" || exit 1; \

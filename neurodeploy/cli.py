@@ -140,7 +140,7 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
     )
     print(f"spikes/neuron    {summary['spikes_per_neuron']:.3f}")
     print(f"latency          {summary['latency']:.4g} time units (input window = 1)")
-    print(f"saturated        {summary['saturated']}")
+    print(f"saturated        {summary['saturated']}   early {summary['early']}")
     print()
     print(
         f"{'stage':<10} {'kind':<12} {'neurons':>7} {'window [t_min, t_max]':>24} "
@@ -293,7 +293,10 @@ def _cmd_run(args) -> int:
     in_steps = f"{steps} steps = " if steps else ""
     print(f"latency          {in_steps}{report['latency_s'] * 1e6:.4g} us per inference")
     print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
-    print(f"saturated        {report['saturated']}   overflow {report['overflow']}")
+    print(
+        f"saturated        {report['saturated']}   early {report['early']}   "
+        f"overflow {report['overflow']}"
+    )
     print()
     for layer in payload["mapping"]["layers"]:
         print("  " + "  ".join(f"{k}={_short(v)}" for k, v in layer.items()))

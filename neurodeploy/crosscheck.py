@@ -72,6 +72,7 @@ class LayerCheck:
     missing_spikes: int
     extra_spikes: int
     saturated: int
+    early: int  # spikes before the window opened whose value fits it (not saturation)
     overflow: int
     within_bound: bool
 
@@ -141,6 +142,7 @@ def _layer(
     missing,
     extra,
     saturated,
+    early,
     overflow,
     allowed,
 ) -> LayerCheck:
@@ -165,6 +167,7 @@ def _layer(
         missing_spikes=int(missing),
         extra_spikes=int(extra),
         saturated=int(saturated),
+        early=int(early),
         overflow=int(overflow),
         within_bound=bool(beyond <= allowed),
     )
@@ -226,6 +229,7 @@ def crosscheck(
                 & np.isfinite(hardware.spike_times["input"])
             ),
             hardware.saturated_per_layer.get("input", 0),
+            hardware.early_per_layer.get("input", 0),
             0,
             allowed,
         )
@@ -258,6 +262,7 @@ def crosscheck(
                     bound,
                     local_err,
                     beyond,
+                    0,
                     0,
                     0,
                     0,
@@ -297,6 +302,7 @@ def crosscheck(
                 np.sum(ref_fired & ~hw_fired),
                 np.sum(~ref_fired & hw_fired),
                 hardware.saturated_per_layer.get(stage.name, 0),
+                hardware.early_per_layer.get(stage.name, 0),
                 hardware.overflow.get(stage.name, 0),
                 allowed,
             )
@@ -381,7 +387,7 @@ def _plot_data(ref_t: np.ndarray, hw_t: np.ndarray, window, limit: int = 4000) -
 def _reasons(layers: list[LayerCheck], agreement: float, required: float, allowed: float):
     reasons = []
     for layer in layers:
-        if layer.within_bound and not layer.saturated and not layer.overflow:
+        if layer.within_bound and not layer.saturated and not layer.early and not layer.overflow:
             continue
         parts = []
         if not layer.within_bound:
@@ -398,12 +404,18 @@ def _reasons(layers: list[LayerCheck], agreement: float, required: float, allowe
                 f"{layer.saturated} values exceeded the window (too short a window: "
                 "calibrate on more representative data or raise zeta)"
             )
+        if layer.early:
+            parts.append(
+                f"{layer.early} neurons fired before their window opened (their membrane "
+                "crossed threshold while inputs still arrived: the conversion's no-early-spike "
+                "condition does not hold for these inputs)"
+            )
         if layer.overflow:
             parts.append(
                 f"{layer.overflow} saturations of the membrane, current or ADC "
                 "(too few bits or too narrow a range)"
             )
-        if not layer.within_bound and not layer.saturated and not layer.overflow:
+        if not layer.within_bound and not (layer.saturated or layer.early or layer.overflow):
             parts.append(
                 "the hardware computes this layer differently from the converted "
                 "network: check its weights, devices and faults"

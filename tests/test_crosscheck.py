@@ -190,3 +190,20 @@ def test_report_renders_in_headless_chromium(cnn, tmp_path):
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape[:2] == (2400, 1280)
     assert (image.std(axis=(0, 1)) > 10).all()  # figures and tables drawn, not a blank page
+
+
+def test_early_spikes_are_counted_apart_from_saturation_in_the_report(cnn, tmp_path):
+    snn, x, y = cnn
+    dep = nd.deploy(snn, "ideal")
+    hardware = dep.run(x)
+    # b1 hardware never fires early: every layer reports 0, none is left out.
+    assert hardware.early_per_layer == {"input": 0, "conv1": 0, "fc1": 0}
+    report = nd.crosscheck(snn, dep, x, y, hardware=hardware)
+    assert [layer.early for layer in report.layers] == [0] * len(report.layers)
+    # A trace that reports early spikes: counted under "early", not "saturated".
+    flagged = replace(hardware, early_per_layer={**hardware.early_per_layer, "fc1": 3})
+    report = nd.crosscheck(snn, dep, x, y, hardware=flagged)
+    fc1 = next(layer for layer in report.layers if layer.name == "fc1")
+    assert fc1.early == 3 and fc1.saturated == 0
+    assert any("3 neurons fired before their window opened" in r for r in report.reasons)
+    assert validate(report, tmp_path)["layers"][3]["early"] == 3

@@ -490,22 +490,26 @@ class CrossbarDeployment(Deployment):
                 return b1_fire(stage, v)
             dt = self.step_size[stage.name]
             m = np.ceil((stage.threshold - dt / 2 - v) / dt)  # nearest step of t_min + theta - v
-            early = 0 if stage.clipped else int(np.count_nonzero(stage.threshold - v < 0))
+            saturated = 0 if stage.clipped else int(np.count_nonzero(stage.threshold - v < 0))
             np.maximum(m, 0.0, out=m)
             t = stage.t_min + m * dt
             t[m >= self.steps] = np.inf
-            return t, early
+            return t, saturated, 0  # b1 ramps from t_min: no spike can be early
 
         def output(stage: OutputLayer, t_in, shortcut_in=()):
             v = potential(stage, t_in, shortcut_in)
             return (v + stage.bias).reshape(n, -1)
 
-        logits, spike_times, saturated = run_stages(snn, t_input, spiking, time_pool, output)
+        early: dict[str, int] = {}
+        logits, spike_times, saturated = run_stages(
+            snn, t_input, spiking, time_pool, output, early
+        )
         trace = Trace(
             output=logits,
             spike_times=spike_times,
             neuron_layers=neuron_layers(snn),
             saturated_per_layer={"input": outside, **saturated},
+            early_per_layer=early,
             latency=np.full(n, snn.latency),
             backend=self.backend,
             step_size=dict(self.step_size),

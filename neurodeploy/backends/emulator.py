@@ -420,10 +420,10 @@ class EmulatorDeployment(Deployment):
             # integer (|Theta - V| < 2^53), so the ceiling is exact.
             m = np.subtract(prog.threshold, v, out=v)
             m /= prog.ramp
-            early = 0
+            saturated = 0
             # V - Theta > R / 2: value beyond the window (a clipped layer's clip: not counted)
             if not stage.clipped and m.min(initial=0.0) < -0.5:
-                early = int(np.count_nonzero(m < -0.5))
+                saturated = int(np.count_nonzero(m < -0.5))
             np.ceil(m, out=m)
             np.maximum(m, 0.0, out=m)
             fires = m < prog.steps
@@ -431,7 +431,8 @@ class EmulatorDeployment(Deployment):
             m += stage.t_min
             with np.errstate(divide="ignore"):
                 np.divide(m, fires, out=m)  # t / 0 = inf: no spike within the window
-            return m, early
+            # b1 ramps from t_min (step 0 at the earliest): no spike can be early.
+            return m, saturated, 0
 
         return layer
 
@@ -457,8 +458,9 @@ class EmulatorDeployment(Deployment):
         snn = self.snn
         t_input, outside = self.encode(x)
         overflow: dict[str, int] = {}
+        early: dict[str, int] = {}
         output, spike_times, saturated = run_stages(
-            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow)
+            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow), early
         )
         trace = Trace(
             output=output,
@@ -469,6 +471,7 @@ class EmulatorDeployment(Deployment):
             backend=self.backend,
             step_size=dict(self.step_size),
             overflow=overflow,
+            early_per_layer=early,
         )
         return self.with_costs(trace)
 

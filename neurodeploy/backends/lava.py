@@ -351,6 +351,7 @@ class LavaDeployment(EmulatorDeployment):
         n = t_input.shape[0]
         spike_times = {"input": t_input}
         saturated = {"input": outside}
+        early = {"input": 0}  # b1 ramps from t_min: no spike can be early
         overflow = {}
         output = None
         for stage in snn.stages:
@@ -366,12 +367,14 @@ class LavaDeployment(EmulatorDeployment):
             if isinstance(stage, SpikingLayer):
                 # a clipped layer's neurons above the window give the clip, by design
                 saturated[stage.name] = 0 if stage.clipped else int(res["early"].sum())
+                early[stage.name] = 0
                 overflow[stage.name] = int(res["clipped"].sum())
         return Trace(
             output=output,
             spike_times=spike_times,
             neuron_layers=("input", *(s.name for s in snn.spiking_layers)),
             saturated_per_layer=saturated,
+            early_per_layer=early,
             latency=np.full(n, snn.latency),
             backend=f"{self.backend}:{self.tag}",
             step_size=dict(self.step_size),
