@@ -19,7 +19,7 @@ import yaml
 
 from . import __version__, progress
 from .convert import convert
-from .crosscheck import crosscheck
+from .crosscheck import bound_line, cause_lines, crosscheck
 from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
 from .errors import NeurodeployError, UsageError
@@ -321,7 +321,9 @@ def _cmd_deploy(args) -> int:
     names = ["crosscheck.json", "crosscheck.html"]
     out = check_output_dir(args.out, names, force=args.force)
     hw = _run_on_hardware(args)
-    report = crosscheck(hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace)
+    report = crosscheck(
+        hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace, attribution=not args.no_attribution
+    )
     from .report_html import crosscheck_html
 
     files = {
@@ -356,25 +358,53 @@ def _cmd_deploy(args) -> int:
     print()
     print(
         f"{'layer':<8} {'kind':<8} {'neurons':>7} {'mean|err|':>10} {'max|err|':>9} "
-        f"{'(steps)':>8} {'beyond':>8} {'missing':>8} {'extra':>6} {'sat':>5} {'ovf':>5}  status"
+        f"{'(steps)':>8} {'beyond':>8} {'expect':>7} {'missing':>8} {'extra':>6} {'sat':>5} "
+        f"{'ovf':>5} {'own loss':>8}  status"
     )
     for layer in report.layers:
         steps_text = "" if layer.error_max_steps is None else f"{layer.error_max_steps:.2f}"
         status = "ok" if layer.within_bound else "DIVERGES"
         if layer.name == report.divergence_layer:
             status += "  <- divergence layer"
+        if layer.name == report.cause_layer:
+            status += f"  <- cause layer ({report.cause_effect or 'effect not found'})"
+        own = "" if layer.own_accuracy_loss is None else f"{100 * layer.own_accuracy_loss:.2f}%"
         print(
             f"{layer.name:<8} {layer.kind:<8} {layer.neurons:>7} {layer.error_mean:>10.3g} "
             f"{layer.error_max:>9.3g} {steps_text:>8} {100 * layer.beyond_bound:>7.2f}% "
+            f"{100 * layer.beyond_expected:>6.2f}% "
             f"{layer.missing_spikes:>8} {layer.extra_spikes:>6} {layer.saturated:>5} "
-            f"{layer.overflow:>5}  {status}"
+            f"{layer.overflow:>5} {own:>8}  {status}"
         )
+    print()
+    bound = (
+        f"statistical ({report.bound_sigmas:g} sigma of the device model + quantisation)"
+        if report.bound_sigmas
+        else "quantisation"
+    )
+    print(f"bound             {bound}")
+    statistical = bound_line(report)
+    if statistical:
+        print(f"  - {statistical}")
+    print(f"divergence layer  {report.divergence_layer or 'none (every stage within its bound)'}")
+    if report.attribution is not None:
+        print(f"cause layer       {report.cause_layer or 'none'}")
+        print(f"cause effect      {report.cause_effect or 'none'}")
+        for line in cause_lines(report):
+            print(f"  - {line}")
     print()
     if report.ok:
         print("RESULT: OK - the hardware computes what the reference SNN computes")
     else:
-        where = f" at {report.divergence_layer}" if report.divergence_layer else ""
-        print(f"RESULT: NOT OK - the hardware diverges{where}")
+        if report.divergence_layer or not report.cause_layer:
+            where = f" at {report.divergence_layer}" if report.divergence_layer else ""
+            print(f"RESULT: NOT OK - the hardware diverges{where}")
+        else:
+            print(
+                "RESULT: NOT OK - every stage within its bound, but the hardware's effects "
+                f"cost too much: {report.cause_effect or 'effect not found'} in "
+                f"{report.cause_layer}"
+            )
         for reason in report.reasons:
             print(f"  - {reason}")
     print(f"report: {html_path}  ({json_path.name} beside it)")
@@ -846,6 +876,11 @@ def build_parser() -> argparse.ArgumentParser:
         out_default="out",
     )
     hardware_options(main_job)
+    main_job.add_argument(
+        "--no-attribution",
+        action="store_true",
+        help="skip naming the cause layer and effect (one extra run per stage and per effect)",
+    )
 
     dep = add("run", "convert, deploy onto a hardware profile and run")
     common(dep)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..deploy import Deployment
+from ..deploy import Deployment, StageRunner
 from ..errors import DeployError
 from ..network import Conv2d, Dense
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
@@ -474,6 +474,17 @@ class EmulatorDeployment(Deployment):
             early_per_layer=early,
         )
         return self.with_costs(trace)
+
+    def stage_runner(self) -> StageRunner | None:
+        """The fixed-point stage functions (None on the ideal profile: the reference runs).
+        A Lava deployment holds the same programs: Lava's fixed_pt models are bit-exact
+        with them (tests/test_lava.py)."""
+        if self.profile.hardware == "ideal":
+            return None
+        overflow: dict[str, int] = {}
+        return StageRunner(
+            lambda x: self.encode(x)[0], self._spiking(overflow), self._output(overflow)
+        )
 
     def encode(self, x) -> tuple[np.ndarray, int]:
         """Input spike times on the step grid, and the count of inputs outside [p, q]."""
