@@ -56,6 +56,7 @@ from .attribution import attribute
 from .backends.common import abs_weight_ops, shortcut_term
 from .deploy import Deployment
 from .fileio import write_text_atomic
+from .metrics import neurobench_metrics
 from .simulate import simulate
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, TimePool, TTFSNetwork, apply_synapses
@@ -130,6 +131,7 @@ class CrossCheckReport:
     cause_effect: str | None = None
     bound_sigmas: float | None = None  # k of the statistical bound (None: quantisation only)
     attribution: dict | None = None  # Attribution as a dict (None: not run)
+    metrics: dict | None = None  # NeuroBench-style metrics of the hardware run
     schema_version: int = SCHEMA_VERSION
     plots: dict = field(default_factory=dict, repr=False)  # figure data, not serialised
 
@@ -392,6 +394,7 @@ def crosscheck(
         cause_effect=None if found is None else found.cause_effect,
         bound_sigmas=float(sigmas) if statistics else None,
         attribution=None if found is None else asdict(found),
+        metrics=neurobench_metrics(dep.snn, hardware, profile, dep.backend, dep),
         latency_s=None if hardware.latency_s is None else float(np.mean(hardware.latency_s)),
         energy_j=None if hardware.energy_j is None else float(np.mean(hardware.energy_j)),
         ok=divergence is None and agreement >= profile.crosscheck.required_agreement,

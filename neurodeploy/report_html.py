@@ -328,6 +328,52 @@ def _raster_figure(report: CrossCheckReport) -> str:
     return figure_png(fig)
 
 
+def _metrics_table(report: CrossCheckReport) -> str:
+    """NeuroBench-style metrics per layer and in total (ops are per inference)."""
+    metrics = report.metrics
+    if not metrics:
+        return ""
+    kind = metrics["op_kind"]
+    cols = (
+        "layer", "neurons", "synapses", f"effective {kind}s", "dense ops",
+        "activation sparsity (per step)", "activation sparsity (per inference)",
+        "connection sparsity", "footprint",
+    )  # fmt: skip
+
+    def footprint(m) -> str:
+        if m.get("footprint_bytes") is not None:
+            return f"{m['footprint_bytes']:.0f} B"
+        if m.get("footprint_devices") is not None:
+            return f"{m['footprint_devices']:.0f} devices"
+        return "–"
+
+    def row(name, m) -> str:
+        cells = (
+            name,
+            str(m.get("neurons", "")),
+            f"{m['synapses']:,}",
+            f"{m['effective_ops']:,.0f}",
+            f"{m['dense_ops']:,.0f}",
+            _pct(m.get("activation_sparsity")),
+            _pct(m.get("activation_sparsity_per_inference")),
+            _pct(m.get("connection_sparsity")),
+            footprint(m),
+        )
+        return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+    header = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    rows = [row(m["name"], m) for m in metrics["layers"]]
+    rows.append(row("total", {"neurons": "", **metrics["total"]}))
+    return (
+        "<h2>NeuroBench-style metrics</h2><p class='muted'>Per inference, mean over "
+        f"{metrics['samples']} samples; definitions of NeuroBench (Yik et al., Nature "
+        "Communications 2025): effective operations are the synaptic operations the "
+        "hardware performs (ACs: one per spike and synapse; MACs: one per crossbar "
+        "weight read), dense operations those of the same network run densely.</p>"
+        f"<table>{header}{''.join(rows)}</table>"
+    )
+
+
 def crosscheck_html(report: CrossCheckReport) -> str:
     """The whole page as a string."""
     ok = report.ok
@@ -489,6 +535,7 @@ def crosscheck_html(report: CrossCheckReport) -> str:
 {headline}{"" if ok else "<small>" + reasons_block + "</small>"}{cause}</div>
 <table>{summary}</table>
 <h2>Layers</h2><table>{header}{"".join(rows)}</table>
+{_metrics_table(report)}
 {figure_html}
 </body></html>
 """
