@@ -58,7 +58,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .backends.common import fold_average_pools
+from .backends.common import SumPool2d, fold_average_pools
 from .network import Conv2d, Dense
 from .trace import Trace
 from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
@@ -67,13 +67,16 @@ FLOAT_BYTES = 8  # float64, the reference simulator's and the float backends' pr
 _CHUNK = 256  # samples per forward pass of the counting (bounds the memory)
 
 
-def _indicator(synapses: tuple, keep_zeros: bool) -> tuple:
+def _indicator(synapses: tuple, keep_zeros: bool, input_shape) -> tuple:
     """The synapse ops with sum pools and a 0/1 affine weight: 1 where a connection
-    exists (nonzero weight), or everywhere when ``keep_zeros`` (dense counting)."""
-    ops, _ = fold_average_pools(synapses)
+    exists (nonzero weight), or everywhere when ``keep_zeros`` (dense counting). A sum
+    pool counts each input once per window (the multiplicities a count_include_pad=false
+    pool carries are weights, not connections)."""
+    ops, _ = fold_average_pools(synapses, input_shape)
+    linear = tuple(op.connectivity() if isinstance(op, SumPool2d) else op for op in ops[:-1])
     affine = ops[-1]
     weight = np.ones_like(affine.weight) if keep_zeros else (affine.weight != 0).astype(float)
-    return (*ops[:-1], replace(affine, weight=weight, bias=np.zeros(weight.shape[0])))
+    return (*linear, replace(affine, weight=weight, bias=np.zeros(weight.shape[0])))
 
 
 def _events(synapses: tuple, active: np.ndarray) -> np.ndarray:
@@ -90,7 +93,7 @@ def _events(synapses: tuple, active: np.ndarray) -> np.ndarray:
 def _dense_ops(synapses: tuple, input_shape) -> float:
     """Dense synaptic operations per inference: every input active, every weight a
     connection."""
-    return float(_events(_indicator(synapses, keep_zeros=True), np.ones((1, *input_shape)))[0])
+    return float(_events(_indicator(synapses, True, input_shape), np.ones((1, *input_shape)))[0])
 
 
 def _affine(synapses: tuple):
@@ -177,7 +180,7 @@ def neurobench_metrics(
             held = affine.weight if programmed is None else programmed[index]
             group_weights = int(held.size)
             group_zeros = int(np.count_nonzero(held == 0))
-            connectivity = _indicator(synapse_ops, keep_zeros=False)
+            connectivity = _indicator(synapse_ops, False, input_shape)
             group_synapses = float(_events(connectivity, np.ones((1, *input_shape)))[0])
             group_dense = _dense_ops(synapse_ops, input_shape)
             active = fired[source].reshape(n, *input_shape)
