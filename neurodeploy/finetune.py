@@ -25,6 +25,14 @@ Windows follow the papers' rule: a layer's window grows when its values
 leave it, B_n = max(B_n, (1 + zeta) max value). ``window_scale`` < 1 instead
 shortens every window at the start and keeps it fixed: the network learns to
 fit into the shorter latency.
+
+Same seed, same bits: :func:`finetune` computes with one BLAS thread
+(neurodeploy.threads.one_blas_thread around the whole call), so the fine-tuned
+weights do not depend on the machine's thread count (``OPENBLAS_NUM_THREADS``):
+its products are of float inputs by float weights (dense layers and the convolutions'
+im2col products, forward and backward, and the hardware's reads), which no cheap
+reordering makes exact, and on 2 cores one thread costs little (measured on the
+digits_cnn fine-tuning of the tests: see the README's fine-tuning section).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from .grad import backward, forward_cached, maxpool_backward
 from .network import Network
 from .optim import Adam
 from .profile import HardwareProfile, load_profile
+from .threads import with_one_blas_thread
 from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
 
@@ -278,6 +287,7 @@ def _shortcut_mask(shortcut) -> np.ndarray | None:
     return diagonal.astype(np.float64).reshape(weight.shape)
 
 
+@with_one_blas_thread
 def finetune(
     snn: TTFSNetwork,
     profile: HardwareProfile | str,
@@ -296,6 +306,7 @@ def finetune(
     window_scale: shorten every window by this factor (0 < s <= 1) and keep the
     windows fixed; None lets windows grow when values leave them.
     progress(epoch, epochs, loss, accuracy) is called after every epoch.
+    The whole call computes with one BLAS thread (see the module docstring).
     """
     if snn.neuron != "b1":
         raise UsageError(f"finetune: the b1 neuron has exact gradients; got '{snn.neuron}'")
