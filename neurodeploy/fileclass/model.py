@@ -26,8 +26,7 @@ no wall-clock times) depends on the records, labels, hyper-parameters and seed
 only - not on the BLAS thread count, the CPU's BLAS kernels or the machine -
 because every product in training and inference is order-fixed (spike trains
 times weights or traces, see snn.py; the softmax's few classes are added in
-order). That is faster than computing the products with one BLAS thread
-(measured on the shipped model's training, 2 cores: see :func:`train`).
+order, its exponentials are the C library's). @COSTDOC@
 
 Inference classifies by the nearest target pattern in van Rossum distance. On
 memristive hardware the weights are conductance pairs programmed with the
@@ -51,6 +50,8 @@ from .snn import (
     LIF,
     filtered_distances,
     input_spikes,
+    libm_exp,
+    libm_log,
     run,
     spike_matmul,
     spike_pairs,
@@ -372,12 +373,12 @@ def distance_loss(
     targets = filtered_targets.reshape(len(filtered_targets), -1)
     logits = -distances / temperature
     logits -= logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    log_p = logits - libm_log(libm_exp(logits).sum(axis=1, keepdims=True))
     rows = np.arange(len(labels))
     loss = -log_p[rows, labels]
     # dL/dD_c = (onehot_c - p_c) / temperature and dD_c/dfiltered = 2 (filtered - target_c);
     # the p_c - onehot_c sum to zero, so the filtered output's own term drops out.
-    excess = np.exp(log_p)
+    excess = libm_exp(log_p)
     excess[rows, labels] -= 1.0
     pulled = excess[:, :1] * targets[0]  # excess @ targets, the classes added in order
     for c in range(1, len(targets)):
