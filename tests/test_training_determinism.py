@@ -20,13 +20,28 @@ from neurodeploy.modelio import SHIPPED_MODELS_DIR
 PACKAGE_ROOT = SHIPPED_MODELS_DIR.parent.parent
 
 
-def _cli_in_subprocess(argv: list[str], blas_threads: int, coretype: str | None) -> None:
+# numpy's own SIMD loops for AVX512 (its float64 exp and log among them); disabling them
+# makes numpy compute as on a CPU without AVX512.
+AVX512 = ("AVX512F", "AVX512CD", "AVX512_SKX", "AVX512_CLX", "AVX512_CNL", "AVX512_ICL")
+
+
+def _have_avx512() -> bool:
+    return bool(np.core._multiarray_umath.__cpu_features__.get("AVX512F"))
+
+
+def _cli_in_subprocess(
+    argv: list[str], blas_threads: int, coretype: str | None, no_avx512: bool = False
+) -> None:
     """Run ``neurodeploy ARGV`` in a fresh interpreter with its own BLAS settings (OpenBLAS
-    reads them when numpy is first imported)."""
+    reads them when numpy is first imported) and, with ``no_avx512``, numpy's AVX512 loops
+    disabled."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(blas_threads)}
     env.pop("OPENBLAS_CORETYPE", None)
+    env.pop("NPY_DISABLE_CPU_FEATURES", None)
     if coretype is not None:
         env["OPENBLAS_CORETYPE"] = coretype
+    if no_avx512:
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(AVX512)
     env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-m", "neurodeploy", *argv], env=env, capture_output=True, timeout=300
@@ -49,18 +64,20 @@ def _assert_same_files(runs: dict[str, Path]) -> None:
             assert got[file] == data, f"{name}: {file} differs from {first_name}'s"
 
 
-# (BLAS threads, OpenBLAS core type): Prescott is OpenBLAS's generic x86-64 kernel set,
-# whose last bits differ from the Haswell kernels' and between 1 and 2 threads.
-SETTINGS = [(2, None), (1, None), (2, "Prescott"), (1, "Prescott")]
-
-
-def test_fileclass_training_is_the_same_bits_for_any_blas_threads_and_kernels(tmp_path):
+def test_fileclass_training_is_the_same_bits_for_any_blas_threads_kernels_and_cpu(tmp_path):
+    """(BLAS threads, OpenBLAS core type, numpy without AVX512): Prescott is OpenBLAS's
+    generic x86-64 kernel set, whose last bits differ from the Haswell kernels' (the code
+    with BLAS products gave other weights on these 500 files); numpy's AVX512 exp differs
+    from libm's."""
+    settings = [(2, None, False), (1, None, False), (2, "Prescott", False)]
+    settings.append((1, "Prescott", _have_avx512()))
     argv = ["fileclass", "train", "--quick", "--train-samples", "500", "--samples", "100"]
     runs = {}
-    for threads, coretype in SETTINGS:
-        out = tmp_path / f"fc-{threads}-{coretype}"
-        _cli_in_subprocess([*argv, "--quiet", "--out", str(out)], threads, coretype)
-        runs[f"{threads} threads, {coretype or 'default'} kernels"] = out
+    for threads, coretype, no_avx512 in settings:
+        out = tmp_path / f"fc-{threads}-{coretype}-{no_avx512}"
+        _cli_in_subprocess([*argv, "--quiet", "--out", str(out)], threads, coretype, no_avx512)
+        name = f"{threads} threads, {coretype or 'default'} kernels"
+        runs[name + (", numpy without AVX512" if no_avx512 else "")] = out
     _assert_same_files(runs)  # weights.npz and fileclass.json, byte for byte
 
 
