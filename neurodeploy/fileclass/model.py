@@ -23,10 +23,16 @@ Training (numpy, batched):
 
 Same seed, same bits: the model (weights and fileclass.json, whose history holds
 no wall-clock times) depends on the records, labels, hyper-parameters and seed
-only - not on the BLAS thread count, the CPU's BLAS kernels or the machine -
-because every product in training and inference is order-fixed (spike trains
-times weights or traces, see snn.py; the softmax's few classes are added in
-order, its exponentials are the C library's). @COSTDOC@
+only - not on the BLAS thread count, the CPU's BLAS kernels or its instruction
+set (with one C library's exp and log) - because every product in training and
+inference is order-fixed (spike trains times weights or traces, see snn.py; the
+softmax's few classes are added in order, its exponentials are the C library's).
+Order-fixed arithmetic rather than a one-thread BLAS limit, because the limit
+would leave the bits tied to the CPU's BLAS kernels (the model shipped before
+differed between OpenBLAS's generic and Haswell kernels from the first readout
+epoch on); and it is not slower: training on 2,000 files took 27.0 s, against
+30.0 s with BLAS products on one thread and 32.4 s on two
+(benchmarks/bench_fileclass_train.py, 2 cores shared with other jobs).
 
 Inference classifies by the nearest target pattern in van Rossum distance. On
 memristive hardware the weights are conductance pairs programmed with the
