@@ -32,7 +32,7 @@ weights do not depend on the machine's thread count (``OPENBLAS_NUM_THREADS``):
 its products are float inputs by float weights (dense layers and the convolutions'
 im2col products, forward and backward, and the hardware's reads), which no cheap
 reordering makes order-fixed, and on 2 cores one thread costs nothing (digits_cnn on
-pcm, 15 epochs: 28.1 s with one thread, 33.9 s with two, cores shared with other
+pcm, 15 epochs: 10.4 s with one thread, 16.0 s with two, cores shared with other
 jobs). Other CPUs' BLAS kernels may still give other last bits.
 """
 

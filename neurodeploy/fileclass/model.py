@@ -30,8 +30,8 @@ softmax's few classes are added in order, its exponentials are the C library's).
 Order-fixed arithmetic rather than a one-thread BLAS limit, because the limit
 would leave the bits tied to the CPU's BLAS kernels (the model shipped before
 differed between OpenBLAS's generic and Haswell kernels from the first readout
-epoch on); and it is not slower: training on 2,000 files took 27.0 s, against
-30.0 s with BLAS products on one thread and 32.4 s on two
+epoch on); and it is not slower: training on 2,000 files took 10.9 s, against
+13.8 s with BLAS products on one thread and 11.2 s on two
 (benchmarks/bench_fileclass_train.py, 2 cores shared with other jobs).
 
 Inference classifies by the nearest target pattern in van Rossum distance. On
