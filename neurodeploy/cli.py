@@ -37,6 +37,7 @@ from .modelio import load_model, resolve_model_path
 from .network import Network
 from .profile import HardwareProfile, load_profile
 from .simulate import simulate
+from .threads import with_one_blas_thread
 from .trace import Trace
 from .ttfs import NEURON_MODELS, TTFSNetwork
 
@@ -500,7 +501,10 @@ def _written_by_us(path: Path) -> bool:
 MODEL_DIR_FILES = ("network.yaml", "weights.npz", "finetune.json")
 
 
+@with_one_blas_thread
 def _cmd_finetune(args) -> int:
+    """Conversion, evaluations and fine-tuning with one BLAS thread, so the saved model
+    and finetune.json are the same bits for any OPENBLAS_NUM_THREADS."""
     from .datasets import load_training_data
     from .finetune import finetune
     from .modelio import save_model

@@ -27,6 +27,15 @@ shortens every window at the start and keeps it fixed: the network learns to
 fit into the shorter latency. A clipped ReLU's window is its clip (ReLU6: 6)
 and never grows; with ``window_scale`` it shrinks like the others, and the
 result is a network clipped at the shorter window (saved as the ReLU's clip).
+
+Same seed, same bits: :func:`finetune` computes with one BLAS thread
+(neurodeploy.threads.one_blas_thread around the whole call), so the fine-tuned
+weights do not depend on the machine's thread count (``OPENBLAS_NUM_THREADS``):
+its products are float inputs by float weights (dense layers and the convolutions'
+im2col products, forward and backward, and the hardware's reads), which no cheap
+reordering makes order-fixed, and on 2 cores one thread costs nothing (digits_cnn on
+pcm, 15 epochs: 10.4 s with one thread, 16.0 s with two, cores shared with other
+jobs). Other CPUs' BLAS kernels may still give other last bits.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from .grad import backward, forward_cached, maxpool_backward
 from .network import Network
 from .optim import Adam
 from .profile import HardwareProfile, load_profile
+from .threads import with_one_blas_thread
 from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
 
@@ -284,6 +294,7 @@ def _shortcut_mask(shortcut) -> np.ndarray | None:
     return diagonal.astype(np.float64).reshape(weight.shape)
 
 
+@with_one_blas_thread
 def finetune(
     snn: TTFSNetwork,
     profile: HardwareProfile | str,
@@ -302,6 +313,7 @@ def finetune(
     window_scale: shorten every window by this factor (0 < s <= 1) and keep the
     windows fixed; None lets windows grow when values leave them.
     progress(epoch, epochs, loss, accuracy) is called after every epoch.
+    The whole call computes with one BLAS thread (see the module docstring).
     """
     if snn.neuron != "b1":
         raise UsageError(f"finetune: the b1 neuron has exact gradients; got '{snn.neuron}'")

@@ -25,7 +25,8 @@ its threads in a way that changes the order of the additions, so 1 and 2
 threads give different last bits (measured: 429 of the 540 x 128 elements of a
 540x64 @ 64x128 float64 product on an AMD EPYC with the Haswell kernels). So
 every task computes with one BLAS (and OpenMP) thread: :func:`run_task` holds
-``threadpoolctl.threadpool_limits(1)`` around its whole body, the network's
+``threadpoolctl.threadpool_limits(1)`` (neurodeploy.threads.one_blas_thread,
+shared by the tasks of one process) around its whole body, the network's
 conversion and reference run included, on every path - in-process
 (``--workers 1``), in a process pool and on any dask worker, including workers
 that join after the tasks were submitted. The limit is lifted when the task
@@ -41,7 +42,6 @@ import math
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +58,7 @@ from .fileio import (
     write_text_atomic,
 )
 from .profile import describe_keys, load_profile, profile_from_dict
+from .threads import one_blas_thread
 
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.jsonl"
@@ -362,38 +363,8 @@ def run_task(spec_json: str, point: int, seed: int) -> dict:
     The thread limit makes the record the same bits on every executor (see the module
     docstring).
     """
-    with _one_blas_thread():
+    with one_blas_thread():
         return _run_task(spec_json, point, seed)
-
-
-_limit_lock = threading.Lock()
-_limit_holders = 0
-_limiter = None
-
-
-@contextmanager
-def _one_blas_thread():
-    """threadpool_limits(1) for as long as any task of this process runs.
-
-    The limit is process-wide, so tasks running in several threads of one process (a
-    dask worker with nthreads > 1) share one limiter: the first sets it, the last one
-    out restores the original limits.
-    """
-    global _limit_holders, _limiter
-    from threadpoolctl import threadpool_limits
-
-    with _limit_lock:
-        if _limit_holders == 0:
-            _limiter = threadpool_limits(limits=1)
-        _limit_holders += 1
-    try:
-        yield
-    finally:
-        with _limit_lock:
-            _limit_holders -= 1
-            if _limit_holders == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
 
 
 def _run_task(spec_json: str, point: int, seed: int) -> dict:

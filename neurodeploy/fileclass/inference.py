@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .model import FileClassModel
-from .snn import van_rossum
+from .snn import spike_matmul, van_rossum
 
 BACKENDS = ("reference", "crossbar", "lava")
 
@@ -57,7 +57,7 @@ def hardware_weights(model: FileClassModel, profile, seed: int = 0):
         var = variances[0 if layer == "in" else 1]
         if var is None:
             return 0.0
-        sigma = np.sqrt(spikes @ var)  # spikes are 0/1: sum of the read devices' variances
+        sigma = np.sqrt(spike_matmul(spikes, var))  # the read devices' variances added
         return sigma * rng.standard_normal(sigma.shape)
 
     return weights[0], weights[1], read_noise

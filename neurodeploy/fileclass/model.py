@@ -21,6 +21,19 @@ Training (numpy, batched):
    1 / (1 + ``surrogate_slope`` |v - vth|)^2 (Zenke & Ganguli 2018, SuperSpike;
    the reset is not differentiated); Adam (Kingma & Ba 2015) takes the steps.
 
+Same seed, same bits: the model (weights and fileclass.json, whose history holds
+no wall-clock times) depends on the records, labels, hyper-parameters and seed
+only - not on the BLAS thread count, the CPU's BLAS kernels or its instruction
+set (with one C library's exp and log) - because every product in training and
+inference is order-fixed (spike trains times weights or traces, see snn.py; the
+softmax's few classes are added in order, its exponentials are the C library's).
+Order-fixed arithmetic rather than a one-thread BLAS limit, because the limit
+would leave the bits tied to the CPU's BLAS kernels (the model shipped before
+differed between OpenBLAS's generic and Haswell kernels from the first readout
+epoch on); and it is not slower: training on 2,000 files took 10.9 s, against
+13.8 s with BLAS products on one thread and 11.2 s on two
+(benchmarks/bench_fileclass_train.py, 2 cores shared with other jobs).
+
 Inference classifies by the nearest target pattern in van Rossum distance. On
 memristive hardware the weights are conductance pairs programmed with the
 profile's device model (levels, programming noise, drift at the inference time,
@@ -30,7 +43,6 @@ faults) by the crossbar backend's own programming code, read with read noise.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -40,7 +52,18 @@ from ..errors import DataError, ModelError
 from ..fileio import write_directory
 from ..optim import Adam
 from .encoding import FILE_KEYS, Encoder, KeySpec
-from .snn import LIF, filtered_distances, input_spikes, run, trace, van_rossum
+from .snn import (
+    LIF,
+    filtered_distances,
+    input_spikes,
+    libm_exp,
+    libm_log,
+    run,
+    spike_matmul,
+    spike_pairs,
+    trace,
+    van_rossum,
+)
 
 
 @dataclass(frozen=True)
@@ -204,9 +227,10 @@ def target_patterns(classes: int, hyper: Hyper) -> np.ndarray:
     return out
 
 
-def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """sum over samples and steps of a (N, T, P) x b (N, T, Q) -> (P, Q), one product."""
-    return a.reshape(-1, a.shape[2]).T @ b.reshape(-1, b.shape[2])
+def _pairs(spikes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sum over samples and steps of spikes (N, T, P) of 0/1 times values (N, T, Q) ->
+    (P, Q), order-fixed (snn.spike_pairs)."""
+    return spike_pairs(spikes.reshape(-1, spikes.shape[2]), values.reshape(-1, values.shape[2]))
 
 
 def _quantised_update(g: np.ndarray, delta: np.ndarray, pulses: int, rng) -> np.ndarray:
@@ -243,7 +267,6 @@ def train(
     vth = np.full(hyper.hidden, hyper.hidden_vth)
     hidden = LIF(hyper.hidden_du, hyper.hidden_dv, hyper.hidden_vth)
     history = []
-    started = time.perf_counter()
     for epoch in range(hyper.stdp_epochs):
         order = rng.permutation(len(records))
         for lo in range(0, len(records), hyper.batch):
@@ -254,7 +277,7 @@ def train(
             n = len(idx)
             # A hidden spike at t follows the inputs delivered up to t - 1 (Dense delay).
             ltp = _pairs(s_h[:, 1:], pre[:, :-1]) / n
-            ltd = _pairs(post[:, :-1], s_in[:, 1:]) / n
+            ltd = _pairs(s_in[:, 1:], post[:, :-1]).T / n
             change = hyper.eta_stdp * (ltp - ltd)
             # Keep every neuron's total conductance: competition on the pattern, not size.
             total = (g_in + change).sum(axis=1, keepdims=True)
@@ -262,9 +285,7 @@ def train(
             g_in = _quantised_update(g_in, change, hyper.pulses, rng)
             activity = (s_h.sum(axis=1) > 0).mean(axis=0)
             vth = np.maximum(vth + hyper.homeostasis * (activity - hyper.target_activity), 0.05)
-        history.append(
-            {"phase": "stdp", "epoch": epoch + 1, "seconds": time.perf_counter() - started}
-        )
+        history.append({"phase": "stdp", "epoch": epoch + 1})
         if progress:
             progress(f"STDP epoch {epoch + 1}/{hyper.stdp_epochs}")
     model = FileClassModel(
@@ -312,7 +333,6 @@ def train(
                 "epoch": epoch + 1,
                 "train_accuracy": correct / len(records),
                 "train_loss": loss / len(records),
-                "seconds": time.perf_counter() - started,
             }
         )
         if progress:
@@ -329,7 +349,7 @@ def output_dynamics(
     """Output spikes and membranes before reset, both (N, T, O), for presynaptic
     spikes (N, T, N_in + H): the output half of snn.run."""
     n, steps, _ = s_pre.shape
-    drive = (s_pre.reshape(n * steps, -1) @ w_out.T).reshape(n, steps, -1)
+    drive = spike_matmul(s_pre.reshape(n * steps, -1), w_out.T).reshape(n, steps, -1)
     u = np.zeros((n, w_out.shape[0]))
     v = np.zeros_like(u)
     out = np.zeros((n, steps, w_out.shape[0]))
@@ -368,14 +388,17 @@ def distance_loss(
     targets = filtered_targets.reshape(len(filtered_targets), -1)
     logits = -distances / temperature
     logits -= logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    log_p = logits - libm_log(libm_exp(logits).sum(axis=1, keepdims=True))
     rows = np.arange(len(labels))
     loss = -log_p[rows, labels]
     # dL/dD_c = (onehot_c - p_c) / temperature and dD_c/dfiltered = 2 (filtered - target_c);
     # the p_c - onehot_c sum to zero, so the filtered output's own term drops out.
-    excess = np.exp(log_p)
+    excess = libm_exp(log_p)
     excess[rows, labels] -= 1.0
-    d_filtered = (2.0 / temperature) * (excess @ targets).reshape(filtered.shape)
+    pulled = excess[:, :1] * targets[0]  # excess @ targets, the classes added in order
+    for c in range(1, len(targets)):
+        pulled += excess[:, c : c + 1] * targets[c]
+    d_filtered = (2.0 / temperature) * pulled.reshape(filtered.shape)
     # filtered(t) = sum_{t' <= t} s(t') decay^(t - t'), so dL/ds(t) is the same filter
     # run backwards in time over dL/dfiltered.
     d_spikes = trace(d_filtered[:, ::-1], tau)[:, ::-1]
@@ -405,7 +428,7 @@ def surrogate_gradient(
         d_u = d_v + d_u * (1.0 - lif.du)  # u(t) feeds v(t) and u(t + 1)
         d_drive[:, t] = d_u
     # the drive at step t is W s_pre(t - 1)
-    return _pairs(d_drive[:, 1:], s_pre[:, :-1])
+    return _pairs(s_pre[:, :-1], d_drive[:, 1:]).T
 
 
 __all__ = ["FileClassModel", "Hyper", "train", "target_patterns"]
