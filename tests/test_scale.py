@@ -1,0 +1,80 @@
+"""Scale: fast model files, the lean small-net path, chunked and float32 execution."""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+
+import numpy as np
+import pytest
+from netgen import random_inputs, random_network
+
+import neurodeploy as nd
+from neurodeploy.modelio import WEIGHTS_FILE
+
+
+def _float32_network(seed: int) -> nd.Network:
+    """random_network with every parameter rounded to float32 (a float32-trained net)."""
+    net = random_network(seed)
+    layers = []
+    for layer in net.layers:
+        params = {p: np.asarray(a, np.float32) for p, a in layer.params().items()}
+        layers.append(dataclasses.replace(layer, **params) if params else layer)
+    return nd.Network(net.name, net.input_shape, net.input_range, tuple(layers), net.classes)
+
+
+def _stored(model_dir) -> dict[str, tuple[np.dtype, int]]:
+    with zipfile.ZipFile(model_dir / WEIGHTS_FILE) as archive:
+        out = {}
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                np.lib.format.read_magic(member)
+                _, _, dtype = np.lib.format.read_array_header_1_0(member)
+            out[info.filename.removesuffix(".npy")] = (dtype, info.compress_type)
+    return out
+
+
+def test_float32_weights_stay_float32_on_disk_and_round_trip_bit_for_bit(tmp_path):
+    net = _float32_network(3)
+    loaded = nd.load_model(nd.save_model(net, tmp_path / "m"))
+    stored = _stored(tmp_path / "m")
+    assert stored and all(d == np.float32 for d, _ in stored.values())
+    assert all(c == zipfile.ZIP_STORED for _, c in stored.values())  # uncompressed
+    for a, b in zip(net.layers, loaded.layers, strict=True):
+        for p, arr in a.params().items():
+            got = getattr(b, p)
+            assert got.dtype == np.float64 and type(got) is np.ndarray  # no memmap kept
+            assert got.flags.writeable and got.flags.owndata
+            np.testing.assert_array_equal(got, arr)
+    x = random_inputs(net, 4, 0)
+    np.testing.assert_array_equal(loaded.forward(x), net.forward(x))
+
+
+def test_float64_weights_stay_float64_and_round_trip_bit_for_bit(tmp_path):
+    net = random_network(5)  # float64 values float32 cannot hold
+    loaded = nd.load_model(nd.save_model(net, tmp_path / "m"))
+    stored = _stored(tmp_path / "m")
+    assert any(d == np.float64 for d, _ in stored.values())
+    for a, b in zip(net.layers, loaded.layers, strict=True):
+        for p, arr in a.params().items():
+            assert np.array_equal(getattr(b, p), arr)
+            assert getattr(b, p).dtype == np.float64
+
+
+def test_compressed_model_files_of_earlier_versions_still_load(tmp_path):
+    net = random_network(6)
+    model = nd.save_model(net, tmp_path / "m")
+    arrays = {f"{la.name}.{p}": a for la in net.layers for p, a in la.params().items()}
+    np.savez_compressed(model / WEIGHTS_FILE, **arrays)
+    assert all(c == zipfile.ZIP_DEFLATED for _, c in _stored(model).values())
+    loaded = nd.load_model(model)
+    x = random_inputs(net, 3, 1)
+    np.testing.assert_array_equal(loaded.forward(x), net.forward(x))
+
+
+def test_a_truncated_uncompressed_weights_file_is_refused(tmp_path):
+    model = nd.save_model(_float32_network(2), tmp_path / "m")
+    data = (model / WEIGHTS_FILE).read_bytes()
+    (model / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(nd.ModelError, match="weights.npz"):
+        nd.load_model(model)
