@@ -131,10 +131,12 @@ class Dense(Layer):
         return (self.out_features,)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        return ops.dense(x, self.weight)
+        return ops.dense(x, ops.param_as(self.weight, ops.compute_dtype(x)))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(x) + self.bias
+        out = self.linear(x)
+        out += ops.param_as(self.bias, out.dtype)  # out is a fresh product: add in place
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,8 +222,10 @@ class Conv2d(Layer):
         return ops.conv2d(x, self.weight, self.stride, self.padding, self.groups)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        bias = self.bias if self.bias.ndim == 3 else self.bias[:, None, None]
-        return self.linear(x) + bias
+        out = self.linear(x)
+        bias = ops.param_as(self.bias, out.dtype)
+        out += bias if bias.ndim == 3 else bias[:, None, None]  # a fresh product: in place
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,7 +274,10 @@ class BatchNorm(Layer):
         return input_shape
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return x * channel_broadcast(self.scale, x.ndim) + channel_broadcast(self.shift, x.ndim)
+        dtype = ops.compute_dtype(x)
+        out = x * channel_broadcast(self.scale.astype(dtype, copy=False), x.ndim)
+        out += channel_broadcast(self.shift.astype(dtype, copy=False), x.ndim)
+        return out
 
 
 @dataclass(frozen=True, eq=False)
