@@ -13,7 +13,8 @@ from typing import ClassVar
 import numpy as np
 
 from . import ops
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, UsageError
+from .memory import chunk_samples, chunks
 
 Shape = tuple[int, ...]
 
@@ -25,6 +26,20 @@ MAX_PARAMETER_MAGNITUDE = 1e100
 # values are 2 GiB per sample, far beyond ImageNet-sized networks (VGG-16's
 # largest activation is 3.2e6 values).
 MAX_SAMPLE_ELEMENTS = 2**28
+
+
+COMPUTE_DTYPES = ("float64", "float32")
+
+
+def compute_dtype_of(dtype) -> np.dtype:
+    """The numpy dtype of a ``dtype=`` argument: "float64" (default) or "float32"."""
+    try:
+        resolved = np.dtype(dtype) if dtype is not None else np.dtype(np.float64)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in COMPUTE_DTYPES:
+        raise UsageError(f"dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return resolved
 
 
 def _as_float_array(layer: str, param: str, value, shape: Shape | None = None) -> np.ndarray:
@@ -568,12 +583,13 @@ class Network:
     def num_classes(self) -> int:
         return self.shapes[-1][0]
 
-    def check_input(self, x, what: str = "x") -> np.ndarray:
-        """Return x as float64 of shape (N, *input_shape); raise DataError otherwise."""
+    def check_input(self, x, what: str = "x", dtype="float64") -> np.ndarray:
+        """Return x as ``dtype`` (float64, or float32) of shape (N, *input_shape); raise
+        DataError otherwise."""
         raw = np.asarray(x)
         if raw.dtype.kind not in "fiub":
             raise DataError(f"{what} holds {raw.dtype} values; expected real numbers")
-        arr = raw.astype(np.float64, copy=False)
+        arr = raw.astype(compute_dtype_of(dtype), copy=False)
         if arr.ndim != len(self.input_shape) + 1 or arr.shape[1:] != self.input_shape:
             raise DataError(
                 f"{what} has shape {arr.shape}, network '{self.name}' expects "
@@ -583,18 +599,45 @@ class Network:
             raise DataError(f"{what} contains NaN or infinite values")
         return arr
 
-    def forward(self, x) -> np.ndarray:
-        """Float64 ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes)."""
-        return self._run(x, keep=False)[self.layers[-1].name]
+    def working_bytes(self, dtype="float64") -> int:
+        """Estimated working memory (bytes) of one sample's forward pass: a layer's input,
+        its padded channels-last copy and its output (3x the widest activation), plus the
+        widest activation again for every branch a residual network keeps alive."""
+        widest = max(int(np.prod(shape)) for shape in self.shapes)
+        branches = 0 if self.is_chain else 1
+        return (3 + branches) * widest * compute_dtype_of(dtype).itemsize
+
+    def forward(self, x, dtype="float64", memory_budget=None) -> np.ndarray:
+        """ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes).
+
+        dtype: "float64" (the exact reference) or "float32" (twice the BLAS speed for
+        large networks; error against float64 in the README's performance section).
+        memory_budget: bytes (or "8G") for one chunk of samples; large batches run in
+        chunks that fit it (:mod:`neurodeploy.memory`; default a fraction of the
+        available memory). The result does not depend on the chunk size.
+        """
+        arr = self.check_input(x, dtype=dtype)
+        n = arr.shape[0]
+        per = chunk_samples(self.working_bytes(dtype), memory_budget)
+        last = self.layers[-1].name
+        if n <= per:
+            return self._run(arr, keep=False)[last]
+        out = None
+        for lo, hi in chunks(n, per):
+            part = self._run(arr[lo:hi], keep=False)[last]
+            if out is None:
+                out = np.empty((n, *part.shape[1:]), part.dtype)
+            out[lo:hi] = part
+        return out
 
     def activations(self, x) -> dict[str, np.ndarray]:
-        """Every layer's output keyed by layer name (the forward pass, kept)."""
-        acts = self._run(x, keep=True)
+        """Every layer's output keyed by layer name (the float64 forward pass, kept)."""
+        acts = self._run(self.check_input(x), keep=True)
         del acts[INPUT]
         return acts
 
-    def _run(self, x, keep: bool) -> dict[str, np.ndarray]:
-        values = {INPUT: self.check_input(x)}
+    def _run(self, x: np.ndarray, keep: bool) -> dict[str, np.ndarray]:
+        values = {INPUT: x}
         last_use = {}
         for i, srcs in enumerate(self.sources):
             for src in srcs:

@@ -11,6 +11,7 @@ from netgen import random_inputs, random_network
 
 import neurodeploy as nd
 from neurodeploy.modelio import WEIGHTS_FILE
+from neurodeploy.simulate import working_bytes as sim_working_bytes
 
 
 def _float32_network(seed: int) -> nd.Network:
@@ -78,3 +79,61 @@ def test_a_truncated_uncompressed_weights_file_is_refused(tmp_path):
     (model / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(nd.ModelError, match="weights.npz"):
         nd.load_model(model)
+
+
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_chunked_forward_and_simulate_equal_one_pass(model):
+    """Equal to float64 rounding: multi-threaded OpenBLAS splits a product's rows over
+    its threads by the row count, so a row's last bits depend on the chunk's size (a
+    measured 1e-13 relative); every decision (spike or silence, class) is the same."""
+    net = nd.load_model(model)
+    x = nd.datasets.digits("test")[0][:37].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x)
+    whole = net.forward(x)
+    trace = nd.simulate(snn, x)
+    for per in (1, 5, 16):
+        budget = per * net.working_bytes()
+        np.testing.assert_allclose(net.forward(x, memory_budget=budget), whole, rtol=0,
+                                   atol=1e-12 * np.abs(whole).max())
+        chunked = nd.simulate(snn, x, memory_budget=per * sim_working_bytes(snn))
+        np.testing.assert_allclose(chunked.output, trace.output, rtol=0,
+                                   atol=1e-12 * np.abs(trace.output).max())
+        assert chunked.saturated_per_layer == trace.saturated_per_layer
+        for name, times in trace.spike_times.items():
+            assert np.array_equal(np.isinf(chunked.spike_times[name]), np.isinf(times))
+            np.testing.assert_allclose(chunked.spike_times[name], times, rtol=1e-12)
+
+
+def test_memory_budget_parses_and_refuses_bad_values(monkeypatch):
+    from neurodeploy import memory
+
+    assert memory.parse_bytes("8G") == 8 * 2**30 and memory.parse_bytes("512m") == 2**29
+    monkeypatch.setenv(memory.ENV_VARIABLE, "3M")
+    assert memory.memory_budget() == 3 * 2**20
+    memory.set_memory_budget("1K")
+    try:
+        assert memory.memory_budget() == 1024 and memory.chunk_samples(100) == 10
+    finally:
+        memory.set_memory_budget(None)
+    assert memory.memory_budget(2048) == 2048
+    for bad in ("lots", "0", -3):
+        with pytest.raises(nd.UsageError):
+            memory.memory_budget(bad)
+    with pytest.raises(nd.UsageError, match="dtype"):
+        nd.load_model("digits_mlp").forward(np.zeros((1, 64)), dtype="float16")
+
+
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_float32_forward_and_simulate_track_float64(model):
+    net = nd.load_model(model)
+    x = nd.datasets.digits("test")[0][:50].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x)
+    ref = net.forward(x)
+    f32 = net.forward(x, dtype="float32")
+    assert f32.dtype == np.float32
+    scale = np.abs(ref).max()
+    assert np.abs(f32 - ref).max() / scale < 1e-5  # float32: 2^-24 per rounding
+    trace = nd.simulate(snn, x, dtype="float32")
+    assert trace.spike_times[snn.spiking_layers[0].name].dtype == np.float32
+    assert np.abs(trace.output - ref).max() / scale < 1e-4
+    assert np.array_equal(trace.predictions, net.predict(x))
