@@ -52,7 +52,8 @@ def compute_dtype(x: np.ndarray) -> np.dtype:
 _DERIVED: dict[tuple, tuple] = {}
 
 
-def _derived(array: np.ndarray, what: str, dtype: np.dtype, make) -> np.ndarray:
+def derived(array: np.ndarray, what: str, dtype: np.dtype, make) -> np.ndarray:
+    """make() computed once per live ``array`` (and ``what``, ``dtype``), then reused."""
     key = (id(array), what, dtype.str)
     entry = _DERIVED.get(key)
     if entry is not None and entry[0]() is array:
@@ -70,7 +71,7 @@ def param_as(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A parameter array in the compute dtype (the array itself when it already is)."""
     if array.dtype == dtype:
         return array
-    return _derived(array, "cast", np.dtype(dtype), lambda: array.astype(dtype))
+    return derived(array, "cast", np.dtype(dtype), lambda: array.astype(dtype))
 
 
 def _gemm_matrix(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -80,7 +81,7 @@ def _gemm_matrix(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
         o = weight.shape[0]
         return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, o), dtype=dtype)
 
-    return _derived(weight, "gemm", np.dtype(dtype), make)
+    return derived(weight, "gemm", np.dtype(dtype), make)
 
 
 def channels_last(x: np.ndarray) -> bool:
