@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ from nets import cifar_vgg, vgg
 import neurodeploy as nd
 from neurodeploy import ops
 from neurodeploy.deploy import deploy
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def recorded_gemms(run) -> list[tuple[int, int, int, np.dtype]]:

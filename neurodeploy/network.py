@@ -326,8 +326,9 @@ class ReLU(Layer):
             cfg["clip"] = self.clip
         return cfg
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        out = np.maximum(x, 0.0)
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """max(x, 0) (clipped at ``clip``); out: where to write it (may be x itself)."""
+        out = np.maximum(x, 0.0, out=out)
         return out if self.clip is None else np.minimum(out, self.clip, out=out)
 
 
@@ -642,11 +643,23 @@ class Network:
         for i, srcs in enumerate(self.sources):
             for src in srcs:
                 last_use[src] = i
+        # Outputs in memory of their own (no view of another value, not the caller's x):
+        # a ReLU that is their last reader may overwrite them instead of allocating.
+        owned = set()
         for i, (layer, srcs) in enumerate(zip(self.layers, self.sources, strict=True)):
             if isinstance(layer, Add):
                 out = layer.forward_many([values[s] for s in srcs])
+            elif (
+                not keep
+                and isinstance(layer, ReLU)
+                and srcs[0] in owned
+                and last_use[srcs[0]] == i
+            ):
+                out = layer.forward(values[srcs[0]], out=values[srcs[0]])
             else:
                 out = layer.forward(values[srcs[0]])
+            if not isinstance(layer, Flatten):  # Flatten returns a view of its input
+                owned.add(layer.name)
             values[layer.name] = out
             if not keep:  # free what no later layer reads: memory grows with the widest cut
                 for src in set(srcs):  # an Add may take one layer twice

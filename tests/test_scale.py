@@ -137,3 +137,23 @@ def test_float32_forward_and_simulate_track_float64(model):
     assert trace.spike_times[snn.spiking_layers[0].name].dtype == np.float32
     assert np.abs(trace.output - ref).max() / scale < 1e-4
     assert np.array_equal(trace.predictions, net.predict(x))
+
+
+def test_forward_never_writes_into_the_callers_array_or_a_kept_activation():
+    rng = np.random.default_rng(0)
+    layers = (
+        nd.ReLU("r0"),  # reads the caller's array: must not overwrite it
+        nd.Flatten("flat"),
+        nd.Dense("fc1", rng.normal(size=(6, 12)), rng.normal(size=6)),
+        nd.ReLU("r1"),  # may overwrite fc1's output (its last reader)
+        nd.Dense("out", rng.normal(size=(3, 6)), rng.normal(size=3)),
+    )
+    net = nd.Network("inplace", (3, 2, 2), (-1.0, 1.0), layers)
+    x = rng.uniform(-1, 1, (5, 3, 2, 2))
+    before = x.copy()
+    logits = net.forward(x)
+    np.testing.assert_array_equal(x, before)
+    acts = net.activations(x)
+    assert (acts["fc1"] < 0).any()  # kept activations are not the ReLU's overwritten ones
+    np.testing.assert_array_equal(acts["r1"], np.maximum(acts["fc1"], 0))
+    np.testing.assert_allclose(logits, acts["out"], rtol=1e-15)
