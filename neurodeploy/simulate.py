@@ -147,6 +147,8 @@ def _alpha1_layer(
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
     """Earliest spike per window (latest for sign -1 channels); inf stays silent and
     padded positions never win."""
+    if np.all(pool.sign > 0):  # the usual case (max pools after ReLUs): no sign passes
+        return ops.minpool2d(t_in, pool.kernel, pool.stride, pool.padding)
     s = pool.sign.astype(t_in.dtype, copy=False)[None, :, None, None]
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride, pool.padding) * s
 
