@@ -10,6 +10,7 @@ float32 error against float64.
 
     .venv/bin/python benchmarks/bench_limit.py                 # digits_mlp, digits_cnn, CIFAR VGG
     .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18 at 224^2
+    .venv/bin/python benchmarks/bench_limit.py --layers --images 1 --repeats 3  # per conv
     .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --budget 2G
 """
 
@@ -190,6 +191,31 @@ def peak(name: str, images: int, budget: str | None, what: str, dtype: str) -> N
     )
 
 
+def layer_rows(net: nd.Network, x: np.ndarray, repeats: int, dtype: str) -> None:
+    """Each conv layer's kernel (ops.conv2d) against its own GEMMs alone, interleaved:
+    short rounds, so a load change on a shared machine skews one layer, not the total."""
+    names = [layer.name for layer in net.layers]
+    acts = net.activations(x)
+    total = {"gemm": 0.0, "kernel": 0.0}
+    for i, layer in enumerate(net.layers):
+        if not isinstance(layer, nd.Conv2d):
+            continue
+        xin = (acts[names[i - 1]] if i else x).astype(dtype)  # keeps the memory layout
+        shapes = recorded_gemms(lambda layer=layer, xin=xin: layer.linear(xin))
+        med = interleaved_medians(
+            {"gemm": gemm_runner(shapes), "kernel": lambda layer=layer, xin=xin: layer.linear(xin)},
+            repeats,
+        )
+        total["gemm"] += med["gemm"]
+        total["kernel"] += med["kernel"]
+        print(
+            f"  {layer.name:<8} in {xin.shape[1:]}: kernel {med['kernel'] * 1e3:7.1f} ms, "
+            f"GEMMs {med['gemm'] * 1e3:7.1f} ms = {med['kernel'] / med['gemm']:.2f}x",
+            flush=True,
+        )
+    print(f"  all convs: kernel / GEMMs = {total['kernel'] / total['gemm']:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -200,7 +226,15 @@ def main() -> None:
     parser.add_argument("--what", choices=["forward", "simulate"], default="forward")
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--budget", help="memory budget for --peak, e.g. 2G")
+    parser.add_argument("--layers", action="store_true", help="VGG-16 conv layers one by one")
     args = parser.parse_args()
+    if args.layers:
+        net = vgg()
+        x = np.random.default_rng(1).uniform(0.0, 1.0, (args.images, *net.input_shape))
+        for dtype in ("float64", "float32"):
+            print(f"VGG-16 conv layers, {dtype}, N={args.images}", flush=True)
+            layer_rows(net, x, args.repeats, dtype)
+        return
     if args.peak:
         peak(args.peak, args.images, args.budget, args.what, args.dtype)
         return
