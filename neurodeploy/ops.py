@@ -187,8 +187,8 @@ def conv2d(
     cols, ho, wo = im2col(x, k, stride, padding)
     rows, r = cols.shape[0], c_per_group * k * k
     per_group = cols.reshape(rows, groups, r).transpose(1, 0, 2)
-    w = weight.reshape(groups, out_ch // groups, r).transpose(0, 2, 1)
-    out = np.matmul(per_group, w)  # (G, P, O/G)
+    w = param_as(weight, compute_dtype(x)).reshape(groups, out_ch // groups, r)
+    out = np.matmul(per_group, w.transpose(0, 2, 1))  # (G, P, O/G)
     return out.transpose(1, 0, 2).reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
 
 
@@ -217,8 +217,9 @@ def _depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride: int, padding: i
         x = np.repeat(x, out_ch // x.shape[1], axis=1)
     n, _, h, w = x.shape
     ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
-    out = np.zeros((n, out_ch, ho, wo))
-    taps = weight[:, 0]
+    dtype = compute_dtype(x)
+    out = np.zeros((n, out_ch, ho, wo), dtype)
+    taps = param_as(weight, dtype)[:, 0]
     plane = ho * wo
     samples = max(1, _DEPTHWISE_BLOCK // (out_ch * plane))
     channels = out_ch if out_ch * plane <= _DEPTHWISE_BLOCK else max(1, _DEPTHWISE_BLOCK // plane)

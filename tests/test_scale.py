@@ -157,3 +157,36 @@ def test_forward_never_writes_into_the_callers_array_or_a_kept_activation():
     assert (acts["fc1"] < 0).any()  # kept activations are not the ReLU's overwritten ones
     np.testing.assert_array_equal(acts["r1"], np.maximum(acts["fc1"], 0))
     np.testing.assert_allclose(logits, acts["out"], rtol=1e-15)
+
+
+def test_float32_runs_every_conv_and_pool_kind_in_float32():
+    rng = np.random.default_rng(4)
+
+    def conv(name, c_in, c_out, k, groups=1, stride=1, padding=1):
+        w = rng.normal(0, 0.4, (c_out, c_in // groups, k, k))
+        return nd.Conv2d(name, w, rng.normal(0, 0.1, c_out), stride, padding, groups)
+
+    layers = (
+        conv("c1", 3, 8, 3),
+        nd.ReLU("r1"),
+        conv("dw", 8, 8, 3, groups=8),  # depthwise
+        nd.ReLU("r2"),
+        conv("g", 8, 8, 3, groups=2, stride=2),  # grouped
+        nd.ReLU("r3"),
+        nd.MaxPool2d("mp", 3, 1, padding=1),
+        nd.AvgPool2d("ap", 2, 2, padding=1, count_include_pad=False),
+        conv("pw", 8, 4, 1, padding=0),  # pointwise
+        nd.ReLU("r4"),
+        nd.Flatten("flat"),
+        nd.Dense("out", rng.normal(0, 0.3, (5, 4 * 3 * 3)), rng.normal(0, 0.1, 5)),
+    )
+    net = nd.Network("kinds", (3, 9, 9), (0.0, 1.0), layers)
+    x = rng.uniform(0, 1, (7, 3, 9, 9))
+    seen = []
+    for layer in net.layers:  # every layer keeps float32
+        x32 = x.astype(np.float32) if not seen else seen[-1]
+        seen.append(layer.forward(x32))
+        assert seen[-1].dtype == np.float32, layer.name
+    ref = net.forward(x)
+    np.testing.assert_allclose(seen[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(net.forward(x, dtype="float32"), seen[-1])
