@@ -7,8 +7,13 @@ three downsampling by a stride-2 conv with a 1x1 conv + batch-norm projection,
 global average pooling, 1000 classes). Random He-scaled weights; every batch
 norm gets random gamma/beta and the batch statistics of its input on random
 images, as a trained network's running statistics would be. The stem's max pool
-has no padding (torchvision's has padding 1; padded pools convert on another
-branch): the maps are 112, 55, 28, 14, 7.
+is padded as torchvision's (3x3, stride 2, padding 1): the maps are 112, 56,
+28, 14, 7.
+
+With ``--onnx FILE --input-range P,Q`` the network is a PyTorch export instead
+(``tools/export_torch_zoo.py --full-resnet18 DIR`` writes torchvision's
+ResNet-18 layout at 224x224 with both exporters, and torch's logits on fixed
+inputs in DIR/fixtures.npz: ``--fixtures`` checks the import against them).
 
 Checks that the b1 SNN's logits and every hidden layer equal the ReLU network to
 1e-9 relative with no early (saturated) spikes, then times ``simulate`` against
@@ -16,6 +21,8 @@ Checks that the b1 SNN's logits and every hidden layer equal the ReLU network to
 both see the same machine load, and the medians.
 
     .venv/bin/python benchmarks/bench_resnet.py [--images 2] [--repeats 5]
+    .venv/bin/python benchmarks/bench_resnet.py --onnx DIR/resnet18_224__dynamo.onnx \
+        --input-range 0,16 --fixtures DIR/fixtures.npz
 """
 
 from __future__ import annotations
@@ -54,13 +61,13 @@ def _bn(rng, name, channels):
 
 
 def resnet18(seed: int = 0, size: int = 224, classes: int = 1000) -> nd.Network:
-    """ResNet-18 in ImageNet layout (unpadded stem pool, see the module docstring)."""
+    """ResNet-18 in ImageNet layout (see the module docstring)."""
     rng = np.random.default_rng(seed)
     layers = [
         _conv(rng, "conv1", 3, 64, 7, 2, 3),
         _bn(rng, "bn1", 64),
         nd.ReLU("relu"),
-        nd.MaxPool2d("maxpool", 3, 2),
+        nd.MaxPool2d("maxpool", 3, 2, 1),
     ]
     source, c = "maxpool", 64
     for stage, width in enumerate(WIDTHS, start=1):
@@ -84,7 +91,7 @@ def resnet18(seed: int = 0, size: int = 224, classes: int = 1000) -> nd.Network:
             layers += [nd.Add(f"{p}.add", inputs=(f"{p}.bn2", skip)), nd.ReLU(f"{p}.relu2")]
             source, c = f"{p}.relu2", width
     final = size // 2  # stem conv
-    final = (final - 3) // 2 + 1  # unpadded 3x3 stride-2 max pool
+    final = (final + 2 - 3) // 2 + 1  # 3x3 stride-2 max pool, padding 1
     for _ in WIDTHS[1:]:
         final = (final + 2 - 3) // 2 + 1
     layers += [
@@ -117,10 +124,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--onnx", type=Path, help="a PyTorch export to use instead")
+    parser.add_argument("--input-range", default="0,1", help="P,Q of the --onnx input")
+    parser.add_argument("--fixtures", type=Path, help="torch's inputs and logits (npz)")
     args = parser.parse_args()
     start = time.perf_counter()
-    net = resnet18(size=args.size)
-    x = np.random.default_rng(1).uniform(0.0, 1.0, (args.images, *net.input_shape))
+    p, q = (float(v) for v in args.input_range.split(","))
+    if args.onnx is None:
+        net = resnet18(size=args.size)
+    else:
+        net = nd.load_model(args.onnx, input_range=(p, q))
+    x = np.random.default_rng(1).uniform(p, q, (args.images, *net.input_shape))
+    if args.fixtures is not None:
+        stem = args.onnx.stem
+        with np.load(args.fixtures) as fixtures:
+            x = fixtures[f"{stem}.x"].astype(np.float64)[: args.images]
+            torch_logits = fixtures[f"{stem}.logits"][: args.images]
+        err = float(np.abs(net.forward(x) - torch_logits).max() / np.abs(torch_logits).max())
+        print(f"{args.onnx.name}: forward vs torch's logits {err:.2e} relative (float32 torch)")
     snn = nd.convert(net, calibration=x)
     build = time.perf_counter() - start
     trace = nd.simulate(snn, x)
@@ -138,7 +159,8 @@ def main() -> None:
         hidden = max(hidden, float(np.abs(got - want).max() / max(want.max(), 1e-300)))
     joins = sum(1 for s in snn.spiking_layers if s.shortcuts)
     print(
-        f"resnet18 {args.size}x{args.size}: {len(snn.spiking_layers)} spiking layers "
+        f"{net.name} {'x'.join(map(str, net.input_shape))}: "
+        f"{len(snn.spiking_layers)} spiking layers "
         f"({joins} residual joins), {snn.neuron_count / 1e6:.2f} M neurons, latency "
         f"{snn.latency:.1f} time units; built + converted in {build:.1f} s"
     )

@@ -14,3 +14,19 @@ def best_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median wall time (s) of each function, the calls interleaved round by round (after
+    one warm-up round), so slow phases of a shared machine hit all of them alike."""
+    import statistics
+
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

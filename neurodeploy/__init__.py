@@ -84,3 +84,7 @@ from .finetune import FinetuneResult, finetune  # noqa: E402
 from .torchio import from_torch  # noqa: E402  (imports torch only when called)
 
 __all__ += ["FinetuneResult", "finetune", "from_torch"]
+
+from .metrics import neurobench_metrics  # noqa: E402
+
+__all__ += ["neurobench_metrics"]

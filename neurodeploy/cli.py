@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import __version__
+from . import __version__, progress
 from .convert import convert
-from .crosscheck import crosscheck
+from .crosscheck import bound_line, cause_lines, crosscheck
 from .datasets import load_model_data
 from .deploy import BACKENDS, Deployment, deploy
 from .errors import NeurodeployError, UsageError
@@ -32,6 +32,7 @@ from .fileio import (
     write_files_atomic,
     write_text_atomic,
 )
+from .metrics import metrics_table, neurobench_metrics
 from .modelio import load_model, resolve_model_path
 from .network import Network
 from .profile import HardwareProfile, load_profile
@@ -39,10 +40,25 @@ from .simulate import simulate
 from .trace import Trace
 from .ttfs import NEURON_MODELS, TTFSNetwork
 
+# The prefix of every error line main() prints; messages carry none of their own.
+ERROR_PREFIX = "neurodeploy: error: "
+
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, via main()
-        raise UsageError(f"{self.prog}: {message}")
+    def error(self, message):  # one line, exit 2, via main(), which adds ERROR_PREFIX
+        command = self.prog.removeprefix("neurodeploy").strip()
+        for action in self._actions:  # a missing subcommand: say which there are
+            if isinstance(action, argparse._SubParsersAction) and message.endswith(
+                f"required: {action.metavar}"
+            ):
+                message = f"{action.metavar} required; choose one of {', '.join(action.choices)}"
+        hint = f" (see 'neurodeploy {command + ' ' if command else ''}--help')"
+        raise UsageError(f"{command}: {message}{hint}" if command else f"{message}{hint}")
+
+
+def _bars(args) -> bool:
+    """Whether this command shows progress bars (see :func:`neurodeploy.progress.wanted`)."""
+    return progress.wanted(quiet=args.quiet, forced=args.progress)
 
 
 def _int_at_least(minimum: int):
@@ -124,7 +140,7 @@ def _print_summary(summary: dict, rows: list[dict], data_desc: str, model_path: 
     )
     print(f"spikes/neuron    {summary['spikes_per_neuron']:.3f}")
     print(f"latency          {summary['latency']:.4g} time units (input window = 1)")
-    print(f"saturated        {summary['saturated']}")
+    print(f"saturated        {summary['saturated']}   early {summary['early']}")
     print()
     print(
         f"{'stage':<10} {'kind':<12} {'neurons':>7} {'window [t_min, t_max]':>24} "
@@ -160,7 +176,13 @@ def _cmd_reference(args, command: str) -> int:
     trace = simulate(snn, x)
     summary = compare_with_relu(net, snn, trace, x, y)
     rows = layer_table(snn, trace)
-    payload = {**summary, "command": command, "data": data_desc, "layers": rows}
+    payload = {
+        **summary,
+        "command": command,
+        "data": data_desc,
+        "layers": rows,
+        "metrics": neurobench_metrics(snn, trace),
+    }
     if args.out is not None:
         claim_output_dir(args.out, [f"{command}.json"], force=args.force)
         _write_json_atomic(Path(args.out) / f"{command}.json", payload)
@@ -205,8 +227,11 @@ def _run_on_hardware(args) -> _HardwareRun:
     options = {"tag": args.tag} if backend == "lava" else {}
     dep = deploy(snn, profile, backend=backend, seed=args.seed, **options)
     if backend == "lava":
-        with Progress(f"{backend} {args.tag}", enabled=not args.quiet) as progress:
-            trace = dep.run(x, progress=progress)
+        chunk = dep.chunk_size(len(x))
+        with progress.bar(
+            f"lava {args.tag} (chunks of {chunk})", len(x), "samples", _bars(args)
+        ) as samples_bar:
+            trace = dep.run(x, progress=progress.counter(samples_bar))
     else:
         trace = dep.run(x)
     return _HardwareRun(model_path, net, profile, backend, snn, x, y, data_desc, dep, trace)
@@ -228,6 +253,7 @@ def _cmd_run(args) -> int:
     model_path = hw.model_path
     reference = simulate(hw.snn, hw.x)
     report = hardware_summary(reference, trace, y)
+    metrics = neurobench_metrics(hw.snn, trace, profile, backend, dep)
     payload = {
         "command": "run",
         "model": net.name,
@@ -236,6 +262,7 @@ def _cmd_run(args) -> int:
         "data": data_desc,
         **report,
         "mapping": dep.summary(),
+        "metrics": metrics,
     }
     if args.out is not None:
         claim_output_dir(args.out, ["run.json"], force=args.force)
@@ -266,10 +293,21 @@ def _cmd_run(args) -> int:
     in_steps = f"{steps} steps = " if steps else ""
     print(f"latency          {in_steps}{report['latency_s'] * 1e6:.4g} us per inference")
     print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
-    print(f"saturated        {report['saturated']}   overflow {report['overflow']}")
+    print(
+        f"saturated        {report['saturated']}   early {report['early']}   "
+        f"overflow {report['overflow']}"
+    )
     print()
     for layer in payload["mapping"]["layers"]:
         print("  " + "  ".join(f"{k}={_short(v)}" for k, v in layer.items()))
+    print()
+    what = "pulses on nonzero conductance pairs" if metrics["op_kind"] == "MAC" else "spikes"
+    print(
+        f"NeuroBench metrics (mean per inference; effective {metrics['op_kind']}s: {what} "
+        "on nonzero weights; sparsities 0..1; footprint at the hardware's precision):"
+    )
+    for line in metrics_table(metrics):
+        print("  " + line)
     if args.out is not None:
         print(f"\nwrote {Path(args.out) / 'run.json'}")
     return 0
@@ -283,7 +321,9 @@ def _cmd_deploy(args) -> int:
     names = ["crosscheck.json", "crosscheck.html"]
     out = check_output_dir(args.out, names, force=args.force)
     hw = _run_on_hardware(args)
-    report = crosscheck(hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace)
+    report = crosscheck(
+        hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace, attribution=not args.no_attribution
+    )
     from .report_html import crosscheck_html
 
     files = {
@@ -318,25 +358,53 @@ def _cmd_deploy(args) -> int:
     print()
     print(
         f"{'layer':<8} {'kind':<8} {'neurons':>7} {'mean|err|':>10} {'max|err|':>9} "
-        f"{'(steps)':>8} {'beyond':>8} {'missing':>8} {'extra':>6} {'sat':>5} {'ovf':>5}  status"
+        f"{'(steps)':>8} {'beyond':>8} {'expect':>7} {'missing':>8} {'extra':>6} {'sat':>5} "
+        f"{'ovf':>5} {'own loss':>8}  status"
     )
     for layer in report.layers:
         steps_text = "" if layer.error_max_steps is None else f"{layer.error_max_steps:.2f}"
         status = "ok" if layer.within_bound else "DIVERGES"
         if layer.name == report.divergence_layer:
             status += "  <- divergence layer"
+        if layer.name == report.cause_layer:
+            status += f"  <- cause layer ({report.cause_effect or 'effect not found'})"
+        own = "" if layer.own_accuracy_loss is None else f"{100 * layer.own_accuracy_loss:.2f}%"
         print(
             f"{layer.name:<8} {layer.kind:<8} {layer.neurons:>7} {layer.error_mean:>10.3g} "
             f"{layer.error_max:>9.3g} {steps_text:>8} {100 * layer.beyond_bound:>7.2f}% "
+            f"{100 * layer.beyond_expected:>6.2f}% "
             f"{layer.missing_spikes:>8} {layer.extra_spikes:>6} {layer.saturated:>5} "
-            f"{layer.overflow:>5}  {status}"
+            f"{layer.overflow:>5} {own:>8}  {status}"
         )
+    print()
+    bound = (
+        f"statistical ({report.bound_sigmas:g} sigma of the device model + quantisation)"
+        if report.bound_sigmas
+        else "quantisation"
+    )
+    print(f"bound             {bound}")
+    statistical = bound_line(report)
+    if statistical:
+        print(f"  - {statistical}")
+    print(f"divergence layer  {report.divergence_layer or 'none (every stage within its bound)'}")
+    if report.attribution is not None:
+        print(f"cause layer       {report.cause_layer or 'none'}")
+        print(f"cause effect      {report.cause_effect or 'none'}")
+        for line in cause_lines(report):
+            print(f"  - {line}")
     print()
     if report.ok:
         print("RESULT: OK - the hardware computes what the reference SNN computes")
     else:
-        where = f" at {report.divergence_layer}" if report.divergence_layer else ""
-        print(f"RESULT: NOT OK - the hardware diverges{where}")
+        if report.divergence_layer or not report.cause_layer:
+            where = f" at {report.divergence_layer}" if report.divergence_layer else ""
+            print(f"RESULT: NOT OK - the hardware diverges{where}")
+        else:
+            print(
+                "RESULT: NOT OK - every stage within its bound, but the hardware's effects "
+                f"cost too much: {report.cause_effect or 'effect not found'} in "
+                f"{report.cause_layer}"
+            )
         for reason in report.reasons:
             print(f"  - {reason}")
     print(f"report: {html_path}  ({json_path.name} beside it)")
@@ -364,18 +432,30 @@ def _cmd_sweep(args) -> int:
         input_range=args.input_range,
     )
     out = check_output_dir(args.out, ["sweep.json", "results.jsonl"], force=args.force)
+    points, seeds, show = len(spec.points()), spec.seeds, _bars(args)
+    seeds_done: dict[int, int] = {}
     with (
         output_lock(out),  # (held from the first record to the report)
-        Progress("sweep", enabled=not args.quiet, unit="runs") as progress,
+        progress.bar("sweep points", points, "points", show) as points_bar,
+        progress.bar(
+            f"runs ({seeds} seeds per point)", points * seeds, "runs", show, position=1
+        ) as runs_bar,
     ):
+
+        def point_finished(record: dict) -> None:  # a point is done when all its seeds are
+            seeds_done[record["point"]] = seeds_done.get(record["point"], 0) + 1
+            if seeds_done[record["point"]] == seeds:
+                points_bar.update(1)
+
         records = run_sweep(
             spec,
             out,
             executor=args.executor,
             workers=args.workers,
             scheduler=args.scheduler,
-            progress=progress,
+            progress=progress.counter(runs_bar),
             force=args.force,
+            on_record=point_finished,
         )
         report = write_report(out, tolerance_points=args.tolerance, force=args.force)
     if not args.quiet:
@@ -440,36 +520,51 @@ def _cmd_finetune(args) -> int:
     x_train, y_train = load_training_data(net, args.data)
     snn = convert(net, calibration=x_cal, zeta=args.zeta)
 
-    def on_hardware(s) -> tuple[float, float]:
-        runs = [deploy(s, profile, backend=backend, seed=k).run(x) for k in range(args.eval_seeds)]
+    show_bars = _bars(args)
+
+    def on_hardware(s, when: str) -> tuple[float, float]:
+        runs = []
+        with progress.bar(
+            f"hardware seeds ({when})", args.eval_seeds, "seeds", show_bars, leave=False
+        ) as seeds_bar:
+            for k in range(args.eval_seeds):
+                runs.append(deploy(s, profile, backend=backend, seed=k).run(x))
+                seeds_bar.update(1)
         return (
             float(np.mean([r.accuracy(y) for r in runs])) if y is not None else float("nan"),
             float(np.mean([r.spikes_per_neuron for r in runs])),
         )
 
-    before, spikes_before = on_hardware(snn)
+    before, spikes_before = on_hardware(snn, "before")
 
-    def show(epoch, epochs, loss, accuracy):
-        if not args.quiet:
-            print(
-                f"epoch {epoch}/{epochs}: loss {loss:.4f}, training accuracy on the hardware "
-                f"forward {_percent(accuracy)}",
-                flush=True,
+    with progress.bar("fine-tuning", args.epochs, "epochs", show_bars) as epochs_bar:
+
+        def show(epoch, epochs, loss, accuracy):
+            epochs_bar.set_postfix_str(
+                f"loss {loss:.4f}, hardware-forward accuracy {_percent(accuracy)}",
+                refresh=False,
             )
+            epochs_bar.update(1)
+            if not args.quiet:
+                progress.write(
+                    f"epoch {epoch}/{epochs}: loss {loss:.4f}, training accuracy on the "
+                    f"hardware forward {_percent(accuracy)}",
+                    show_bars,
+                )
 
-    result = finetune(
-        snn,
-        profile,
-        x_train,
-        y_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        seed=args.seed,
-        window_scale=args.window_scale,
-        progress=show,
-    )
-    after, spikes_after = on_hardware(result.snn)
+        result = finetune(
+            snn,
+            profile,
+            x_train,
+            y_train,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            window_scale=args.window_scale,
+            progress=show,
+        )
+    after, spikes_after = on_hardware(result.snn, "after")
     summary = {
         "model": net.name,
         "profile": profile.name,
@@ -526,14 +621,24 @@ def _cmd_fileclass(args) -> int:
             train_idx = train_idx[: args.train_samples]
         hyper = Hyper(**({} if args.quick is False else {"stdp_epochs": 1, "readout_epochs": 3}))
         started = time.perf_counter()
-        model = train(
-            [records[i] for i in train_idx],
-            labels[train_idx],
-            classes,
-            hyper,
-            seed=args.seed,
-            progress=None if args.quiet else print,
-        )
+        show_bars = _bars(args)
+        epochs = hyper.stdp_epochs + hyper.readout_epochs
+        with progress.bar("training", epochs, "epochs", show_bars) as epochs_bar:
+
+            def epoch_done(message: str) -> None:  # "readout epoch 2/12: ..., loss 0.523"
+                epochs_bar.set_postfix_str(message.partition(": ")[2], refresh=False)
+                epochs_bar.update(1)
+                if not args.quiet:
+                    progress.write(message, show_bars)
+
+            model = train(
+                [records[i] for i in train_idx],
+                labels[train_idx],
+                classes,
+                hyper,
+                seed=args.seed,
+                progress=epoch_done,
+            )
         seconds = time.perf_counter() - started
         path = model.save(args.out, force=args.force)
         started = time.perf_counter()
@@ -574,11 +679,26 @@ def _cmd_fileclass(args) -> int:
     backend = args.backend or ("crossbar" if profile is not None else "reference")
     started = time.perf_counter()
     accuracies = []
-    for seed in range(args.seeds if backend == "crossbar" else 1):
-        predicted = classify(
-            model, test_records, backend=backend, profile=profile, seed=args.seed + seed
-        )
-        accuracies.append(float(np.mean(predicted == labels[test_idx])))
+    draws = args.seeds if backend == "crossbar" else 1
+    show_bars = _bars(args)
+    with (
+        progress.bar(f"{backend} device draws", draws, "seeds", show_bars and draws > 1) as seeds,
+        progress.bar(
+            f"{backend} files", len(test_records), "files", show_bars, position=int(draws > 1)
+        ) as files,
+    ):
+        for seed in range(draws):
+            files.reset(total=len(test_records))
+            predicted = classify(
+                model,
+                test_records,
+                backend=backend,
+                profile=profile,
+                seed=args.seed + seed,
+                progress=progress.counter(files),
+            )
+            accuracies.append(float(np.mean(predicted == labels[test_idx])))
+            seeds.update(1)
     where = backend + (f" ({profile.name})" if profile is not None else "")
     spread = f" +- {np.std(accuracies) * 100:.2f}" if len(accuracies) > 1 else ""
     print(
@@ -599,44 +719,47 @@ def _cmd_report(args) -> int:
     return 0
 
 
-class Progress:
-    """A one-line progress bar on stderr, shown on a terminal once a run lasts over 2 s."""
-
-    def __init__(
-        self, label: str, enabled: bool = True, delay_s: float = 2.0, unit: str = "samples"
-    ):
-        self.label = label
-        self.unit = unit
-        self.enabled = enabled and sys.stderr.isatty()
-        self.delay_s = delay_s
-        self.shown = False
-
-    def __enter__(self):
-        self.start = time.monotonic()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        elapsed = time.monotonic() - self.start
-        if not self.enabled or (elapsed < self.delay_s and done < total and not self.shown):
-            return
-        if not self.shown and done >= total and elapsed < self.delay_s:
-            return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{total} {self.unit}  {elapsed:.1f} s")
-        sys.stderr.flush()
-        self.shown = True
-
-    def __exit__(self, *exc):
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-        return False
-
-
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with every option's default: appended as "(default: X)" unless the help
+    text already states it (options whose default is None say what None means)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_FORCE_HELP = (
+    "write into an output directory (or file) holding files neurodeploy did not write, "
+    "overwriting those named like its own; nothing else is ever touched or removed"
+)
+_PROFILE_HELP = "hardware profile: a shipped name (ideal, loihi2, pcm, rram) or a YAML file"
+_SET_HELP = (
+    "override a dotted profile key with a YAML value, e.g. crossbar.levels=8; units as in "
+    "the profile (repeatable; default: none)"
+)
+
+
+def _progress_options(p, quiet_help: str = "no progress bars") -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="show progress bars on stderr also when it is not a terminal (default: only "
+        "on a terminal; --quiet wins)",
+    )
 
 
 def hardware_options(p) -> None:
@@ -646,219 +769,321 @@ def hardware_options(p) -> None:
         "--tag",
         choices=("fixed_pt", "floating_pt"),
         default="fixed_pt",
-        help="lava backend: ProcessModels to run (default fixed_pt)",
+        help="lava backend: the ProcessModels to run (integer or float64 arithmetic)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    _progress_options(p, "no progress bar (lava backend)")
+    p.add_argument("--profile", required=True, help=_PROFILE_HELP)
     p.add_argument(
         "--backend",
         choices=sorted(BACKENDS),
         default=None,
-        help="default: emulator for ideal/digital profiles, crossbar for crossbar",
+        help="default: emulator for ideal and digital profiles, crossbar for crossbar ones",
     )
     p.add_argument(
-        "--samples", type=_positive_int, default=None, help="run the first N samples (default all)"
+        "--samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run the first N samples of the evaluation data (default: all)",
     )
     p.add_argument(
         "--seed",
         type=_non_negative_int,
         default=0,
-        help="seed of every random draw of the hardware (default 0)",
+        help="seed of every random draw of the hardware (device noise, faults)",
     )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+
+
+def _out_option(p, default: str | None, what: str) -> None:
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a profile key, e.g. crossbar.levels=8 (repeatable)",
+        "-o",
+        "--out",
+        default=default,
+        metavar="DIR",
+        help=what if default is not None else f"{what} (default: none)",
     )
-
-
-_FORCE_HELP = (
-    "write into an output directory (or file) holding files neurodeploy did not write, "
-    "overwriting those named like its own; nothing else is ever touched or removed"
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="neurodeploy", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="neurodeploy",
+        description=__doc__.splitlines()[0],
+        formatter_class=_HelpFormatter,
+        epilog="'neurodeploy COMMAND --help' lists a command's options with their defaults "
+        "and units. neurodeploy reads no environment variables.",
+    )
     parser.add_argument("--version", action="version", version=f"neurodeploy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
-    def common(p):
+    def add(name: str, help_text: str, parent=sub):
+        return parent.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
+        )
+
+    def common(p, out_help: str | None = None, out_default: str | None = None):
         p.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
         p.add_argument(
             "--input-range",
             type=_input_range,
             default=None,
             metavar="P,Q",
-            help="range of the raw input (needed for ONNX models that do not record it)",
+            help="range of the raw input, in the input's own units (default: the range the "
+            "model records; ONNX models that record none need it)",
         )
-        p.add_argument(
-            "--neuron", choices=NEURON_MODELS, default="b1", help="TTFS neuron model (default b1)"
-        )
+        p.add_argument("--neuron", choices=NEURON_MODELS, default="b1", help="TTFS neuron model")
         p.add_argument(
             "--zeta",
             type=_non_negative_float,
             default=0.5,
-            help="window safety margin: B_n = (1 + zeta) X_n (default 0.5)",
+            help="window safety margin (dimensionless): B_n = (1 + zeta) X_n",
         )
         p.add_argument(
             "--calibration-size",
             type=_positive_int,
             default=None,
-            help="calibrate windows on the first N calibration samples (default all)",
+            metavar="N",
+            help="calibrate the windows on the first N calibration samples (default: all)",
         )
         p.add_argument(
             "--data",
             default=None,
-            help="FILE.npz with x, y and optionally x_calib, instead of the model's data set",
+            metavar="FILE",
+            help="FILE.npz with x, y and optionally x_calib (default: the model's data set)",
         )
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-        p.add_argument("--out", default=None, help="also write the results to DIR/<command>.json")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        _out_option(p, out_default, out_help or "also write the results to DIR/<command>.json")
         p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
-    conv = sub.add_parser("convert", help="convert a ReLU model to TTFS and verify it exactly")
+    conv = add("convert", "convert a ReLU model to TTFS and verify it exactly")
     common(conv)
-    sim = sub.add_parser("simulate", help="convert, then run the reference SNN simulator")
+    sim = add("simulate", "convert, then run the reference SNN simulator")
     common(sim)
     sim.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
-        help="evaluate the first N samples (default all)",
+        metavar="N",
+        help="evaluate the first N samples (default: all)",
     )
 
-    main_job = sub.add_parser(
-        "deploy", help="convert, deploy, run and cross-check against the reference SNN"
+    main_job = add("deploy", "convert, deploy, run and cross-check against the reference SNN")
+    common(
+        main_job,
+        out_help="write DIR/crosscheck.json and DIR/crosscheck.html",
+        out_default="out",
     )
-    common(main_job)
     hardware_options(main_job)
-    main_job.set_defaults(out="out")
+    main_job.add_argument(
+        "--no-attribution",
+        action="store_true",
+        help="skip naming the cause layer and effect (one extra run per stage and per effect)",
+    )
 
-    dep = sub.add_parser("run", help="convert, deploy onto a hardware profile and run")
+    dep = add("run", "convert, deploy onto a hardware profile and run")
     common(dep)
     hardware_options(dep)
 
-    sweep = sub.add_parser("sweep", help="sweep profile keys over a grid and Monte Carlo seeds")
-    common(sweep)
-    sweep.add_argument("--profile", required=True, help="hardware profile name or YAML file")
+    sweep = add("sweep", "sweep profile keys over a grid and Monte Carlo seeds")
+    common(
+        sweep,
+        out_help="the sweep directory: sweep.json, results.jsonl (resumable), report.html",
+        out_default="sweep_out",
+    )
+    sweep.add_argument("--profile", required=True, help=_PROFILE_HELP)
     sweep.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=VALUES",
-        help="a dotted profile key and its values: 2,4,8 or LO:HI:N (repeatable; "
-        "several make a grid)",
+        help="a dotted profile key and its values, 2,4,8 or LO:HI:N, in the profile's units "
+        "(repeatable; several make a grid; default: none)",
     )
-    sweep.add_argument("--seeds", type=_positive_int, default=3, help="seeds per point")
+    sweep.add_argument(
+        "--seeds", type=_positive_int, default=3, help="Monte Carlo seeds per grid point"
+    )
     sweep.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
-        help="evaluate the first N samples (default all)",
+        metavar="N",
+        help="evaluate the first N samples (default: all)",
     )
-    sweep.add_argument("--backend", choices=("emulator", "crossbar"), default=None)
+    sweep.add_argument(
+        "--backend",
+        choices=("emulator", "crossbar"),
+        default=None,
+        help="default: emulator for ideal and digital profiles, crossbar for crossbar ones",
+    )
     sweep.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="fixed override of the profile for the whole sweep",
-    )
-    sweep.add_argument("--executor", choices=("local", "dask"), default="local")
-    sweep.add_argument(
-        "--scheduler", default=None, help="dask scheduler address (default: a LocalCluster)"
+        help="fixed override of the profile for the whole sweep (repeatable; default: none)",
     )
     sweep.add_argument(
-        "--workers", type=_positive_int, default=None, help="worker processes (default: all cores)"
+        "--executor",
+        choices=("local", "dask"),
+        default="local",
+        help="local: a process pool; dask: a dask cluster",
+    )
+    sweep.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="dask scheduler address, e.g. tcp://127.0.0.1:8786 (default: a LocalCluster)",
+    )
+    sweep.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="worker processes (default: all cores)",
     )
     sweep.add_argument(
         "--tolerance",
         type=_non_negative_float,
         default=1.0,
-        help="accuracy tolerance for the knee, in points (default 1)",
+        help="accuracy tolerance for the knee, in percentage points",
     )
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    sweep.set_defaults(out="sweep_out")
+    _progress_options(sweep, "no progress bars, no summary")
 
-    tune = sub.add_parser("finetune", help="fine-tune the converted SNN for a hardware profile")
-    common(tune)
-    tune.add_argument("--profile", required=True, help="hardware profile name or YAML file")
-    tune.add_argument("--epochs", type=_positive_int, default=10)
-    tune.add_argument("--batch-size", type=_positive_int, default=64)
-    tune.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    tune.add_argument("--seed", type=_non_negative_int, default=0)
+    tune = add("finetune", "fine-tune the converted SNN for a hardware profile")
+    common(tune, out_help="the fine-tuned model directory to write (required)")
+    tune.add_argument("--profile", required=True, help=_PROFILE_HELP)
+    tune.add_argument(
+        "--epochs", type=_positive_int, default=10, help="passes over the training split"
+    )
+    tune.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="training samples per step"
+    )
+    tune.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="Adam learning rate (per step)"
+    )
+    tune.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the shuffling and of the hardware noise drawn in training",
+    )
     tune.add_argument(
         "--window-scale",
         type=_fraction,
         default=None,
-        help="shorten every window by this factor (0 < s <= 1) for latency",
+        help="shorten every window by this factor, 0 < s <= 1, for latency (default: 1, "
+        "windows kept)",
     )
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=_SET_HELP,
+    )
     tune.add_argument(
         "--samples",
         type=_positive_int,
         default=None,
-        help="evaluate on the first N test samples (default all)",
+        metavar="N",
+        help="evaluate on the first N test samples (default: all)",
     )
     tune.add_argument(
         "--eval-seeds",
         type=_positive_int,
         default=10,
-        help="hardware seeds averaged before and after (default 10)",
+        help="hardware seeds averaged before and after",
     )
-    tune.add_argument("--quiet", action="store_true")
-    tune.set_defaults(out=None)
+    _progress_options(tune, "no progress bars, no per-epoch lines")
 
-    fc = sub.add_parser("fileclass", help="file classification SNN with memristive synapses")
-    fc_sub = fc.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    fc_train = fc_sub.add_parser("train", help="train on the snapshot's training split")
-    fc_eval = fc_sub.add_parser("eval", help="classify the snapshot's test split")
-    fc_base = fc_sub.add_parser("baselines", help="logistic regression and SVMs, same split")
+    fc = add("fileclass", "file classification SNN with memristive synapses")
+    fc_sub = fc.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    fc_train = add("train", "train on the snapshot's training split", fc_sub)
+    fc_eval = add("eval", "classify the snapshot's test split", fc_sub)
+    fc_base = add("baselines", "logistic regression and SVMs, same split", fc_sub)
     for p in (fc_train, fc_eval, fc_base):
         p.add_argument(
             "--snapshot",
             default=None,
-            help="snapshot file (default: the shipped files_snapshot.jsonl.gz)",
+            metavar="FILE",
+            help="snapshot file, JSON lines (default: the shipped files_snapshot.jsonl.gz)",
         )
         p.add_argument(
-            "--samples", type=_positive_int, default=None, help="use the first N test files"
+            "--samples",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="use the first N test files (default: all)",
         )
-    fc_train.add_argument("--out", default=None, help="model directory to write")
+    _out_option(fc_train, None, "the model directory to write (required)")
     fc_train.add_argument("--force", action="store_true", help=_FORCE_HELP)
-    fc_train.add_argument("--seed", type=_non_negative_int, default=0)
-    fc_train.add_argument("--train-samples", type=_positive_int, default=None)
+    fc_train.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the initial weights, the shuffling and the programming pulses",
+    )
+    fc_train.add_argument(
+        "--train-samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train on the first N training files (default: all)",
+    )
     fc_train.add_argument(
         "--quick", action="store_true", help="1 STDP and 3 readout epochs (for trying things out)"
     )
-    fc_train.add_argument("--quiet", action="store_true")
+    _progress_options(fc_train, "no progress bar, no per-epoch lines")
     fc_eval.add_argument(
         "model", help="a directory written by 'fileclass train', or the shipped 'fileclass'"
     )
-    fc_eval.add_argument("--backend", choices=("reference", "crossbar", "lava"), default=None)
-    fc_eval.add_argument("--profile", default=None, help="crossbar profile for the synapses")
-    fc_eval.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    fc_eval.add_argument("--seed", type=_non_negative_int, default=0)
+    fc_eval.add_argument(
+        "--backend",
+        choices=("reference", "crossbar", "lava"),
+        default=None,
+        help="default: crossbar with --profile, else reference",
+    )
+    fc_eval.add_argument(
+        "--profile",
+        default=None,
+        help="crossbar profile for the synapses: pcm, rram or a YAML file (default: none, "
+        "float synapses)",
+    )
+    fc_eval.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    fc_eval.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="first seed of the device draws (seed, seed + 1, ...)",
+    )
     fc_eval.add_argument(
         "--seeds",
         type=_positive_int,
         default=5,
-        help="device draws averaged on the crossbar (default 5)",
+        help="device draws averaged on the crossbar",
     )
+    _progress_options(fc_eval)
 
-    exp = sub.add_parser("export", help="write a model as ONNX")
+    exp = add("export", "write a model as ONNX")
     exp.add_argument("model", help="model directory, .onnx file, or the name of a shipped model")
-    exp.add_argument("--onnx", required=True, help="the .onnx file to write")
+    exp.add_argument("-o", "--onnx", required=True, metavar="FILE", help="the .onnx file to write")
     exp.add_argument(
         "--float64",
         action="store_true",
-        help="keep float64 weights (exact for any model; few runtimes run it)",
+        help="keep float64 weights (exact for any model; few runtimes run it; default: float32)",
     )
-    exp.add_argument("--input-range", type=_input_range, default=None, metavar="P,Q")
+    exp.add_argument(
+        "--input-range",
+        type=_input_range,
+        default=None,
+        metavar="P,Q",
+        help="range of the raw input, in the input's own units (default: the range the "
+        "model records)",
+    )
     exp.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
-    rep = sub.add_parser("report", help="write DIR/report.html for a sweep directory")
+    rep = add("report", "write DIR/report.html for a sweep directory")
     rep.add_argument("dir", help="the sweep's --out directory")
     rep.add_argument(
         "--compare",
@@ -866,26 +1091,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="another sweep of the same keys (e.g. of a fine-tuned model) to draw "
-        "beside it (repeatable)",
+        "beside it (repeatable; default: none)",
     )
     rep.add_argument(
         "--tolerance",
         type=_non_negative_float,
         default=1.0,
-        help="accuracy tolerance for the knee, in points (default 1)",
+        help="accuracy tolerance for the knee, in percentage points",
     )
     rep.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
-    prof = sub.add_parser("profile", help="validate a hardware profile and print it resolved")
+    prof = add("profile", "validate a hardware profile and print it resolved")
     prof.add_argument("profile", help="profile file, or the name of a shipped profile")
-    prof.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a dotted key (YAML value), e.g. crossbar.levels=8",
-    )
-    prof.add_argument("--json", action="store_true", help="print one JSON object")
+    prof.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    prof.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -936,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except NeurodeployError as exc:
-        print(f"neurodeploy: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neurodeploy: interrupted", file=sys.stderr)

@@ -11,15 +11,77 @@ spiking neural networks with 0.3 spikes per neuron" (Nature Communications
    flattening). A shift folded forward through a zero-padded convolution
    gives every output position its own bias (the border effects); max pooling
    in front of a negative batch-norm scale becomes a min pooling.
-2. alpha1 only: rescale each layer so every neuron's input weight sum lies in
+2. alpha1 only: rescale each channel so its pre-activation bound over the
+   calibrated input range is at most 1 and every neuron's input weight sum lies in
    [-10, 0.99] (the bounds of the exact-mapping paper's code), compensated in
-   the next layer (ReLU and max pooling commute with positive scales).
+   the next layer (ReLU and max pooling commute with positive scales); see
+   "alpha1: no early spike, by construction" below.
 3. Calibrate: the largest ReLU output X_n of every layer on the calibration
-   set sets its window B_n = (1 + zeta) X_n. A clipped ReLU (ReLU6, Clip(0, M))
+   set sets its window B_n = (1 + zeta) X_n (alpha1: at least the bound of
+   step 2, so no input in range fires early). A clipped ReLU (ReLU6, Clip(0, M))
    gets B_n = M instead: a b1 neuron whose value exceeds its window fires when
    the window opens and encodes exactly B_n, so the clip is computed exactly
    and no value can exceed the window (no margin needed).
 4. Thresholds of the chosen neuron model.
+
+alpha1: no early spike, by construction
+--------------------------------------
+An alpha1 neuron of layer n integrates, from t0 = t_min_prev,
+
+    V_i(t) = alpha (t - t0) + sum_j J_ij (t - t_j)_+,   J_ij = g_i W_ij,
+    g_i = alpha / (1 - w_i),  w_i = sum_j W_ij < 1,
+
+its inputs arriving at t_j = t1 - x_j in [t0, t1] (t1 = t_min, x_j in
+[0, B_{n-1}] the previous layer's values). At t1 all have arrived:
+V_i(t1) = alpha (t1 - t0) + g_i sum_j W_ij x_j, and from t1 on V rises with
+slope S_i = alpha + g_i w_i = g_i; with the threshold
+
+    theta_i = S_i (B_n - b_i) + alpha (t1 - t0)
+
+it fires at t1 + (theta_i - V_i(t1)) / S_i = t_max - (W x + b)_i: the ReLU
+value, *provided V_i stays below theta_i on [t0, t1)*. The paper's
+construction does not ensure this: inputs of positive weight that arrive
+early can lift V over theta_i before the negative ones arrive. Bound: for
+t <= t1 every term J_ij (t - t_j)_+ <= J+_ij x_j (J+ = max(J, 0)), so
+
+    max_{t in [t0, t1)} V_i(t) < alpha (t1 - t0) + g_i sum_j W+_ij x_j,
+
+and V_i < theta_i on [t0, t1) for every input as soon as
+
+    b_i + sum_j W+_ij x_j <= B_n          (alpha, t0 and g_i cancel).
+
+The bound is attained (positive inputs at t0, negative ones at t1, whose
+values are then 0: a real input with u_i = b_i + sum_j W+_ij x_j), so on a box
+of inputs "no early spike" is the same as "no value beyond the window".
+
+Which inputs. It must hold for every input in the calibrated range, not only
+the calibration samples. :func:`_rescale_for_alpha1` gives every stage a
+per-neuron range r_j >= x_j:
+
+    r = min(R, (1 + zeta) X_c),   R_i = max(0, b_i + sum_j W+_ij R_j),
+
+R the box bound over the whole input range [p, q] (R = 1 for the rescaled
+input; computed with the layer's own linear maps; pools pass the max, for
+sign -1 the min, of their windows' bounds) and X_c the calibrated maximum of
+the neuron's channel. The box bound alone compounds over depth (measured on a
+CIFAR-sized VGG: typical values 1e-4 of the window by the fourth conv, 3e-7
+relative error in float64); capping it per layer by the calibrated channel
+range keeps each window within one layer's looseness of its values. Each
+channel is then scaled to bound at most 1 (and its weight sums into
+[-10, 0.99], the paper's bounds, which keep g_i > 0), and :func:`convert`
+makes the window
+
+    B_n = max((1 + zeta) X_n, (1 + 1e-9) max(X_n, max_i (b_i + sum_j W+_ij r_j))).
+
+Guarantee: for every input in [p, q] whose values at each stage stay within
+(1 + zeta) times their channel's calibrated maximum (every calibration sample,
+at any zeta), no alpha1 neuron fires before its window opens and none
+saturates: the network is exact by construction. Outside that range the
+simulators count early spikes (``Trace.early``) apart from saturation. alpha
+and the integration start cancel from the condition; the window is what it
+fixes. On a validated network (parameters below 1e100) an admissible choice
+always exists; a bound that is not finite in float64 is refused with the layer
+named.
 
 Residual networks (the network is a DAG; b1 only)
 -------------------------------------------------
@@ -95,6 +157,7 @@ from .ttfs import (
     SpikingLayer,
     TimePool,
     TTFSNetwork,
+    alpha1_threshold,
     apply_synapses,
 )
 
@@ -108,6 +171,11 @@ ALPHA1_ALPHA = 1.0
 # Window used for a layer that never fires on the calibration set (X_n = 0):
 # as if X_n were 1, so such a layer still has a window to fire in.
 DEAD_LAYER_X_MAX = 1.0
+# Relative margin on a calibrated window over the largest value it must hold: float64
+# sums in another order than the calibration's can exceed that value by rounding (a few
+# 1e-16 relative, more after cancellation); 1e-9 is the exactness tolerance itself, so
+# the longer window changes no decoded value beyond it (values are read exactly anyway).
+WINDOW_ROUNDING_MARGIN = 1e-9
 
 
 @dataclass
@@ -515,27 +583,109 @@ def _scale_block_inputs(block: _Block, per_channel: np.ndarray) -> None:
     )
 
 
-def _rescale_for_alpha1(blocks: list[_Block]) -> None:
-    """Scale each hidden block so every neuron's weight sum lies in the alpha1 bounds.
+def _positive_synapses(synapses: tuple[Layer, ...]) -> tuple[Layer, ...]:
+    """The synapses with the affine map's negative weights set to 0 (average pooling and
+    flattening in front have non-negative coefficients already): W^+ in the layer's own
+    structure, so a convolution stays a convolution."""
+    *linear, affine = synapses
+    return (*linear, _zero_bias(affine, np.maximum(affine.weight, 0.0)))
 
-    A positive factor per output channel (conv) or neuron (dense) keeps the
-    network's function: it commutes with ReLU and max pooling and is undone in
-    the next block's input weights (chains only: alpha1 refuses shortcuts).
+
+def _rescale_for_alpha1(
+    plan: list[_Block | _Pool], input_shape: Shape, channel_max: dict, zeta: float
+) -> dict[str, float]:
+    """Scale each hidden block so no alpha1 neuron can fire before its window opens.
+
+    Walks the chain in order, keeping for every stage its box bound R (per
+    neuron, the largest value over all network inputs in [p, q]; R = 1 for the
+    rescaled input) and the per-channel factor its values carry. A block's
+    inputs get the range r = min(R, (1 + zeta) X_c) (channel_max: X_c per stage,
+    from :func:`_calibrate` before scaling), and its pre-activation bound is
+
+        U_i = max(0, b_i + sum_j W+_ij r_j),   W+ = max(W, 0),
+
+    computed with the block's own linear maps. Each output channel (conv) or
+    neuron (dense) then gets one positive factor c, applied to its weights and
+    bias and undone in the next block's input weights (ReLU and max pooling
+    commute with positive scales, so the network's function is unchanged):
+
+        c = min(1 / U_max, 0.99 / w_max, 10 / (-w_min)),
+
+    U_max the channel's largest bound and w the weight sums sum_j W_ij over its
+    positions (the exact-mapping paper's bounds [-10, 0.99] on them; the alpha1
+    neuron needs w < 1). The layer's window is then chosen at least max_i U_i
+    (see :func:`convert`): the condition that rules out early spikes (module
+    docstring, "alpha1").
+
+    Returns max_i U_i of every hidden block after scaling (time units).
+    Raises :class:`ConversionError` naming the layer when the bound or the
+    factors are not finite (weights or biases beyond float64).
     """
-    for block, nxt in zip(blocks[:-1], blocks[1:], strict=False):
-        sums = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
-        per_channel = sums.reshape(sums.shape[0], -1)
-        high = np.maximum(per_channel.max(axis=1), 0.0)
-        low = np.maximum(-per_channel.min(axis=1), 0.0)
+    blocks = [item for item in plan if isinstance(item, _Block)]
+    following = dict(zip((b.name for b in blocks[:-1]), blocks[1:], strict=True))
+    reach: dict[str, np.ndarray] = {INPUT: np.ones(input_shape)}  # box-propagated bound
+    scale: dict[str, np.ndarray] = {}  # the per-channel factor each stage's values carry
+    largest: dict[str, float] = {}
+
+    def value_range(stage: str) -> np.ndarray:
+        """r: the box reach, capped by (1 + zeta) x the calibrated channel maximum."""
+        if stage == INPUT:
+            return reach[INPUT]
+        shape = reach[stage].shape
+        calibrated = (1.0 + zeta) * channel_max[stage] * scale[stage]
+        return np.minimum(reach[stage], _per_channel(calibrated, shape))
+
+    for item in plan:
+        if isinstance(item, _Pool):
+            reach[item.name] = _pool_values(reach[item.source][None], item.pool, item.sign)[0]
+            scale[item.name] = scale[item.source]
+            continue
+        block = item
+        if not block.relu:
+            break
+        shape = block.output_shape
+        with np.errstate(over="ignore", invalid="ignore"):
+            r_in = value_range(block.main.source)
+            box = block.bias + apply_synapses(
+                _positive_synapses(block.synapses), reach[block.main.source][None]
+            )[0]
+            np.maximum(box, 0.0, out=box)
+            bound = block.bias + apply_synapses(_positive_synapses(block.synapses), r_in[None])[0]
+            np.maximum(bound, 0.0, out=bound)
+            sums = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
+        per_channel_bound = bound.reshape(shape[0], -1).max(axis=1)
+        per_channel_sums = sums.reshape(shape[0], -1)
+        if not (np.all(np.isfinite(per_channel_bound)) and np.all(np.isfinite(sums))):
+            raise ConversionError(
+                f"layer '{block.name}': alpha1 needs a finite bound on its pre-activation over "
+                "the input range [p, q], and it overflows float64 (weights or biases far too "
+                "large); no scaling can rule out early spikes"
+            )
+        high = np.maximum(per_channel_sums.max(axis=1), 0.0)
+        low = np.maximum(-per_channel_sums.min(axis=1), 0.0)
         with np.errstate(divide="ignore"):
             factor = np.minimum.reduce(
-                [np.ones_like(high), ALPHA1_WEIGHT_SUM_MAX / high, -ALPHA1_WEIGHT_SUM_MIN / low]
+                [
+                    1.0 / per_channel_bound,
+                    ALPHA1_WEIGHT_SUM_MAX / high,
+                    -ALPHA1_WEIGHT_SUM_MIN / low,
+                ]
+            )
+        factor[~np.isfinite(factor)] = 1.0  # a silent channel with no weights: keep it
+        if np.any(factor <= 0.0):
+            raise ConversionError(
+                f"layer '{block.name}': alpha1 rescaling underflows (a channel's bound or "
+                "weight sum is beyond float64), so no positive scale meets the bounds"
             )
         w = block.main.affine.weight
         w = w * (factor[:, None] if w.ndim == 2 else factor[:, None, None, None])
         block.main.affine = _zero_bias(block.main.affine, w)
-        block.bias = block.bias * _per_channel(factor, block.output_shape)
-        _scale_block_inputs(nxt, 1.0 / factor)
+        block.bias = block.bias * _per_channel(factor, shape)
+        scale[block.name] = factor
+        reach[block.name] = box * _per_channel(factor, shape)
+        largest[block.name] = float((bound * _per_channel(factor, shape)).max())
+        _scale_block_inputs(following[block.name], 1.0 / factor)
+    return largest
 
 
 def _pool_values(values: np.ndarray, pool: MaxPool2d, sign: np.ndarray) -> np.ndarray:
@@ -552,9 +702,14 @@ def _block_drive(block: _Block, values: dict[str, np.ndarray]) -> np.ndarray:
     return u
 
 
-def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
+def _calibrate(
+    plan: list[_Block | _Pool], x01: np.ndarray, channels: dict | None = None
+) -> dict[str, float]:
     """Largest ReLU output of every hidden block on the rescaled calibration inputs (the
-    DAG's forward pass, stage by stage; values are dropped after their last use)."""
+    DAG's forward pass, stage by stage; values are dropped after their last use).
+
+    channels: if given, filled with every stage's (blocks and pools) largest value per
+    channel (conv) or neuron (dense), shape (C,)."""
     last_use = {}
     for i, item in enumerate(plan):
         sources = [item.source] if isinstance(item, _Pool) else [o.source for o in item.operands]
@@ -578,17 +733,12 @@ def _calibrate(plan: list[_Block | _Pool], x01: np.ndarray) -> dict[str, float]:
                 )
         else:
             break
+        if channels is not None:
+            channels[item.name] = v.max(axis=(0, *range(2, v.ndim)))
         values[item.name] = v
         for src in [name for name, last in last_use.items() if last == i]:
             values.pop(src, None)
     return x_max
-
-
-def _coupling_matrix(block: _Block) -> np.ndarray:
-    """Dense effective weight matrix (N_out, N_in) of a block's synapses."""
-    n_in = int(np.prod(block.input_shape))
-    eye = np.eye(n_in).reshape(n_in, *block.input_shape)
-    return apply_synapses(block.synapses, eye).reshape(n_in, -1).T
 
 
 def convert(
@@ -644,9 +794,13 @@ def convert(
                 f"layer '{clipped[0]}': clipped ReLUs convert exactly with the b1 neuron only "
                 "(neuron='b1'); the alpha1 neuron cannot saturate at the clip"
             )
-        _rescale_for_alpha1(blocks)
     p, q = net.input_range
-    x_max = _calibrate(plan, np.clip((x_cal - p) / (q - p), 0.0, 1.0))
+    x01 = np.clip((x_cal - p) / (q - p), 0.0, 1.0)
+    if neuron == "alpha1":
+        channel_max: dict[str, np.ndarray] = {}
+        _calibrate(plan, x01, channel_max)
+        reach = _rescale_for_alpha1(plan, net.input_shape, channel_max, float(zeta))
+    x_max = _calibrate(plan, x01)
 
     stages = []
     windows = {INPUT: INPUT_WINDOW}  # stage name -> (t_min, t_max)
@@ -690,7 +844,13 @@ def convert(
             break
         x_n = x_max[block.name]
         stored = block.window if neuron == "b1" else None  # alpha1 rescales its values
-        window = stored or (1.0 + zeta) * (x_n if x_n > 0 else DEAD_LAYER_X_MAX)
+        largest = x_n if x_n > 0 else DEAD_LAYER_X_MAX
+        if neuron == "alpha1" and reach[block.name] > 0:
+            # No early spike in the calibrated range: B_n >= max_i U_i (module docstring).
+            largest = max(x_n, reach[block.name])
+        # The margin keeps the largest value inside the window when the simulator's
+        # operation order rounds it up (zeta = 0 puts it on the window's edge).
+        window = stored or max((1.0 + zeta) * x_n, (1.0 + WINDOW_ROUNDING_MARGIN) * largest)
         if block.clip is not None:
             window = _clipped_window(block)
         t_max = t_min + window
@@ -698,16 +858,13 @@ def convert(
         if neuron == "b1":
             threshold = window - block.bias
         else:
-            coupling_w = _coupling_matrix(block)
-            w_sum = coupling_w.sum(axis=1)
+            # Weight sums through the layer's own maps (zero padding: fewer taps at borders).
+            w_sum = apply_synapses(block.synapses, np.ones((1, *block.input_shape)))[0]
             alpha = ALPHA1_ALPHA
-            j_sum = alpha * w_sum / (1.0 - w_sum)
-            coupling = alpha * coupling_w / (1.0 - w_sum)[:, None]
-            bias = block.bias.reshape(-1)
-            threshold = (
-                (alpha + j_sum) * (t_max - bias) - alpha * t_min_prev - j_sum * t_min
-            ).reshape(block.output_shape)
-            extra = {"alpha": alpha, "coupling": coupling}
+            coupling_scale = alpha / (1.0 - w_sum)  # J_ij = g_i W_ij, g_i > 0 (w_sum < 1)
+            bias = np.broadcast_to(block.bias, block.output_shape)
+            threshold = alpha1_threshold(coupling_scale, bias, alpha, t_min_prev, t_min, t_max)
+            extra = {"alpha": alpha, "coupling_scale": coupling_scale}
         stages.append(
             SpikingLayer(
                 name=block.name,
@@ -798,16 +955,13 @@ def retime(snn: TTFSNetwork, windows: dict[str, float]) -> TTFSNetwork:
             continue
         window = float(windows.get(stage.name, stage.window))
         t_max = t_min + window
-        if stage.coupling is None:
+        if stage.coupling_scale is None:
             threshold = window - stage.bias
         else:
-            j_sum = stage.coupling.sum(axis=1)
-            alpha = stage.alpha
-            threshold = (
-                (alpha + j_sum) * (t_max - stage.bias.reshape(-1))
-                - alpha * t_min_prev
-                - j_sum * t_min
-            ).reshape(stage.output_shape)
+            bias = np.broadcast_to(stage.bias, stage.output_shape)
+            threshold = alpha1_threshold(
+                stage.coupling_scale, bias, stage.alpha, t_min_prev, t_min, t_max
+            )
         stages.append(
             replace(
                 stage,

@@ -18,6 +18,22 @@ output) the report gives
   from earlier layers are thereby explained, and the first stage whose
   outputs leave their bound is the divergence layer.
 
+On an analog (crossbar) deployment the bound is statistical: the device model's
+prediction (:meth:`~neurodeploy.backends.crossbar.CrossbarDeployment.weight_statistics`:
+programming noise, variability, drift with its nu spread after drift compensation,
+and per-read 1/f read noise, at the profile's settings) gives every effective weight a
+mean error mu_ij and a variance var_ij, and an output on the hardware's inputs x is then
+bounded by |sum_j x_j mu_ij| + k sqrt(sum_j x_j^2 var_ij) plus the quantisation terms
+above (k = ``sigmas``, 3 by default). "Beyond the bound" then means beyond what the
+device physics explains; a Gaussian output error leaves 2 (1 - Phi(k)) beyond
+(0.27 % at 3 sigma), reported as ``beyond_expected``. Stuck-at faults are not in
+the model: they are what the bound flags.
+
+Attribution (:mod:`neurodeploy.attribution`, on by default): which stage's own
+hardware effects cost the accuracy (the *cause layer*) and which effect (the *cause
+effect*), beside the divergence layer, which says where the hardware stops computing
+what the profile's hardware should.
+
 ``report.ok``: every stage within its bound (at most the profile's
 ``crosscheck.max_beyond_bound`` fraction of its outputs beyond it) and
 prediction agreement at least ``crosscheck.required_agreement``.
@@ -33,16 +49,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import ndtr
 
 from . import ops
+from .attribution import attribute
 from .backends.common import abs_weight_ops, shortcut_term
 from .deploy import Deployment
 from .fileio import write_text_atomic
+from .metrics import neurobench_metrics
 from .simulate import simulate
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, TimePool, TTFSNetwork, apply_synapses
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Default width of the statistical bound, in standard deviations of the device model's
+# predicted output error: 3 sigma leaves 0.27 % of a Gaussian outside.
+DEFAULT_SIGMAS = 3.0
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "crosscheck.schema.json"
 # Relative floating-point slack of the local check: float64 sums in another order.
 _FLOAT_SLACK = 1e-9
@@ -72,8 +94,15 @@ class LayerCheck:
     missing_spikes: int
     extra_spikes: int
     saturated: int
+    early: int  # spikes before the window opened whose value fits it (not saturation)
     overflow: int
     within_bound: bool
+    bound_kind: str = "quantisation"  # quantisation | statistical (device model + quantisation)
+    beyond_expected: float = 0.0  # fraction the bound's statistics expect beyond it
+    # What the stage's own hardware effects cost (attribution's stage-at-a-time run):
+    own_accuracy_loss: float | None = None
+    own_disagreement: float | None = None
+    own_logit_error: float | None = None
 
 
 @dataclass
@@ -98,6 +127,11 @@ class CrossCheckReport:
     ok: bool
     reasons: list[str]
     layers: list[LayerCheck]
+    cause_layer: str | None = None
+    cause_effect: str | None = None
+    bound_sigmas: float | None = None  # k of the statistical bound (None: quantisation only)
+    attribution: dict | None = None  # Attribution as a dict (None: not run)
+    metrics: dict | None = None  # NeuroBench-style metrics of the hardware run
     schema_version: int = SCHEMA_VERSION
     plots: dict = field(default_factory=dict, repr=False)  # figure data, not serialised
 
@@ -141,6 +175,7 @@ def _layer(
     missing,
     extra,
     saturated,
+    early,
     overflow,
     allowed,
 ) -> LayerCheck:
@@ -165,6 +200,7 @@ def _layer(
         missing_spikes=int(missing),
         extra_spikes=int(extra),
         saturated=int(saturated),
+        early=int(early),
         overflow=int(overflow),
         within_bound=bool(beyond <= allowed),
     )
@@ -183,16 +219,24 @@ def crosscheck(
     y=None,
     hardware: Trace | None = None,
     reference: Trace | None = None,
+    attribution: bool = True,
+    sigmas: float = DEFAULT_SIGMAS,
 ) -> CrossCheckReport:
     """Run the reference simulator and the deployment on x (N, *input_shape) and compare.
 
     y: labels (N,) for accuracies. hardware / reference: traces already computed on
     the same x, to avoid running again. ``dep.snn`` may differ from ``snn`` (e.g. other
     windows): hardware values are decoded with the deployment's own windows.
+    attribution: also name the cause layer and effect (one partial run per stage and
+    one rebuilt deployment per effect; on the digits models well under a second).
+    sigmas: width k of the statistical bound of analog deployments.
     """
     reference = simulate(snn, x) if reference is None else reference
     hardware = dep.run(x) if hardware is None else hardware
     terms = dep.quantization_terms()
+    statistics = dep.weight_statistics() if hasattr(dep, "weight_statistics") else {}
+    if not any(np.any(var > 0) for _, var in statistics.values()):
+        statistics = {}
     profile = dep.profile
     allowed = profile.crosscheck.max_beyond_bound
     hw_snn = dep.snn
@@ -226,6 +270,7 @@ def crosscheck(
                 & np.isfinite(hardware.spike_times["input"])
             ),
             hardware.saturated_per_layer.get("input", 0),
+            hardware.early_per_layer.get("input", 0),
             0,
             allowed,
         )
@@ -233,7 +278,6 @@ def crosscheck(
     plots["layers"]["input"] = _plot_data(
         reference.spike_times["input"], hardware.spike_times["input"], INPUT_WINDOW
     )
-    hw_values = {"input": hw_in}  # every stage's hardware values, for shortcuts
     previous_hw = hw_in
     hw_values = {"input": hw_in}  # every stage's hardware values: shortcut sources
     logit_err = np.abs(hardware.output - reference.output)
@@ -241,7 +285,10 @@ def crosscheck(
         hw_stage = hw_snn.stage(stage.name)
         if isinstance(stage, OutputLayer):
             own, delta, input_error = terms[stage.name]
-            potential, bound = _local(stage, terms, own, delta, input_error, previous_hw, hw_values)
+            potential, bound, sigma = _local(
+                stage, terms, own, delta, input_error, previous_hw, hw_values, statistics, sigmas
+            )
+            expected = _expected_beyond(potential, bound, sigma, None)
             local = potential.reshape(n, -1)
             bound = bound.reshape(n, -1)
             local_err = np.abs(hardware.output - local)
@@ -261,10 +308,12 @@ def crosscheck(
                     0,
                     0,
                     0,
+                    0,
                     hardware.overflow.get(stage.name, 0),
                     allowed,
                 )
             )
+            _mark_statistical(layers[-1], stage.name in statistics, expected)
             break
         ref_t = reference.spike_times[stage.name]
         hw_t = hardware.spike_times[stage.name]
@@ -274,10 +323,14 @@ def crosscheck(
             s = stage.sign[None, :, None, None]
             local = ops.maxpool2d(previous_hw * s, stage.kernel, stage.stride, stage.padding) * s
             bound = np.zeros(1)
+            expected = 0.0
             kind = "pool"
         else:
             own, delta, input_error = terms[stage.name]
-            potential, bound = _local(stage, terms, own, delta, input_error, previous_hw, hw_values)
+            potential, bound, sigma = _local(
+                stage, terms, own, delta, input_error, previous_hw, hw_values, statistics, sigmas
+            )
+            expected = _expected_beyond(potential, bound, sigma, stage.window)
             local = np.clip(potential, 0.0, stage.window)
             kind = "spiking"
         local_err = np.abs(hw_v - local)
@@ -297,10 +350,12 @@ def crosscheck(
                 np.sum(ref_fired & ~hw_fired),
                 np.sum(~ref_fired & hw_fired),
                 hardware.saturated_per_layer.get(stage.name, 0),
+                hardware.early_per_layer.get(stage.name, 0),
                 hardware.overflow.get(stage.name, 0),
                 allowed,
             )
         )
+        _mark_statistical(layers[-1], stage.name in statistics, expected)
         plots["layers"][stage.name] = _plot_data(ref_t, hw_t, [stage.t_min, stage.t_max])
         previous_hw = hw_v
         hw_values[stage.name] = hw_v
@@ -308,6 +363,14 @@ def crosscheck(
     agreement = float(np.mean(reference.predictions == hardware.predictions)) if n else 1.0
     divergence = next((layer.name for layer in layers if not layer.within_bound), None)
     reasons = _reasons(layers, agreement, profile.crosscheck.required_agreement, allowed)
+    found = attribute(snn, dep, x, y, reference, hardware) if attribution and n else None
+    if found is not None:
+        costs = {cost.name: cost for cost in found.layers}
+        for layer in layers:
+            if layer.name in costs:
+                layer.own_accuracy_loss = costs[layer.name].accuracy_loss
+                layer.own_disagreement = costs[layer.name].disagreement
+                layer.own_logit_error = costs[layer.name].logit_error_mean
     plots["raster"] = {
         "reference": {k: v[0].reshape(-1) for k, v in reference.spike_times.items()},
         "hardware": {k: v[0].reshape(-1) for k, v in hardware.spike_times.items()},
@@ -327,6 +390,11 @@ def crosscheck(
         logit_error_mean=float(logit_err.mean()) if logit_err.size else 0.0,
         logit_error_max=float(logit_err.max()) if logit_err.size else 0.0,
         divergence_layer=divergence,
+        cause_layer=None if found is None else found.cause_layer,
+        cause_effect=None if found is None else found.cause_effect,
+        bound_sigmas=float(sigmas) if statistics else None,
+        attribution=None if found is None else asdict(found),
+        metrics=neurobench_metrics(dep.snn, hardware, profile, dep.backend, dep),
         latency_s=None if hardware.latency_s is None else float(np.mean(hardware.latency_s)),
         energy_j=None if hardware.energy_j is None else float(np.mean(hardware.energy_j)),
         ok=divergence is None and agreement >= profile.crosscheck.required_agreement,
@@ -336,20 +404,41 @@ def crosscheck(
     )
 
 
-def _local(stage, terms, own, delta, input_error, inputs, hw_values) -> tuple:
-    """Exact potential (bias included) of a layer fed the hardware's own inputs, and the
-    bound quantisation explains on it. A join layer adds each shortcut's synapses on its
+def _local(
+    stage, terms, own, delta, input_error, inputs, hw_values, statistics=None, sigmas=0.0
+) -> tuple:
+    """Exact potential (bias included) of a layer fed the hardware's own inputs, the bound
+    that quantisation (and, with ``statistics``, the device model) explains on it, and the
+    device model's standard deviation of each output (0 without statistics). With
+    statistics the potential carries the device model's expected shift and the bound adds
+    ``sigmas`` standard deviations. A join layer adds each shortcut's synapses on its
     source's hardware values, with that group's terms (``shortcut_term`` keys)."""
-    potential = apply_synapses(stage.synapses, inputs) + stage.bias
-    bound = _bound(stage.synapses, stage.output_shape, own, delta, input_error, inputs)
+    statistics = statistics or {}
+    groups = [(stage.synapses, inputs, (own, delta, input_error), statistics.get(stage.name))]
     for i, shortcut in enumerate(stage.shortcuts):
-        source = hw_values[shortcut.source]
-        potential = potential + apply_synapses(shortcut.synapses, source)
-        sc_own, sc_delta, sc_input = terms.get(shortcut_term(stage.name, i), (0.0, None, 0.0))
-        bound = bound + _bound(
-            shortcut.synapses, stage.output_shape, sc_own, sc_delta, sc_input, source
+        key = shortcut_term(stage.name, i)
+        groups.append(
+            (
+                shortcut.synapses,
+                hw_values[shortcut.source],
+                terms.get(key, (0.0, None, 0.0)),
+                statistics.get(key),
+            )
         )
-    return potential, bound
+    potential = stage.bias
+    bound = np.zeros((inputs.shape[0], *stage.output_shape))
+    variance = np.zeros_like(bound)
+    for synapses, values, (g_own, g_delta, g_input), stat in groups:
+        potential = potential + apply_synapses(synapses, values)
+        bound = bound + _bound(synapses, stage.output_shape, g_own, g_delta, g_input, values)
+        if stat is not None:
+            # Devices independent: mean shifts and variances of the groups add.
+            *pre_ops, affine = synapses
+            x = apply_synapses(tuple(pre_ops), values) if pre_ops else values
+            potential = potential + apply_synapses(abs_weight_ops((affine,), stat[0]), x)
+            variance = variance + apply_synapses(abs_weight_ops((affine,), stat[1]), x * x)
+    sigma = np.sqrt(np.maximum(variance, 0.0))
+    return potential, bound + sigmas * sigma, sigma
 
 
 def _bound(synapses, output_shape, own, delta, input_error, inputs: np.ndarray) -> np.ndarray:
@@ -369,6 +458,74 @@ def _bound(synapses, output_shape, own, delta, input_error, inputs: np.ndarray) 
     return bound
 
 
+def _expected_beyond(potential, bound, sigma, window: float | None) -> float:
+    """Fraction of outputs a Gaussian error of the device model's sigma would put beyond
+    the bound: per output the upper tail P(e > b + max(0, -p)) (none when p >= window) and
+    the lower tail P(e < -(b + max(0, p - window))) (none when p <= 0); a clipped output
+    can only leave its bound by crossing into the window. ``window`` None: not clipped."""
+    safe = np.where(sigma > 0, sigma, 1.0)
+    below = np.maximum(0.0, -potential) if window is not None else 0.0
+    above = np.maximum(0.0, potential - window) if window is not None else 0.0
+    upper = 1.0 - ndtr((bound + below) / safe)
+    lower = 1.0 - ndtr((bound + above) / safe)
+    if window is not None:
+        upper = np.where(potential < window, upper, 0.0)
+        lower = np.where(potential > 0, lower, 0.0)
+    tails = np.where(sigma > 0, upper + lower, 0.0)
+    return float(tails.mean()) if tails.size else 0.0
+
+
+def _mark_statistical(layer: LayerCheck, statistical: bool, expected: float) -> None:
+    if statistical:
+        layer.bound_kind = "statistical"
+        layer.beyond_expected = min(1.0, expected)
+
+
+def bound_line(report: CrossCheckReport) -> str | None:
+    """One sentence comparing each statistically bounded stage's fraction beyond its
+    bound with what the device model expects (None without a statistical bound)."""
+    analog = [layer for layer in report.layers if layer.bound_kind == "statistical"]
+    if not analog or report.bound_sigmas is None:
+        return None
+    parts = ", ".join(
+        f"{layer.name} {100 * layer.beyond_bound:.2f} % "
+        f"(expected {100 * layer.beyond_expected:.2f} %)"
+        for layer in analog
+    )
+    return (
+        f"beyond the statistical bound ({report.bound_sigmas:g} sigma of the device model + "
+        f"quantisation): {parts}; allowed {100 * report.max_beyond_bound:.2f} %"
+    )
+
+
+def cause_lines(report: CrossCheckReport) -> list[str]:
+    """The cause layer and cause effect of a report as sentences (empty without
+    attribution)."""
+    found = report.attribution
+    if not found:
+        return []
+    lines = []
+    layer = next((c for c in found["layers"] if c["name"] == found["cause_layer"]), None)
+    if layer is not None:
+        loss = layer["accuracy_loss"]
+        loss = "" if loss is None else f"{100 * loss:.2f} % accuracy, "
+        lines.append(
+            f"cause layer {layer['name']}: its own hardware effects alone (every other stage "
+            f"exact) cost {loss}{100 * layer['disagreement']:.2f} % disagreement with the "
+            f"reference, mean logit error {layer['logit_error_mean']:.3g}"
+        )
+    effect = next((e for e in found["effects"] if e["effect"] == found["cause_effect"]), None)
+    if effect is not None:
+        gain = effect["accuracy_recovered"]
+        gain = "" if gain is None else f"{100 * gain:+.2f} % accuracy, "
+        lines.append(
+            f"cause effect {effect['effect']}: switching it off ({effect['ablation']}) "
+            f"recovers {gain}{100 * effect['disagreement_recovered']:.2f} % agreement and "
+            f"{effect['logit_error_recovered']:.3g} of the mean logit error"
+        )
+    return lines
+
+
 def _plot_data(ref_t: np.ndarray, hw_t: np.ndarray, window, limit: int = 4000) -> dict:
     ref = ref_t.reshape(-1)
     hw = hw_t.reshape(-1)
@@ -381,16 +538,21 @@ def _plot_data(ref_t: np.ndarray, hw_t: np.ndarray, window, limit: int = 4000) -
 def _reasons(layers: list[LayerCheck], agreement: float, required: float, allowed: float):
     reasons = []
     for layer in layers:
-        if layer.within_bound and not layer.saturated and not layer.overflow:
+        if layer.within_bound and not layer.saturated and not layer.early and not layer.overflow:
             continue
         parts = []
         if not layer.within_bound:
             steps = (
                 f" = {layer.local_error_max / layer.step_size:.1f} steps" if layer.step_size else ""
             )
+            explains = (
+                "the device model and quantisation explain"
+                if layer.bound_kind == "statistical"
+                else "quantisation explains"
+            )
             parts.append(
                 f"{100 * layer.beyond_bound:.1f} % of its outputs lie beyond the bound "
-                f"quantisation explains (allowed {100 * allowed:.1f} %; worst local error "
+                f"{explains} (allowed {100 * allowed:.1f} %; worst local error "
                 f"{layer.local_error_max:.3g}{steps}, bound {layer.bound_max:.3g})"
             )
         if layer.saturated:
@@ -398,12 +560,18 @@ def _reasons(layers: list[LayerCheck], agreement: float, required: float, allowe
                 f"{layer.saturated} values exceeded the window (too short a window: "
                 "calibrate on more representative data or raise zeta)"
             )
+        if layer.early:
+            parts.append(
+                f"{layer.early} neurons fired before their window opened (their membrane "
+                "crossed threshold while inputs still arrived: the conversion's no-early-spike "
+                "condition does not hold for these inputs)"
+            )
         if layer.overflow:
             parts.append(
                 f"{layer.overflow} saturations of the membrane, current or ADC "
                 "(too few bits or too narrow a range)"
             )
-        if not layer.within_bound and not layer.saturated and not layer.overflow:
+        if not layer.within_bound and not (layer.saturated or layer.early or layer.overflow):
             parts.append(
                 "the hardware computes this layer differently from the converted "
                 "network: check its weights, devices and faults"
@@ -426,4 +594,11 @@ def figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-__all__ = ["CrossCheckReport", "LayerCheck", "crosscheck", "figure_png"]
+__all__ = [
+    "CrossCheckReport",
+    "LayerCheck",
+    "bound_line",
+    "cause_lines",
+    "crosscheck",
+    "figure_png",
+]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,23 @@ BACKENDS: dict[str, str] = {
     "crossbar": "neurodeploy.backends.crossbar:CrossbarDeployment",
     "lava": "neurodeploy.backends.lava:LavaDeployment",
 }
+
+
+@dataclass(frozen=True)
+class StageRunner:
+    """How a deployment computes each stage, one at a time (the cross-check's attribution
+    runs one stage on the hardware and the others exactly).
+
+    encode(x) -> input spike times (N, *input_shape) as the hardware encodes raw x;
+    spiking(stage, t_in, shortcut_in) -> (spike times, saturated, early neurons) of a hidden
+    layer (as run_stages takes it);
+    output(stage, t_in, shortcut_in) -> logits (N, classes). stage: a stage of the
+    deployment's own network; times in its windows (time units, inf for silence), as
+    :func:`neurodeploy.simulate.run_stages` passes them."""
+
+    encode: Callable
+    spiking: Callable
+    output: Callable
 
 
 class Deployment(ABC):
@@ -51,6 +70,11 @@ class Deployment(ABC):
     @abstractmethod
     def run(self, x) -> Trace:
         """Run raw inputs x (N, *input_shape); return a Trace with latency_s and energy_j."""
+
+    def stage_runner(self) -> StageRunner | None:
+        """The stage functions of this deployment (see :class:`StageRunner`), or None when
+        the backend cannot compute a stage on its own (the cross-check then models it)."""
+        return None
 
     @abstractmethod
     def summary(self) -> dict:

@@ -47,6 +47,7 @@ def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
             if row["name"] in trace.spike_times:
                 row["spikes_per_neuron"] = float(np.isfinite(trace.spike_times[row["name"]]).mean())
                 row["saturated"] = int(trace.saturated_per_layer.get(row["name"], 0))
+                row["early"] = int(trace.early_per_layer.get(row["name"], 0))
     return rows
 
 
@@ -55,7 +56,8 @@ def compare_with_relu(net: Network, snn: TTFSNetwork, trace: Trace, x, y=None) -
 
     Returns accuracy_relu and accuracy_snn (None without labels y), agreement
     of predictions, max_abs_error and relative_error (max |logit error| over
-    max |logit|), spikes_per_neuron, latency (time units), saturated.
+    max |logit|), spikes_per_neuron, latency (time units), saturated (values beyond
+    their window) and early (spikes before the window opened with in-window values).
     """
     logits = net.forward(x)
     err = np.abs(trace.output - logits)
@@ -75,6 +77,7 @@ def compare_with_relu(net: Network, snn: TTFSNetwork, trace: Trace, x, y=None) -
         "spikes_per_neuron": trace.spikes_per_neuron,
         "latency": float(snn.latency),
         "saturated": trace.saturated,
+        "early": trace.early,
     }
     return summary
 
@@ -95,5 +98,6 @@ def hardware_summary(reference: Trace, hardware: Trace, y=None) -> dict:
         "latency_s": mean(hardware.latency_s),
         "energy_j": mean(hardware.energy_j),
         "saturated": hardware.saturated,
+        "early": hardware.early,
         "overflow": int(sum(hardware.overflow.values())),
     }

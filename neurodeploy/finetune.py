@@ -121,9 +121,7 @@ class _Hardware:
             group = self.crossbar.layers[stage.name].shortcuts[index]
             stats = {"overflow": {}, "read_charge": np.zeros(len(values))}
             return self.crossbar._read(group, values, self.read_rng, stats, group.name)
-        synapses = self.shortcut_weights.get(
-            (stage.name, index), stage.shortcuts[index].synapses
-        )
+        synapses = self.shortcut_weights.get((stage.name, index), stage.shortcuts[index].synapses)
         return apply_synapses(synapses, values)
 
     def round(self, stage: SpikingLayer, y: np.ndarray) -> np.ndarray:

@@ -219,8 +219,7 @@ class Conv2d(Layer):
         c, h, w = input_shape
         if c != self.in_channels:
             raise ModelError(
-                f"layer '{self.name}' (conv2d) expects {self.in_channels} input channels, "
-                f"got {c}"
+                f"layer '{self.name}' (conv2d) expects {self.in_channels} input channels, got {c}"
             )
         ho = ops.conv_output_size(h, self.kernel, self.stride, self.padding)
         wo = ops.conv_output_size(w, self.kernel, self.stride, self.padding)

@@ -8,9 +8,10 @@ Spike times follow from the neuron dynamics of each model:
   reaches theta_i, at t_i = t_min + theta_i - V(t_min) if that is before t_max.
   A neuron already above threshold at t_min fires at t_min (saturation).
 - alpha1: dV/dt = alpha H(t - t_min_prev) + sum_j J_ij H(t - t_j) from
-  t_min_prev, a piecewise linear trajectory; the simulation sorts the input
-  spikes and finds the first segment in which V crosses vartheta_i (event by
-  event). A neuron that has not fired by t_max is made to fire at t_max.
+  t_min_prev, J_ij = g_i W_ij, a piecewise linear trajectory; a closed form once
+  every input is in, a bound that rules out earlier crossings, and an exact
+  sweep over the input times only where the bound does not (:func:`_alpha1_layer`).
+  A neuron that has not fired by t_max is made to fire at t_max.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .network import compute_dtype_of
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
-# Bound on the (batch, inputs, neurons) work arrays of the alpha1 simulation.
+# Bound on the elements of the (kink times, *input_shape) ramps one alpha1 sweep chunk
+# pushes through a layer's maps (32 MB of float64).
 _ALPHA1_CHUNK_ELEMENTS = 4_000_000
 
 
@@ -59,7 +61,7 @@ def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
 
 def _b1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, int]:
     v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
     v = add_shortcuts(layer, v, shortcut_in)
     return b1_fire(layer, v)
@@ -78,22 +80,24 @@ def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
     return v
 
 
-def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int]:
-    """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten).
+def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten), the
+    saturated count and the early count.
 
     From t_min the membrane rises with slope 1: it reaches theta at
     t_min + theta - v; a neuron already above threshold fires at once (counted
     as saturated, except in a clipped layer, where that is the clip), one that
-    would need longer than its window stays silent.
+    would need longer than its window stays silent. A b1 neuron only ramps from
+    t_min, so it never fires early: the early count is 0 by construction.
     """
     t_fire = np.subtract(layer.t_min + layer.threshold, v, out=v)
-    early = 0
+    saturated = 0
     if t_fire.min(initial=np.inf) < layer.t_min:
         if not layer.clipped:
-            early = int(np.count_nonzero(t_fire < layer.t_min))
+            saturated = int(np.count_nonzero(t_fire < layer.t_min))
         np.maximum(t_fire, layer.t_min, out=t_fire)
     _silence_from(t_fire, layer.t_max)
-    return t_fire, early
+    return t_fire, saturated, 0
 
 
 def _silence_from(t: np.ndarray, t_end: float) -> None:
@@ -108,40 +112,89 @@ def _silence_from(t: np.ndarray, t_end: float) -> None:
 
 def _alpha1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
-) -> tuple[np.ndarray, int]:
+) -> tuple[np.ndarray, int, int]:
+    """Spike times (N, *output_shape) of an alpha1 layer, its saturated and early counts.
+
+    The membrane from t0 = t_min_prev is piecewise linear,
+    V_i(t) = alpha (t - t0) + g_i sum_j W_ij (t - t_j)_+ (inputs that arrived before t0,
+    from a previous layer's early or saturated spikes, have integrated since), and a
+    neuron fires at its first crossing of vartheta_i, no earlier than t0; one that has
+    not fired by t_max fires at t_max (value 0). Everything runs through the layer's
+    own linear maps (a convolution stays one): no dense or (batch, N_in, N_out) array.
+
+    - Once every input is in (t >= t_min = t1): V(t1) = alpha (t1 - t0) + g_i (W x)_i
+      with x = t1 - t, then V rises with slope g_i > 0: a closed form.
+    - Before t1: max_{t < t1} V_i < alpha (t1 - t0) + g_i (W+ x)_i (module
+      ``convert``, "alpha1"). A neuron whose bound stays at or below vartheta_i cannot
+      cross before t1 (the converter guarantees it in the calibrated range).
+    - Only the samples with a neuron above that bound are swept event by event: V at
+      every distinct input time in [t0, t1] (the kinks), in chunks through the layer's
+      maps, the crossing solved on its linear segment.
+
+    saturated: fired before t1 with V(t1) > vartheta (its value exceeds the window);
+    early: fired before t1 although V(t1) <= vartheta (value in the window).
+    """
     if shortcut_in:  # pragma: no cover - convert refuses residual alpha1 networks
         raise NotImplementedError("alpha1 layers take no shortcuts")
+    alpha, t0, t1 = layer.alpha, layer.t_min_prev, layer.t_min
+    # (vartheta - V's ramp at t1) / g: the drive W x at which a neuron fires at t1, and the
+    # bound W+ x may not exceed (B_n - b_i for a converted layer). (output_shape)
+    margin = (layer.threshold - alpha * (t1 - t0)) / layer.coupling_scale
+    drive, positive_drive = layer.drive_and_positive_drive(spike_values(t_in, t1))
+    # After t1 V rises with slope g from V(t1) = alpha (t1 - t0) + g W x, so it reaches
+    # vartheta at t1 + margin - W x.
+    t_out = np.subtract(t1 + margin, drive)  # contiguous: drive may be a view
+    np.minimum(t_out, layer.t_max, out=t_out)
+    saturated = int(np.count_nonzero(t_out < t1))  # V(t1) > vartheta: beyond the window
+    may_cross = positive_drive > margin
+    if not np.count_nonzero(may_cross):
+        return t_out, saturated, 0
     n = t_in.shape[0]
-    t_flat = t_in.reshape(n, -1)
-    coupling = layer.coupling  # (N_out, N_in)
-    n_out, n_in = coupling.shape
-    alpha, t0 = layer.alpha, layer.t_min_prev
-    theta = layer.threshold.reshape(-1)
-    t_out = np.empty((n, n_out))
-    chunk = max(1, _ALPHA1_CHUNK_ELEMENTS // (n_in * n_out))
-    for lo in range(0, n, chunk):
-        t = t_flat[lo : lo + chunk]
-        order = np.argsort(t, axis=1, kind="stable")
-        t_sorted = np.take_along_axis(t, order, axis=1)  # (b, N_in)
-        j_sorted = coupling.T[order]  # (b, N_in, N_out): weight of the k-th arriving spike
-        slope = alpha + np.cumsum(j_sorted, axis=1)  # after the k-th spike
-        offset = np.cumsum(j_sorted * t_sorted[:, :, None], axis=1)
-        # V(t) = slope_k t - alpha t0 - offset_k on [t_k, t_{k+1}); crossing of theta:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            crossing = (theta + alpha * t0 + offset) / slope
-        seg_end = np.concatenate([t_sorted[:, 1:], np.full((t.shape[0], 1), np.inf)], axis=1)
-        valid = (slope > 0) & (crossing >= t_sorted[:, :, None]) & (crossing < seg_end[:, :, None])
-        # Before the first input spike only alpha drives V: V = alpha (t - t0).
-        before_first = t0 + theta / alpha
-        first_ok = before_first < t_sorted[:, :1]
-        k = np.argmax(valid, axis=1)  # first valid segment per neuron
-        found = np.take_along_axis(valid, k[:, None, :], axis=1)[:, 0, :]
-        t_cross = np.take_along_axis(crossing, k[:, None, :], axis=1)[:, 0, :]
-        t_cross = np.where(found, t_cross, np.inf)
-        t_cross = np.where(first_ok, np.maximum(before_first, t0), t_cross)
-        t_out[lo : lo + chunk] = np.minimum(t_cross, layer.t_max)
-    early = int(np.count_nonzero(t_out < layer.t_min))
-    return t_out.reshape(n, *layer.output_shape), early
+    for sample in np.flatnonzero(may_cross.reshape(n, -1).any(axis=1)):
+        _alpha1_sweep(layer, t_in[sample], may_cross[sample], t_out[sample])
+    # The sweeps only move spikes earlier, to before t1: the new ones there came early.
+    early = int(np.count_nonzero(t_out < t1)) - saturated
+    return t_out, saturated, early
+
+
+def _alpha1_sweep(
+    layer: SpikingLayer, t_in: np.ndarray, candidates: np.ndarray, t_out: np.ndarray
+) -> None:
+    """First threshold crossings before t_min of one sample's candidate neurons, exactly.
+
+    t_in: (*input_shape) spike times; candidates: (*output_shape) neurons that may
+    cross before t_min; t_out (*output_shape) holds the closed-form times after t_min
+    and is overwritten where a neuron crosses earlier. V is linear between
+    consecutive distinct input times, so it is evaluated there (through the layer's
+    maps on the ramps (tau - t_j)_+, a chunk of times at a time) and the crossing
+    solved on the first segment that reaches vartheta.
+    """
+    alpha, t0, t1 = layer.alpha, layer.t_min_prev, layer.t_min
+    g, theta = layer.coupling_scale, layer.threshold
+    times = t_in[np.isfinite(t_in)]
+    kinks = np.unique(np.concatenate([[t0, t1], np.clip(times, t0, t1)]))
+    chunk = max(1, _ALPHA1_CHUNK_ELEMENTS // max(1, t_in.size))
+    pending = candidates.copy()
+    v_prev = tau_prev = None
+    for lo in range(0, kinks.size, chunk):
+        tau = kinks[lo : lo + chunk]
+        ramps = np.maximum(tau.reshape(-1, *(1,) * t_in.ndim) - t_in[None], 0.0)
+        v = apply_synapses(layer.synapses, ramps) * g + alpha * (tau - t0).reshape(
+            -1, *(1,) * g.ndim
+        )
+        for k in range(tau.size):
+            reached = pending & (v[k] >= theta)
+            if reached.any():
+                if v_prev is None:  # above threshold when integration starts
+                    t_out[reached] = t0
+                else:
+                    slope = (v[k] - v_prev) / (tau[k] - tau_prev)
+                    t_cross = tau_prev + (theta - v_prev) / np.where(reached, slope, 1.0)
+                    t_out[reached] = t_cross[reached]
+                pending &= ~reached
+                if not pending.any():
+                    return
+            v_prev, tau_prev = v[k], tau[k]
 
 
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
@@ -159,18 +212,31 @@ def output_potential(layer: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = 
     return (potential + layer.bias).reshape(t_in.shape[0], -1)
 
 
-def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, output_layer):
+def run_stages(
+    snn: TTFSNetwork,
+    t_input: np.ndarray,
+    spiking_layer,
+    time_pool,
+    output_layer,
+    early: dict[str, int] | None = None,
+):
     """Run every stage in order; the backends supply how each kind of stage computes.
 
-    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons);
-    time_pool(stage, t_in) -> t_out; output_layer(stage, t_in, shortcut_in) ->
-    logits (N, classes). t_in: spike times of the stage before; shortcut_in: a
-    tuple with the spike times of each of ``stage.shortcuts``' sources (empty
-    for a chain). Spike times are in time units with inf for silence. Returns
-    (logits, spike_times, saturated).
+    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons) or
+    (t_out, saturated, early neurons); time_pool(stage, t_in) -> t_out;
+    output_layer(stage, t_in, shortcut_in) -> logits (N, classes). t_in: spike
+    times of the stage before; shortcut_in: a tuple with the spike times of each
+    of ``stage.shortcuts``' sources (empty for a chain). Spike times are in time
+    units with inf for silence. Returns (logits, spike_times, saturated).
+
+    early: filled with the early count of "input" (0: the encoding spikes in its
+    window) and of every spiking layer. A two-value callback is a b1 neuron's,
+    which ramps from t_min and cannot fire early: its layers count 0.
     """
     spike_times = {"input": t_input}
     saturated = {}
+    early = {} if early is None else early
+    early["input"] = 0
     t = t_input
     output = None
     for stage in snn.stages:
@@ -179,7 +245,8 @@ def run_stages(snn: TTFSNetwork, t_input: np.ndarray, spiking_layer, time_pool, 
         else:
             shortcut_in = tuple(spike_times[sc.source] for sc in stage.shortcuts)
             if isinstance(stage, SpikingLayer):
-                t, saturated[stage.name] = spiking_layer(stage, t, shortcut_in)
+                t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
+                early[stage.name] = int(fired_early[0]) if fired_early else 0
             else:
                 output = output_layer(stage, t, shortcut_in)
                 break
@@ -217,15 +284,17 @@ def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
     n = t.shape[0]
     per = chunk_samples(working_bytes(snn, dt), memory_budget)
+    early: dict[str, int] = {}
     if n <= per:
         output, spike_times, saturated = run_stages(
-            snn, t, layer_step, time_pool, output_potential
+            snn, t, layer_step, time_pool, output_potential, early
         )
     else:
         output, spike_times, saturated = None, None, {}
         for lo, hi in chunks(n, per):
+            part_early: dict[str, int] = {}
             part_out, part_times, part_sat = run_stages(
-                snn, t[lo:hi], layer_step, time_pool, output_potential
+                snn, t[lo:hi], layer_step, time_pool, output_potential, part_early
             )
             if output is None:
                 output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
@@ -235,6 +304,8 @@ def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
                 spike_times[name][lo:hi] = v
             for name, count in part_sat.items():
                 saturated[name] = saturated.get(name, 0) + count
+            for name, count in part_early.items():
+                early[name] = early.get(name, 0) + count
     return Trace(
         output=output,
         spike_times=spike_times,
@@ -242,6 +313,7 @@ def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
         saturated_per_layer={"input": outside, **saturated},
         latency=np.full(n, snn.latency),
         backend="reference",
+        early_per_layer=early,
     )
 
 

@@ -208,6 +208,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def report_file_names(spec: SweepSpec) -> list[str]:
     """The files ``write_report`` writes for ``spec``: report.html and its figures."""
     names = ["report.html", *(f"accuracy_{key.replace('.', '_')}.png" for key, _ in spec.params)]
+    names.append("tradeoff.png")  # accuracy against energy and latency
     return [*names, "heatmap.png"] if len(spec.params) == 2 else names
 
 
@@ -489,22 +490,31 @@ def run_sweep(
     scheduler: str | None = None,
     progress=None,
     force: bool = False,
+    on_record=None,
 ) -> list[dict]:
     """Run every (point, seed) not yet in ``results.jsonl``; returns all records.
 
-    force: write into a directory whose sweep files neurodeploy did not write (see
-    :func:`open_sweep`).
+    progress(done, total): called with the runs done (resumed ones included) at the
+    start and after every run. on_record(record): called with every record, those
+    already in the directory first, then each new one as it is written (its "point"
+    and "seed" say which run it was). force: write into a directory whose sweep files
+    neurodeploy did not write (see :func:`open_sweep`).
     """
     check_executor(executor, scheduler)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, [SWEEP_FILE, RESULTS_FILE], force=force)
     with output_lock(out_dir):  # one sweep at a time in a directory
-        return _run_locked(spec, out_dir, executor, workers, scheduler, progress, force)
+        return _run_locked(spec, out_dir, executor, workers, scheduler, progress, force, on_record)
 
 
-def _run_locked(spec, out_dir, executor, workers, scheduler, progress, force) -> list[dict]:
+def _run_locked(
+    spec, out_dir, executor, workers, scheduler, progress, force, on_record=None
+) -> list[dict]:
     open_sweep(out_dir, spec, force=force)
     records = read_results(out_dir, repair=True)
+    if on_record is not None:
+        for record in unique_records(records):
+            on_record(record)
     done = {record_key(r) for r in records}
     todo = [
         (p, s) for p in range(len(spec.points())) for s in range(spec.seeds) if (p, s) not in done
@@ -524,8 +534,10 @@ def _run_locked(spec, out_dir, executor, workers, scheduler, progress, force) ->
             results.flush()
             os.fsync(results.fileno())
             records.append(record)
+            if on_record is not None:
+                on_record(record)
             if progress is not None:
-                progress(len(records), total)
+                progress(len(done), total)
     return records
 
 

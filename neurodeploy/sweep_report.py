@@ -1,11 +1,19 @@
 """Sweep reports: accuracy against each swept key with 95 % bands, heat maps for
-two-key grids, the knee of every line and a noise-resilience summary."""
+two-key grids, accuracy against energy and latency per inference with the Pareto
+front of the hardware points, the knee of every line and a noise-resilience summary.
+
+Every axis names its unit (a swept key's from the profile key's documentation); legends
+sit outside the data. The page is assembled from a few f-strings: a template engine
+(jinja2) would move them into a second file without making them shorter.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import math
+import re
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +23,61 @@ from .fileio import claim_output_dir, write_files_atomic
 from .sweep import SweepSpec, aggregate, load_sweep, report_file_names
 
 _BLUE, _GREY, _GREEN, _RED = "#0969da", "#59636e", "#1a7f37", "#cf222e"
+
+
+@cache
+def _key_docs() -> dict[str, str]:
+    from .profile import describe_keys
+
+    return {key: doc for key, _, doc in describe_keys()}
+
+
+_UNIT_NAMES = {"s": "s", "us": "µS", "v": "V", "j": "J", "bits": "bits"}
+
+
+def key_unit(key: str) -> str:
+    """The unit of a dotted profile key, from its documentation: "s", "µS", "bits",
+    "× published model" for noise multipliers, "fraction", ...; "" if dimensionless."""
+    doc = _key_docs().get(key, "")
+    found = re.search(r"\((s|uS|V|J|bits)\)", doc)
+    if found:
+        return _UNIT_NAMES[found.group(1).lower()]
+    name = key.rsplit(".", 1)[-1]
+    if "multiplier" in doc:
+        return "× published model"
+    if doc.startswith("fraction"):
+        return "fraction"
+    if "relative" in doc:
+        return "relative to |G|"
+    for word in ("bits", "levels", "steps"):
+        if word in name:
+            return word
+    if name.endswith("_per_core") or name.endswith("_per_chip"):
+        return "count"
+    return ""
+
+
+def key_label(key: str) -> str:
+    """An axis label for a swept key: "weights.bits (bits)"."""
+    unit = key_unit(key)
+    return f"{key} ({unit})" if unit else key
+
+
+def point_name(params: dict) -> str:
+    """A short name of a hardware point: "bits=4, levels=8" (last part of each key)."""
+    return ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in params.items())
+
+
+def pareto_front(costs: list[float], accuracies: list[float]) -> list[int]:
+    """Indices of the points no other point beats: none has a cost <= and an accuracy
+    >= with one of them strictly better. Sorted by cost."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -accuracies[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if accuracies[i] > best:
+            front.append(i)
+            best = accuracies[i]
+    return front
 
 
 def _order(value):
@@ -144,15 +207,16 @@ def _line_figure(
             )
         if log_x:
             ax.set_xscale("log")
-        ax.set_xlabel(key)
+        ax.set_xlabel(key_label(key))
         ax.set_ylabel(f"{label} (%)")
         ax.grid(alpha=0.3)
     axes[0].set_title(
         f"accuracy against {key} (95 % interval over seeds; dotted: knee)", fontsize=10
     )
     axes[1].set_title("agreement with the reference SNN", fontsize=10)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, names = axes[0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     return _png(fig)
 
 
@@ -191,14 +255,94 @@ def _heatmap_figure(spec: SweepSpec, rows: list[dict], reference: float, toleran
                 )
     ax.set_xticks(range(len(values_x)), [str(v) for v in values_x])
     ax.set_yticks(range(len(values_y)), [str(v) for v in values_y])
-    ax.set_xlabel(key_x)
-    ax.set_ylabel(key_y)
+    ax.set_xlabel(key_label(key_x))
+    ax.set_ylabel(key_label(key_y))
     ax.set_title(
         f"mean accuracy (%) over seeds; bold: within {tolerance * 100:g} points of the reference",
         fontsize=10,
     )
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     return _png(fig)
+
+
+_COSTS = (
+    ("energy_j", 1e9, "energy per inference (nJ)"),
+    ("latency_s", 1e6, "latency per inference (µs)"),
+)
+
+
+def _tradeoff_figure(groups: list[dict], labelled: bool) -> bytes:
+    """Accuracy against energy and against latency per inference: one marker per hardware
+    point (95 % bars over seeds), its name beside it, the Pareto front drawn as a step
+    line with filled markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = [_BLUE, "#bc4c00", "#8250df", _GREEN]
+    for ax, (metric, scale, xlabel) in zip(axes, _COSTS, strict=True):
+        every_cost = []
+        for g_index, group in enumerate(groups):
+            color = colors[g_index % len(colors)]
+            rows = [r for r in group["done"] if r["accuracy"] is not None and r[metric]]
+            rows = [r for r in rows if np.isfinite(r[metric][0])]
+            if not rows:
+                continue
+            cost = [r[metric][0] * scale for r in rows]
+            acc = [r["accuracy"][0] * 100 for r in rows]
+            low = [a - r["accuracy"][1] * 100 for a, r in zip(acc, rows, strict=True)]
+            high = [r["accuracy"][2] * 100 - a for a, r in zip(acc, rows, strict=True)]
+            every_cost += cost
+            front = pareto_front(cost, acc)
+            prefix = f"{group['label']}: " if labelled else ""
+            ax.errorbar(
+                cost, acc, yerr=[low, high], fmt="o", mfc="white", color=color, ms=5,
+                capsize=2, lw=0.8, label=f"{prefix}hardware points (95 % over seeds)",
+            )  # fmt: skip
+            ax.step(
+                [cost[i] for i in front], [acc[i] for i in front], where="post",
+                color=color, lw=1.2, ls="--",
+            )  # fmt: skip
+            ax.plot(
+                [cost[i] for i in front], [acc[i] for i in front], "o", color=color, ms=7,
+                zorder=4, label=f"{prefix}Pareto front",
+            )  # fmt: skip
+            named = range(len(rows)) if len(rows) <= 12 else front
+            for k, i in enumerate(sorted(named, key=lambda i: cost[i])):
+                ax.annotate(
+                    point_name(rows[i]["params"]), (cost[i], acc[i]),
+                    xytext=(6, 4 if k % 2 == 0 else -11), textcoords="offset points",
+                    fontsize=7, color=color,
+                )  # fmt: skip
+        reference = groups[0]["reference"]
+        if not math.isnan(reference):
+            ax.axhline(reference * 100, color=_GREY, ls=":", lw=1, label="reference SNN")
+        if every_cost and min(every_cost) > 0 and max(every_cost) / min(every_cost) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy against energy per inference", fontsize=10)
+    axes[1].set_title("accuracy against latency per inference", fontsize=10)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    return _png(fig)
+
+
+def _front_points(rows: list[dict], metric: str) -> set[int]:
+    """The points (indices into the sweep) on the accuracy-against-``metric`` front."""
+    done = [r for r in rows if r["seeds"] and r["accuracy"] is not None and r[metric]]
+    done = [r for r in done if np.isfinite(r[metric][0])]
+    front = pareto_front([r[metric][0] for r in done], [r["accuracy"][0] for r in done])
+    return {done[i]["point"] for i in front}
+
+
+def _front_marks(point: int, fronts: dict[str, set[int]]) -> str:
+    names = {"energy_j": "energy", "latency_s": "latency"}
+    return ", ".join(names[m] for m, members in fronts.items() if point in members) or ""
 
 
 def _fmt_interval(interval) -> str:
@@ -269,6 +413,10 @@ def write_report(
         png = _heatmap_figure(spec, main["done"], reference, tolerance)
         files["heatmap.png"] = png
         figures.append(("Heat map", png))
+    if main["done"]:
+        png = _tradeoff_figure([main, *others], labelled=bool(others))
+        files["tradeoff.png"] = png
+        figures.append(("Accuracy against energy and latency per inference", png))
     files["report.html"] = _page(main, others, tolerance_points, figures)
     write_files_atomic(out_dir, files)  # all renamed into place only when all are written
     return out_dir / "report.html"
@@ -299,12 +447,14 @@ def _points_table(group: dict, tolerance_points: float) -> str:
     header = "".join(f"<th>{html.escape(k)}</th>" for k in keys) + (
         "<th>seeds</th><th>accuracy (95 % CI)</th><th>agreement (95 % CI)</th>"
         "<th>logit error</th><th>spikes/neuron</th><th>latency</th><th>energy</th>"
+        "<th>Pareto front (energy, latency)</th>"
     )
+    fronts = {metric: _front_points(rows, metric) for metric, _, _ in _COSTS}
     body = []
     for row in rows:
         cells = "".join(f"<td>{html.escape(str(row['params'][k]))}</td>" for k in keys)
         if not row["seeds"]:
-            body.append(f"<tr>{cells}<td>0</td><td colspan='6'>not run yet</td></tr>")
+            body.append(f"<tr>{cells}<td>0</td><td colspan='7'>not run yet</td></tr>")
             continue
         within = row["accuracy"] is not None and row["accuracy"][0] >= (
             reference - tolerance_points / 100 - 1e-12
@@ -315,7 +465,8 @@ def _points_table(group: dict, tolerance_points: float) -> str:
             f"<td>{_fmt_interval(row['agreement'])}</td><td>{row['logit_error'][0]:.3g}</td>"
             f"<td>{row['spikes_per_neuron'][0]:.3f}</td>"
             f"<td>{row['latency_s'][0] * 1e6:.4g} µs</td>"
-            f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td></tr>"
+            f"<td>{row['energy_j'][0] * 1e9:.4g} nJ</td>"
+            f"<td>{_front_marks(row['point'], fronts)}</td></tr>"
         )
     title = f"{group['label']} (reference SNN accuracy {100 * reference:.2f} %)"
     return (

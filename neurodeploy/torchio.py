@@ -106,8 +106,7 @@ def from_torch(
     got = net.forward(example.cpu().numpy().astype(np.float64))
     if got.shape != expected.shape:
         raise ModelError(
-            f"from_torch: the imported network gives shape {got.shape}, the module "
-            f"{expected.shape}"
+            f"from_torch: the imported network gives shape {got.shape}, the module {expected.shape}"
         )
     error = float(np.max(np.abs(got - expected))) if got.size else 0.0
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)

@@ -23,12 +23,17 @@ class Trace:
     the hidden layers; pools only route spikes, the output layer does not spike).
     spike_count: (N,) spikes per sample over the neuron layers.
     spikes_per_neuron: mean spikes per neuron of the neuron layers.
-    saturated: neurons (summed over samples) that fired before their window
-    opened, i.e. whose value exceeded the calibrated window (the decoded value
-    is then clipped or wrong); inputs outside [p, q] count under "input". A
-    clipped ReLU's layer (its window is the clip) never counts: its neurons
-    above the window give the clip, which is the layer's function.
+    saturated: neurons (summed over samples) whose value exceeded their window
+    (they fire when it opens, or before: the decoded value is then clipped or
+    wrong); inputs outside [p, q] count under "input". A clipped ReLU's layer
+    (its window is the clip) never counts: its neurons above the window give
+    the clip, which is the layer's function.
     saturated_per_layer: the same per stage.
+    early: neurons (summed over samples) that fired before their window opened
+    although their value fits in the window: an alpha1 membrane that crossed its
+    threshold while inputs were still arriving (its value is then wrong). Not
+    saturation. b1 neurons cannot (they ramp from t_min): their layers count 0.
+    early_per_layer: the same per stage; every backend fills every neuron layer.
     latency: (N,) time (time units) at which each sample's output was read.
     backend: name of what produced the trace.
     latency_s, energy_j: (N,) seconds to the output and joules per sample, from
@@ -49,6 +54,7 @@ class Trace:
     energy_j: np.ndarray | None = None
     step_size: dict[str, float] = field(default_factory=dict)
     overflow: dict[str, int] = field(default_factory=dict)
+    early_per_layer: dict[str, int] = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -80,6 +86,10 @@ class Trace:
     @property
     def saturated(self) -> int:
         return int(sum(self.saturated_per_layer.values()))
+
+    @property
+    def early(self) -> int:
+        return int(sum(self.early_per_layer.values()))
 
     def accuracy(self, labels) -> float:
         """Fraction of samples whose prediction equals ``labels`` (N,)."""

@@ -22,7 +22,8 @@ spikes are delayed so they arrive aligned with its own input window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -30,6 +31,24 @@ from .network import Layer, Shape
 
 NEURON_MODELS = ("b1", "alpha1")
 INPUT_WINDOW = (0.0, 1.0)
+
+
+def alpha1_threshold(
+    coupling_scale: np.ndarray,
+    bias: np.ndarray,
+    alpha: float,
+    t_min_prev: float,
+    t_min: float,
+    t_max: float,
+) -> np.ndarray:
+    """alpha1 thresholds vartheta_i = g_i (B_n - b_i) + alpha (t_min - t_min_prev).
+
+    With every input in by t_min, V(t_min) = alpha (t_min - t_min_prev) + g_i (W x)_i
+    and V rises with slope g_i after it, so the neuron fires at t_max - (W x + b)_i
+    (derivation: neurodeploy/convert.py, "alpha1"). Shapes: coupling_scale and bias
+    (output_shape); time units.
+    """
+    return coupling_scale * (t_max - t_min - bias) + alpha * (t_min - t_min_prev)
 
 
 def apply_synapses(synapses: tuple[Layer, ...], values: np.ndarray) -> np.ndarray:
@@ -93,8 +112,10 @@ class SpikingLayer(_SpikingStage):
     threshold: (output_shape) firing threshold. b1: theta_i = B_n - b_i
     (after integrating inputs during the previous window, the membrane rises
     with slope 1 from t_min). alpha1: vartheta_i of the exact-mapping paper.
-    alpha1 also has ``alpha`` (the constant input current) and ``coupling``
-    (N_out, N_in), the effective synaptic matrix J = alpha W / (1 - sum_j W_ij).
+    alpha1 also has ``alpha`` (the constant input current) and
+    ``coupling_scale`` (output_shape), g_i = alpha / (1 - sum_j W_ij): the
+    effective synapses are J_ij = g_i W_ij, a per-neuron scale on the layer's
+    own weights (a convolution stays a convolution; no dense matrix).
     shortcuts: residual inputs from earlier stages (b1 only), added to the
     membrane at t_min.
 
@@ -115,13 +136,39 @@ class SpikingLayer(_SpikingStage):
     x_max: float
     threshold: np.ndarray = field(repr=False)
     alpha: float = 1.0
-    coupling: np.ndarray | None = field(default=None, repr=False)
+    coupling_scale: np.ndarray | None = field(default=None, repr=False)
     shortcuts: tuple[Shortcut, ...] = ()
     clipped: bool = False
 
     @property
     def window(self) -> float:
         return self.t_max - self.t_min
+
+    @cached_property
+    def _paired_synapses(self) -> tuple[Layer, ...]:
+        """W and W+ stacked along the output channels, group by group (a grouped conv's
+        output channels stay in their groups), so one pass computes both."""
+        *linear, affine = self.synapses
+        w = affine.weight
+        groups = getattr(affine, "groups", 1)
+        per_group = w.reshape(groups, -1, *w.shape[1:])
+        paired = np.concatenate([per_group, np.maximum(per_group, 0.0)], axis=1)
+        paired = paired.reshape(2 * w.shape[0], *w.shape[1:])
+        return (*linear, replace(affine, weight=paired, bias=np.zeros(paired.shape[0])))
+
+    def drive_and_positive_drive(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(W x, W+ x) for values (N, *input_shape), each (N, *output_shape), from one
+        pass of the layer's own map with both weight sets (one im2col for a conv)."""
+        *_, affine = self.synapses
+        groups = getattr(affine, "groups", 1)
+        both = apply_synapses(self._paired_synapses, values)
+        if groups == 1:  # views of the two halves along the channels: no copies
+            half = both.shape[1] // 2
+            return both[:, :half], both[:, half:]
+        n = both.shape[0]
+        both = both.reshape(n, groups, 2, -1, *both.shape[2:])
+        shape = (n, *self.output_shape)
+        return both[:, :, 0].reshape(shape), both[:, :, 1].reshape(shape)
 
     def delay(self, shortcut: Shortcut) -> float:
         """Delay (time units) of a shortcut's spikes: t_min - its source's window end."""

@@ -293,3 +293,42 @@ def _shape_dag(layers, input_shape):
             shapes[layer.name] = layer.output_shape(shapes[srcs[0]])
         prev = layer.name
     return shapes[prev]
+
+
+# CIFAR-sized VGG: 3x32x32 inputs, two 3x3 convs (padding 1) with batch norm before each
+# ReLU per stage, a 2x2 max pool after each of three stages (Simonyan & Zisserman, "Very
+# deep convolutional networks", ICLR 2015, layout; widths of its first three stages).
+VGG_WIDTHS = (64, 128, 256)
+
+
+def cifar_vgg(seed: int = 0, widths: tuple[int, ...] = VGG_WIDTHS, classes: int = 10):
+    """A random He-scaled CIFAR-sized VGG (six 3x3 convs with BN, three max pools, a
+    hidden dense layer of 256 and the output), input range [0, 1]; batch norms get the
+    batch statistics of their inputs on random images (:func:`with_bn_statistics`); about
+    one gamma in ten is negative (folded into its conv before the ReLU)."""
+    rng = np.random.default_rng(seed)
+    layers: list = []
+    c_in = 3
+    for stage, width in enumerate(widths):
+        for j in range(2):
+            name = f"conv{stage}{j}"
+            w = rng.normal(0.0, np.sqrt(2.0 / (c_in * 9)), (width, c_in, 3, 3))
+            layers.append(nd.Conv2d(name, w, np.zeros(width), 1, 1))
+            gamma = rng.uniform(0.5, 1.5, width) * rng.choice([-1.0, 1.0], width, p=[0.1, 0.9])
+            layers.append(
+                nd.BatchNorm(f"bn{stage}{j}", gamma, rng.normal(0.0, 0.2, width),
+                             np.zeros(width), np.ones(width))
+            )
+            layers.append(nd.ReLU(f"relu{stage}{j}"))
+            c_in = width
+        layers.append(nd.MaxPool2d(f"pool{stage}", 2, 2))
+    side = 32 // 2 ** len(widths)
+    features = c_in * side * side
+    layers += [
+        nd.Flatten("flat"),
+        nd.Dense("fc", rng.normal(0.0, np.sqrt(2.0 / features), (256, features)), np.zeros(256)),
+        nd.ReLU("fcrelu"),
+        nd.Dense("out", rng.normal(0.0, np.sqrt(1.0 / 256), (classes, 256)), np.zeros(classes)),
+    ]
+    x = rng.uniform(0.0, 1.0, (16, 3, 32, 32))
+    return nd.Network(f"cifar_vgg{seed}", (3, 32, 32), (0.0, 1.0), with_bn_statistics(layers, x))

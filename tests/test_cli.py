@@ -193,18 +193,77 @@ def test_run_on_lava_prints_the_figures(capsys):
     assert "lava" in out
 
 
-def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
-    from neurodeploy.cli import Progress
+def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch, capsys):
+    from neurodeploy import progress
 
-    with Progress("x", delay_s=0.0) as bar:  # pytest's stderr is no terminal
-        bar(5, 10)
+    assert not progress.wanted()  # pytest's stderr is no terminal
+    assert progress.wanted(forced=True) and not progress.wanted(quiet=True, forced=True)
+    with progress.bar("x", 10, "samples", progress.wanted()) as silent:
+        progress.counter(silent)(5, 10)
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    with Progress("lava", delay_s=0.0) as bar:
-        bar(5, 10)
-        bar(10, 10)
+    assert progress.wanted() and not progress.wanted(quiet=True)
+    with progress.bar("lava fixed_pt", 10, "samples", progress.wanted()) as shown:
+        moved = progress.counter(shown)
+        moved(5, 10)
+        moved(10, 10)
     err = capsys.readouterr().err
-    assert "lava [" in err and "10/10 samples" in err and err.endswith("\n")
+    # tqdm's line: description, count, elapsed<remaining (the ETA) and the rate
+    assert "lava fixed_pt" in err and "10/10" in err and "<" in err and "samples/s" in err
+
+
+def test_forced_progress_shows_nested_sweep_bars(capsys, tmp_path):
+    argv = ["sweep", "digits_mlp", "--profile", "loihi2", "--param", "weights.bits=4,8"]
+    argv += ["--seeds", "2", "--samples", "20", "--workers", "1", "--progress"]
+    code, out, err = run(capsys, *argv, "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "sweep points" in err and "2/2" in err
+    assert "runs (2 seeds per point)" in err and "4/4" in err
+    assert "sweep: 4 runs (2 points x 2 seeds)" in out
+
+
+def test_every_option_has_help_with_its_default():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    for parser in parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, (parser.prog, action.option_strings)
+            text = formatter._get_help_string(action)
+            flag = isinstance(action, (argparse._StoreTrueAction, argparse._VersionAction))
+            if not (flag or action.required or isinstance(action, argparse._HelpAction)):
+                assert "default" in text, (parser.prog, action.option_strings, text)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "neurodeploy: error: COMMAND required; choose one of convert, simulate"),
+        (["fileclass"], "neurodeploy: error: fileclass: ACTION required; choose one of train"),
+        (["simulate", "digits_mlp", "--zeta", "x"], "neurodeploy: error: simulate: argument"),
+    ],
+)
+def test_one_error_prefix(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith(message) and err.count("neurodeploy: error:") == 1
+
+
+def test_short_out_option_everywhere():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, child in sub.choices.items():
+        outs = [a for a in child._actions if "--out" in a.option_strings]
+        if outs:
+            assert "-o" in outs[0].option_strings, name
+    args = parser.parse_args(["run", "digits_mlp", "--profile", "loihi2", "-o", "d"])
+    assert args.out == "d"
 
 
 def test_every_subcommand_has_a_handler():

@@ -134,7 +134,7 @@ def test_alpha1_weight_sums_are_rescaled_into_the_papers_bounds():
     net = random_network(5)
     snn = nd.convert(net, calibration=random_inputs(net, 16, 5), neuron="alpha1")
     for layer in snn.spiking_layers:
-        w_sum = layer.coupling.sum(axis=1) / (layer.alpha + layer.coupling.sum(axis=1))
+        w_sum = 1.0 - layer.alpha / layer.coupling_scale  # g = alpha / (1 - sum W)
         assert w_sum.max() <= 0.99 + 1e-12 and w_sum.min() >= -10 - 1e-9
 
 

@@ -280,3 +280,31 @@ def test_residual_summary_and_energy_count_the_shortcut_arrays(resnets):
     assert dac > sum(layer.positions * layer.rows for layer in dep.layers.values())
     expected = adc * e.adc_conversion_j + dac * e.dac_conversion_j + trace.spike_count * e.spike_j
     np.testing.assert_allclose(fixed, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["pcm", "rram"])
+def test_device_moments_match_the_programmed_devices(name):
+    """The cross-check's statistical bound rests on device_moments: the mean and second
+    moment of a device's inference-time conductance must be those program_pairs draws
+    (programming noise, variability, clipping at 0 uS, drift with its nu spread). Each
+    column of W holds 4000 devices with one target; the draws' mean and variance per
+    column must match the prediction to within their sampling error."""
+    from neurodeploy.backends.crossbar import device_moments, program_pairs
+
+    profile = nd.load_profile(name)
+    cb = profile.crossbar
+    targets = np.linspace(-1.0, 1.0, 21)
+    w = np.tile(targets, (4000, 1))  # (rows, cols): one target per column
+    no_faults = nd.profile.Faults()
+    target, _, now, _ = program_pairs(w, cb, no_faults, seed=3, layer=0)
+    for g_t, g_now in zip(target, now, strict=True):
+        first, second = device_moments(g_t[0], cb)  # one row: the column targets
+        mean, var = first, second - first**2
+        sample_mean = g_now.mean(axis=0)
+        sample_var = g_now.var(axis=0)
+        rows = g_now.shape[0]
+        sd_mean = np.sqrt(np.maximum(var, 1e-30) / rows)
+        assert np.all(np.abs(sample_mean - mean) <= 4 * sd_mean + 1e-12), name
+        # the variance of a sample variance is ~ 2 var^2 / n for near-Gaussian draws;
+        # the clipped and drifted ones have heavier tails (measured up to 4): allow 6
+        assert np.all(np.abs(sample_var - var) <= 6 * var * np.sqrt(2 / rows) + 1e-12), name

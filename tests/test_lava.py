@@ -249,6 +249,8 @@ def test_importing_lava_through_the_backend_sets_no_start_method(tmp_path):
         """,
     )
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("make", [dense_resnet, conv_resnet], ids=["dense", "conv"])
 def test_fixed_point_lava_runs_residual_nets_exactly_like_the_emulator(make):
     """Shortcut groups through delay processes; batch 5: a partial last chunk."""
@@ -282,3 +284,21 @@ def test_floating_point_lava_on_a_residual_net_stays_within_the_step_grid_bound(
     report = nd.crosscheck(snn, dep, x[:10])
     assert report.divergence_layer is None, report.reasons
     assert report.agreement == 1.0
+
+
+def test_chunk_size_keeps_a_progress_bar_moving():
+    """Without a batch, a chunk holds about a second of work (digits_cnn: 128 samples of
+    12 704 synapses x 96 steps), never more samples than the run has; a batch given is
+    honoured; the progress callback is called once per chunk."""
+    from neurodeploy.backends.lava import CHUNK_WORK, MAX_CHUNK, MIN_CHUNK
+
+    snn, x = converted("digits_cnn", 40)
+    auto = nd.deploy(snn, "loihi2", backend="lava")
+    assert auto.chunk_size(540) == MAX_CHUNK and auto.chunk_size(40) == 40
+    assert nd.deploy(snn, "loihi2", backend="lava", batch=300).chunk_size(540) == 300
+    synapses = sum(p.synapse_count for p in auto.programs.values())
+    assert synapses * 96 * MAX_CHUNK <= CHUNK_WORK  # digits_cnn is well inside the budget
+    assert MIN_CHUNK <= MAX_CHUNK
+    calls = []
+    nd.deploy(snn, "loihi2", backend="lava", batch=16).run(x, progress=lambda *a: calls.append(a))
+    assert calls == [(16, 40), (32, 40), (40, 40)]

@@ -49,11 +49,17 @@ OUR_FILES = {
     "simulate": ["simulate.json"],
     "run": ["run.json"],
     "deploy": ["crosscheck.json", "crosscheck.html"],
-    "sweep": ["sweep.json", "results.jsonl", "report.html", "accuracy_weights_bits.png"],
+    "sweep": [
+        "sweep.json",
+        "results.jsonl",
+        "report.html",
+        "accuracy_weights_bits.png",
+        "tradeoff.png",
+    ],
     "finetune": ["network.yaml", "weights.npz", "finetune.json"],
     "fileclass train": ["fileclass.json", "weights.npz"],
     "export": ["model.onnx"],
-    "report": ["report.html", "accuracy_weights_bits.png"],
+    "report": ["report.html", "accuracy_weights_bits.png", "tradeoff.png"],
 }
 MODEL_COMMANDS = ("finetune", "fileclass train")  # refuse any directory of foreign files
 COMMANDS = list(OUR_FILES)

@@ -99,6 +99,7 @@ def test_chunked_forward_and_simulate_equal_one_pass(model):
         np.testing.assert_allclose(chunked.output, trace.output, rtol=0,
                                    atol=1e-12 * np.abs(trace.output).max())
         assert chunked.saturated_per_layer == trace.saturated_per_layer
+        assert chunked.early_per_layer == trace.early_per_layer
         for name, times in trace.spike_times.items():
             assert np.array_equal(np.isinf(chunked.spike_times[name]), np.isinf(times))
             np.testing.assert_allclose(chunked.spike_times[name], times, rtol=1e-12)

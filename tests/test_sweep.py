@@ -197,19 +197,86 @@ def test_dask_local_cluster_gives_the_same_results(tmp_path):
     assert metrics(dask) == metrics(local)
 
 
-def test_report_has_bands_heat_map_and_knees(tmp_path):
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory) -> Path:
+    """A two-key pcm sweep (2 x 2 points, 2 seeds, 80 samples) and its report."""
+    out = tmp_path_factory.mktemp("grid")
     params = [("crossbar.read_noise_scale", [0.0, 4.0]), ("crossbar.levels", [4, 32])]
-    _sweep(tmp_path, "pcm", params, seeds=2, samples=80, workers=2)
+    _sweep(out, "pcm", params, seeds=2, samples=80, workers=2)
+    write_report(out, tolerance_points=2.0)
+    return out
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="needs Debian's chromium")
+def test_sweep_report_renders_in_headless_chromium(grid_sweep, tmp_path):
+    """What a user sees: every figure decodes, and the page draws them (not blank)."""
+    import base64
+    import importlib.util
+    import io
+    import re
+
+    from PIL import Image
+
+    page = (grid_sweep / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 4
+    for data in images:  # no broken image: each is a whole PNG with content
+        figure = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+        assert figure.shape[0] > 200 and figure.std() > 10
+    spec = importlib.util.spec_from_file_location(
+        "screenshot_report",
+        Path(__file__).resolve().parent.parent / "tools" / "screenshot_report.py",
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    png = tool.screenshot(grid_sweep / "report.html", tmp_path / "sweep.png", height=3000)
+    shot = np.asarray(Image.open(png).convert("RGB"))
+    assert shot.shape[:2] == (3000, 1280)
+    rows_drawn = (shot.std(axis=(1, 2)) > 5).mean()  # rows with more than background
+    assert rows_drawn > 0.3, rows_drawn
+
+
+def test_report_has_bands_heat_map_and_knees(grid_sweep):
+    tmp_path = grid_sweep
     page = write_report(tmp_path, tolerance_points=2.0).read_text()
-    assert page.count("src='data:image/png;base64,") == 3
+    assert page.count("src='data:image/png;base64,") == 4
     for png in (
         "accuracy_crossbar_read_noise_scale.png",
         "accuracy_crossbar_levels.png",
         "heatmap.png",
+        "tradeoff.png",
     ):
         assert (tmp_path / png).stat().st_size > 5000
     assert "Noise resilience and knees" in page and "95 %" in page
+    assert "Accuracy against energy and latency per inference" in page
+    assert "Pareto front (energy, latency)" in page and "<td>energy" in page
     assert main(["report", str(tmp_path)]) == 0
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from neurodeploy.sweep_report import pareto_front
+
+    costs = [1.0, 2.0, 2.0, 3.0, 0.5, 4.0]
+    accuracies = [0.80, 0.90, 0.85, 0.88, 0.70, 0.95]
+    # 2.0/0.85 loses to 2.0/0.90, 3.0/0.88 to 2.0/0.90
+    assert pareto_front(costs, accuracies) == [4, 0, 1, 5]
+    assert pareto_front([1.0, 1.0], [0.5, 0.5]) == [0]  # a tie: one of them
+
+
+def test_axis_labels_carry_the_keys_units():
+    from neurodeploy.sweep_report import key_label, point_name
+
+    assert key_label("crossbar.t_inference_s") == "crossbar.t_inference_s (s)"
+    assert key_label("crossbar.g_max_us") == "crossbar.g_max_us (µS)"
+    assert key_label("weights.bits") == "weights.bits (bits)"
+    assert key_label("converter.adc_bits") == "converter.adc_bits (bits)"
+    assert key_label("crossbar.levels") == "crossbar.levels (levels)"
+    assert key_label("crossbar.read_noise_scale") == "crossbar.read_noise_scale (× published model)"
+    assert key_label("faults.stuck_on") == "faults.stuck_on (fraction)"
+    assert key_label("timing.steps_per_window") == "timing.steps_per_window (steps)"
+    assert point_name({"weights.bits": 4, "timing.steps_per_window": 16}) == (
+        "bits=4, steps_per_window=16"
+    )
 
 
 def test_report_of_a_directory_without_a_sweep_is_a_user_error(tmp_path, capsys):

@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import ops
-from ..deploy import Deployment
+from ..deploy import Deployment, StageRunner
 from ..errors import DeployError
 from ..network import Conv2d
 from ..profile import Converter, Crossbar, Faults
@@ -180,6 +180,14 @@ def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
+def _as_weight_shape(matrices: np.ndarray, affine) -> np.ndarray:
+    """(G, rows, cols) array matrices (:func:`_weight_matrices`) back in the shape of the
+    layer's weight."""
+    if isinstance(affine, Conv2d):
+        return matrices.transpose(0, 2, 1).reshape(affine.weight.shape)
+    return matrices[0].T
+
+
 def _quantise_levels(g: np.ndarray, cb: Crossbar) -> np.ndarray:
     if cb.levels is None:
         return g
@@ -256,6 +264,58 @@ def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer:
         programmed.append(g)
         now.append(g_now)
     return target, programmed, now, w_max / span
+
+
+# Gauss-Hermite (probabilists') nodes for the drift factor's moments over nu: 24 nodes
+# integrate exp(-nu L) against the normal density to far below the noise it describes.
+_HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite_e.hermegauss(24)
+_HERMITE_WEIGHTS = _HERMITE_WEIGHTS / np.sqrt(2.0 * np.pi)
+
+
+def _normal_pdf_cdf(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.special import ndtr
+
+    return np.exp(-0.5 * a * a) / np.sqrt(2.0 * np.pi), ndtr(a)
+
+
+def device_moments(g_target: np.ndarray, cb: Crossbar) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and second moment (uS, uS^2) of a device's conductance at inference time, as
+    :func:`program_pairs` draws it from its target: G = max(g_t (1 + v e1) + s_p sigma_p(g_t)
+    e2, 0) (t / t0)^-nu with nu = |N(mu(g_t), sd(g_t))| x drift_scale. The programmed part is
+    a rectified Gaussian (closed form); the drift factor's moments are integrated over nu
+    (Gauss-Hermite). Stuck-at faults are left out: they are what the bound must flag."""
+    var = np.zeros_like(g_target)
+    if cb.variability > 0:
+        var = var + (cb.variability * g_target) ** 2
+    if cb.prog_noise_scale > 0:
+        var = var + (cb.prog_noise_scale * _programming_sigma(g_target, cb)) ** 2
+    sd = np.sqrt(var)
+    safe = np.where(sd > 0, sd, 1.0)
+    pdf, cdf = _normal_pdf_cdf(g_target / safe)
+    first = np.where(sd > 0, g_target * cdf + sd * pdf, np.maximum(g_target, 0.0))
+    second = np.where(
+        sd > 0, (g_target**2 + var) * cdf + g_target * sd * pdf, np.maximum(g_target, 0.0) ** 2
+    )
+    t = cb.t_inference_s + DRIFT_T0_S
+    if cb.drift_scale > 0 and t > DRIFT_T0_S:
+        log_t = np.log(t / DRIFT_T0_S)
+        if cb.device_model == "generic":
+            mean = np.full_like(g_target, cb.generic.drift_nu_mean)
+            std = np.full_like(g_target, cb.generic.drift_nu_std)
+        else:
+            log_g = np.log(np.maximum(np.abs(g_target / cb.g_max_us), PCM_G_REL_MIN))
+            a, b, lo, hi = PCM_NU_MEAN
+            mean = np.clip(a * log_g + b, lo, hi)
+            a, b, lo, hi = PCM_NU_STD
+            std = np.clip(a * log_g + b, lo, hi)
+        f1 = np.zeros_like(g_target)
+        f2 = np.zeros_like(g_target)
+        for z, w in zip(_HERMITE_NODES, _HERMITE_WEIGHTS, strict=True):
+            factor = np.exp(-np.abs(mean + std * z) * cb.drift_scale * log_t)
+            f1 += w * factor
+            f2 += w * factor * factor
+        first, second = first * f1, second * f2
+    return first, second
 
 
 class CrossbarDeployment(Deployment):
@@ -461,22 +521,26 @@ class CrossbarDeployment(Deployment):
                     part[:, adc_step <= 0] = 0.0
             out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
-        stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
+        if stats["read_charge"] is not None:
+            stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
             out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
         return out
 
-    def run(self, x, read_seed: int = 0) -> Trace:
-        """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
-        (same deployment seed and read_seed, same bits)."""
-        snn = self.snn
-        t_input, outside = encode_input(snn, x)
+    def encode(self, x) -> tuple[np.ndarray, int]:
+        """Input spike times (on the step grid with one), and the count of inputs outside
+        [p, q]."""
+        t_input, outside = encode_input(self.snn, x)
         if self.steps:
             x01 = np.where(np.isfinite(t_input), 1.0 - t_input, 0.0)
             t_input = encode_on_grid(x01, self.steps)
-        n = t_input.shape[0]
-        stats = {"overflow": {}, "read_charge": np.zeros(n)}
+        return t_input, outside
+
+    def _stage_functions(self, read_seed: int, stats: dict):
+        """(spiking, output) stage functions as :func:`~neurodeploy.simulate.run_stages`
+        takes them; read noise from the (seed, read_seed, layer) streams, ADC clips and
+        read charge into stats ({"overflow": {}, "read_charge": (N,)} or read_charge None)."""
         rngs = {
             name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
         }
@@ -501,22 +565,41 @@ class CrossbarDeployment(Deployment):
                 return b1_fire(stage, v)
             dt = self.step_size[stage.name]
             m = np.ceil((stage.threshold - dt / 2 - v) / dt)  # nearest step of t_min + theta - v
-            early = 0 if stage.clipped else int(np.count_nonzero(stage.threshold - v < 0))
+            saturated = 0 if stage.clipped else int(np.count_nonzero(stage.threshold - v < 0))
             np.maximum(m, 0.0, out=m)
             t = stage.t_min + m * dt
             t[m >= self.steps] = np.inf
-            return t, early
+            return t, saturated, 0  # b1 ramps from t_min: no spike can be early
 
         def output(stage: OutputLayer, t_in, shortcut_in=()):
             v = potential(stage, t_in, shortcut_in)
-            return (v + stage.bias).reshape(n, -1)
+            return (v + stage.bias).reshape(v.shape[0], -1)
 
-        logits, spike_times, saturated = run_stages(snn, t_input, spiking, time_pool, output)
+        return spiking, output
+
+    def stage_runner(self) -> StageRunner:
+        stats = {"overflow": {}, "read_charge": None}
+        spiking, output = self._stage_functions(0, stats)
+        return StageRunner(lambda x: self.encode(x)[0], spiking, output)
+
+    def run(self, x, read_seed: int = 0) -> Trace:
+        """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
+        (same deployment seed and read_seed, same bits)."""
+        snn = self.snn
+        t_input, outside = self.encode(x)
+        n = t_input.shape[0]
+        stats = {"overflow": {}, "read_charge": np.zeros(n)}
+        spiking, output = self._stage_functions(read_seed, stats)
+        early: dict[str, int] = {}
+        logits, spike_times, saturated = run_stages(
+            snn, t_input, spiking, time_pool, output, early
+        )
         trace = Trace(
             output=logits,
             spike_times=spike_times,
             neuron_layers=neuron_layers(snn),
             saturated_per_layer={"input": outside, **saturated},
+            early_per_layer=early,
             latency=np.full(n, snn.latency),
             backend=self.backend,
             step_size=dict(self.step_size),
@@ -575,6 +658,52 @@ class CrossbarDeployment(Deployment):
                     group, shortcut.synapses[-1], stage.output_shape
                 )
         return terms
+
+    def weight_statistics(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """What the device model predicts for every array's effective weights: stage (or
+        shortcut term) -> (mean error, variance), both in the shape of the stage's
+        dense/conv weight, in weight units and weight units^2.
+
+        Effective weight W_hw = c s (G+ - G-), s = w_max / (g_max - g_min), c the
+        array's drift compensation; mean error E[W_hw] - s (g_t+ - g_t-) against the
+        target pair (conductance levels are the quantisation term, not this), variance
+        c^2 s^2 (Var G+ + Var G-) from programming noise, variability and drift
+        (:func:`device_moments`) plus the per-read variance of the 1/f read noise of
+        the programmed devices (tiles' read_var). The variance of an output is then
+        sum_j x_j^2 Var(W_ij) over its inputs x_j (devices independent)."""
+        cb = self.device
+        out = {}
+        span = cb.g_max_us - cb.g_min_us
+        for stage in self.snn.stages:
+            layer = self.layers.get(stage.name)
+            if layer is None:
+                continue
+            groups = [(stage.name, layer, stage.synapses[-1])]
+            for i, (group, shortcut) in enumerate(
+                zip(layer.shortcuts, stage.shortcuts, strict=True)
+            ):
+                groups.append((shortcut_term(stage.name, i), group, shortcut.synapses[-1]))
+            for key, group, affine in groups:
+                w = _weight_matrices(affine)  # (G, rows, cols)
+                w_max = float(np.abs(w).max()) or 1.0
+                target = [
+                    _quantise_levels(cb.g_min_us + span * np.maximum(sign * w, 0.0) / w_max, cb)
+                    for sign in (1.0, -1.0)
+                ]
+                moments = [device_moments(g_t, cb) for g_t in target]
+                gain = group.weight_scale * group.compensation
+                mean_error = gain * (moments[0][0] - moments[1][0]) - group.weight_scale * (
+                    target[0] - target[1]
+                )
+                variance = gain**2 * sum(second - first**2 for first, second in moments)
+                for tile in group.tiles:
+                    if tile.read_var is not None:  # (r, cols) or (G, r, cols)
+                        variance[:, tile.rows] += gain**2 * tile.read_var
+                out[key] = (
+                    _as_weight_shape(mean_error, affine),
+                    _as_weight_shape(np.maximum(variance, 0.0), affine),
+                )
+        return out
 
     def _group_terms(self, layer: _CrossbarLayer, affine, output_shape) -> tuple:
         """(ADC rounding per output channel, half a conductance level in weight units,

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..deploy import Deployment
+from ..deploy import Deployment, StageRunner
 from ..errors import DeployError
 from ..network import Conv2d, Dense
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
@@ -420,10 +420,10 @@ class EmulatorDeployment(Deployment):
             # integer (|Theta - V| < 2^53), so the ceiling is exact.
             m = np.subtract(prog.threshold, v, out=v)
             m /= prog.ramp
-            early = 0
+            saturated = 0
             # V - Theta > R / 2: value beyond the window (a clipped layer's clip: not counted)
             if not stage.clipped and m.min(initial=0.0) < -0.5:
-                early = int(np.count_nonzero(m < -0.5))
+                saturated = int(np.count_nonzero(m < -0.5))
             np.ceil(m, out=m)
             np.maximum(m, 0.0, out=m)
             fires = m < prog.steps
@@ -431,7 +431,8 @@ class EmulatorDeployment(Deployment):
             m += stage.t_min
             with np.errstate(divide="ignore"):
                 np.divide(m, fires, out=m)  # t / 0 = inf: no spike within the window
-            return m, early
+            # b1 ramps from t_min (step 0 at the earliest): no spike can be early.
+            return m, saturated, 0
 
         return layer
 
@@ -457,8 +458,9 @@ class EmulatorDeployment(Deployment):
         snn = self.snn
         t_input, outside = self.encode(x)
         overflow: dict[str, int] = {}
+        early: dict[str, int] = {}
         output, spike_times, saturated = run_stages(
-            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow)
+            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow), early
         )
         trace = Trace(
             output=output,
@@ -469,8 +471,20 @@ class EmulatorDeployment(Deployment):
             backend=self.backend,
             step_size=dict(self.step_size),
             overflow=overflow,
+            early_per_layer=early,
         )
         return self.with_costs(trace)
+
+    def stage_runner(self) -> StageRunner | None:
+        """The fixed-point stage functions (None on the ideal profile: the reference runs).
+        A Lava deployment holds the same programs: Lava's fixed_pt models are bit-exact
+        with them (tests/test_lava.py)."""
+        if self.profile.hardware == "ideal":
+            return None
+        overflow: dict[str, int] = {}
+        return StageRunner(
+            lambda x: self.encode(x)[0], self._spiking(overflow), self._output(overflow)
+        )
 
     def encode(self, x) -> tuple[np.ndarray, int]:
         """Input spike times on the step grid, and the count of inputs outside [p, q]."""

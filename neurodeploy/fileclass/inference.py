@@ -69,23 +69,31 @@ def classify(
     backend: str = "reference",
     profile=None,
     seed: int = 0,
+    progress=None,
 ) -> np.ndarray:
-    """Predicted class indices (N,) of metadata records on a backend."""
+    """Predicted class indices (N,) of metadata records on a backend.
+    progress(done, total): called as the files are classified (per batch of files;
+    per file on Lava)."""
     if backend not in BACKENDS:
         raise UsageError(f"backend: unknown {backend!r}; choose one of {', '.join(BACKENDS)}")
     spikes = model.spikes(records)
     if backend == "reference":
-        return model.classify(spikes)[0]
+        return model.classify(spikes, progress=progress)[0]
     if backend == "crossbar":
         if profile is None:
             raise UsageError("the crossbar backend needs a profile (pcm or rram)")
         w_in, w_out, noise = hardware_weights(model, profile, seed)
-        return model.classify(spikes, w_in=w_in, w_out=w_out, read_noise=noise)[0]
-    return lava_classify(model, spikes)[0]
+        return model.classify(spikes, w_in=w_in, w_out=w_out, read_noise=noise, progress=progress)[
+            0
+        ]
+    return lava_classify(model, spikes, progress=progress)[0]
 
 
-def lava_classify(model: FileClassModel, spikes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, output spikes (N, T, C)) of input spikes (N, T, N_in) run on Lava."""
+def lava_classify(
+    model: FileClassModel, spikes: np.ndarray, progress=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, output spikes (N, T, C)) of input spikes (N, T, N_in) run on Lava;
+    progress(done, total) is called after every file."""
     from ..backends.lava import import_lava_runtime
 
     import_lava_runtime()
@@ -120,13 +128,15 @@ def lava_classify(model: FileClassModel, spikes: np.ndarray) -> tuple[np.ndarray
     output.s_out.connect(sink.a_in)
     config = Loihi2SimCfg(select_tag="floating_pt")
     try:
-        for _ in range(n):
+        for done in range(n):
             source.run(condition=RunSteps(num_steps=steps), run_cfg=config)
             for proc in (hidden, output):  # a new file starts from rest
                 proc.u.set(np.zeros(proc.u.shape))
                 proc.v.set(np.zeros(proc.v.shape))
             for dense in (dense_in, dense_inh, dense_out_in, dense_out_h):
                 dense.a_buff.set(np.zeros(dense.a_buff.shape))
+            if progress is not None:
+                progress(done + 1, n)
         recorded = sink.data.get()  # (C, n * steps), one bulk read at the end
     finally:
         source.stop()

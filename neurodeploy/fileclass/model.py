@@ -114,9 +114,16 @@ class FileClassModel:
         return input_spikes(self.encoder.encode(records), self.hyper.steps)
 
     def classify(
-        self, spikes_in: np.ndarray, w_in=None, w_out=None, read_noise=None, batch: int = 1024
+        self,
+        spikes_in: np.ndarray,
+        w_in=None,
+        w_out=None,
+        read_noise=None,
+        batch: int = 1024,
+        progress=None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted class indices (N,), output spikes (N, T, C)) of input spikes."""
+        """(predicted class indices (N,), output spikes (N, T, C)) of input spikes.
+        progress(done, total) is called after every batch of files."""
         w_in = self.w_in if w_in is None else w_in
         w_out = self.w_out if w_out is None else w_out
         targets = self.targets()
@@ -134,6 +141,8 @@ class FileClassModel:
             )
             preds.append(van_rossum(s_o, targets, self.hyper.tau_vr).argmin(axis=1))
             outs.append(s_o)
+            if progress is not None:
+                progress(min(lo + batch, len(spikes_in)), len(spikes_in))
         return np.concatenate(preds), np.concatenate(outs)
 
     # -- files --------------------------------------------------------------------------------
