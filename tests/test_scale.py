@@ -191,3 +191,17 @@ def test_float32_runs_every_conv_and_pool_kind_in_float32():
     ref = net.forward(x)
     np.testing.assert_allclose(seen[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_array_equal(net.forward(x, dtype="float32"), seen[-1])
+
+
+def test_chunked_alpha1_simulation_equals_one_pass():
+    net = nd.load_model("digits_mlp")
+    x = nd.datasets.digits("test")[0][:20].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x, neuron="alpha1")
+    whole = nd.simulate(snn, x)
+    chunked = nd.simulate(snn, x, memory_budget=7 * sim_working_bytes(snn))
+    np.testing.assert_allclose(chunked.output, whole.output, rtol=0,
+                               atol=1e-12 * np.abs(whole.output).max())
+    assert chunked.early_per_layer == whole.early_per_layer
+    assert chunked.saturated_per_layer == whole.saturated_per_layer
+    with pytest.raises(nd.UsageError, match="float32"):
+        nd.simulate(snn, x, dtype="float32")
