@@ -11,7 +11,7 @@ OUT    := out
 CHROMIUM_PACKAGES := chromium fonts-dejavu-core
 CHROMIUM_COMMAND  := chromium
 
-.PHONY: run test lint bench clean browser
+.PHONY: run test lint bench bench-imagenet bench-all clean browser
 
 run: $(STAMP)
 	$(VENV)/bin/neurodeploy deploy digits_cnn --profile loihi2 --backend lava --out $(OUT)
@@ -44,9 +44,19 @@ browser:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The small part (under 3 minutes): kernels against their GEMMs, save/load, backends.
 bench: $(STAMP)
+	$(PY) benchmarks/bench_limit.py
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_backends.py
+
+# VGG-16 and ResNet-18 at 224x224 against their GEMMs (several minutes on 2 cores).
+bench-imagenet: $(STAMP)
+	$(PY) benchmarks/bench_limit.py --only vgg16
+	$(PY) benchmarks/bench_limit.py --only resnet18
+	$(PY) benchmarks/bench_limit.py --peak vgg16 --images 64 --what forward
+
+bench-all: bench bench-imagenet
 	$(PY) benchmarks/bench_lava.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_alpha1.py

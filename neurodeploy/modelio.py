@@ -14,7 +14,12 @@ network.yaml::
       - ...
 
 weights.npz holds ``<layer>.<param>`` arrays: dense/conv2d ``weight`` and
-``bias``, batchnorm ``gamma``, ``beta``, ``mean``, ``var``.
+``bias``, batchnorm ``gamma``, ``beta``, ``mean``, ``var``. It is written
+uncompressed (zip "stored" members: VGG-16's 138 M parameters save and load in
+seconds, where deflate took a minute), each array as float32 when float32 holds
+every value exactly (weights trained in float32 stay float32 on disk, half the
+bytes), else float64; the IR computes in float64 either way. Compressed archives
+written by earlier versions load as before.
 """
 
 from __future__ import annotations
@@ -107,7 +112,9 @@ def _read_yaml(file: Path) -> dict:
 def _read_weights(file: Path) -> dict[str, np.ndarray]:
     if not file.is_file():
         raise ModelError(f"{file}: missing")
-    return read_npz(file, ModelError)
+    # Stored members are mapped: the layers' float64 copies read them straight from the
+    # page cache (no intermediate copy); the layers keep no reference to the maps.
+    return read_npz(file, ModelError, mmap=True)
 
 
 def _int_key(file: Path, where: str, key: str, value) -> int:
@@ -166,7 +173,10 @@ def _build_layer(file: Path, index: int, spec, weights: dict[str, np.ndarray]) -
         key = f"{name}.{param}"
         if key not in weights:
             raise ModelError(f"{file.parent / WEIGHTS_FILE}: missing array '{key}'")
-        arrays[param] = weights[key]
+        value = weights[key]
+        if isinstance(value, np.memmap) and value.dtype.kind == "f":  # one pass from the file
+            value = np.array(value, dtype=np.float64)
+        arrays[param] = value
     if ltype == "dense":
         out = hp.pop("out_features")
         if np.ndim(arrays["weight"]) != 2 or np.shape(arrays["weight"])[0] != out:
@@ -258,6 +268,18 @@ def _load_directory(path: str | os.PathLike) -> Network:
         raise ModelError(f"{net_file}: {exc}") from None
 
 
+def storage_array(values: np.ndarray) -> np.ndarray:
+    """``values`` in the narrowest float dtype that holds them exactly: float32 when
+    every value survives float64 -> float32 -> float64 unchanged (weights trained in
+    float32), else the array itself (float64). Loading casts back to float64 exactly."""
+    if values.dtype != np.float64 or not values.size:
+        return values
+    narrow = values.astype(np.float32)
+    if np.array_equal(narrow, values):  # compares in float64: exact round trip
+        return narrow
+    return values
+
+
 def network_document(net: Network) -> dict:
     """The network.yaml content of ``net``."""
     doc = {
@@ -288,10 +310,14 @@ def save_model(
     ``force``, which writes the model beside the other files. Nothing is ever removed.
     extra_files: more files to write with the model, name -> text (e.g. finetune.json).
     """
-    arrays = {f"{layer.name}.{p}": arr for layer in net.layers for p, arr in layer.params().items()}
+    arrays = {
+        f"{layer.name}.{p}": storage_array(arr)
+        for layer in net.layers
+        for p, arr in layer.params().items()
+    }
     text = yaml.safe_dump(network_document(net), sort_keys=False, default_flow_style=None)
     writers = {
-        WEIGHTS_FILE: lambda file: np.savez_compressed(file, **arrays),
+        WEIGHTS_FILE: lambda file: np.savez(file, **arrays),  # uncompressed: see the module doc
         NETWORK_FILE: lambda file: file.write_text(text),
     }
     for name, content in (extra_files or {}).items():

@@ -13,7 +13,8 @@ from typing import ClassVar
 import numpy as np
 
 from . import ops
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, UsageError
+from .memory import chunk_samples, chunks
 
 Shape = tuple[int, ...]
 
@@ -27,26 +28,47 @@ MAX_PARAMETER_MAGNITUDE = 1e100
 MAX_SAMPLE_ELEMENTS = 2**28
 
 
+COMPUTE_DTYPES = ("float64", "float32")
+
+
+def compute_dtype_of(dtype) -> np.dtype:
+    """The numpy dtype of a ``dtype=`` argument: "float64" (default) or "float32"."""
+    try:
+        resolved = np.dtype(dtype) if dtype is not None else np.dtype(np.float64)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in COMPUTE_DTYPES:
+        raise UsageError(f"dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return resolved
+
+
 def _as_float_array(layer: str, param: str, value, shape: Shape | None = None) -> np.ndarray:
     raw = np.asarray(value)
     if raw.dtype.kind not in "fiu":
         raise ModelError(
             f"layer '{layer}': '{layer}.{param}' holds {raw.dtype} values; expected real numbers"
         )
-    arr = raw.astype(np.float64, copy=False)
-    if shape is not None and arr.shape != tuple(shape):
+    if shape is not None and raw.shape != tuple(shape):
         raise ModelError(
-            f"layer '{layer}': '{layer}.{param}' has shape {arr.shape}, expected {tuple(shape)}"
+            f"layer '{layer}': '{layer}.{param}' has shape {raw.shape}, expected {tuple(shape)}"
         )
-    if not np.all(np.isfinite(arr)):
-        raise ModelError(f"layer '{layer}': '{layer}.{param}' contains NaN or infinite values")
-    if arr.size and np.abs(arr).max() > MAX_PARAMETER_MAGNITUDE:
-        raise ModelError(
-            f"layer '{layer}': '{layer}.{param}' has values of magnitude "
-            f"{np.abs(arr).max():.3g}, beyond {MAX_PARAMETER_MAGNITUDE:g} (float64 products "
-            "of such values overflow)"
-        )
-    return arr
+    # Checked in the stored dtype before the float64 copy (half the memory traffic for
+    # float32 weights): min and max propagate NaN, so two reductions without temporaries
+    # find NaN, infinities and too large values alike.
+    checked = raw if raw.dtype.kind == "f" else raw.astype(np.float64)
+    if checked.size:
+        lo, hi = float(checked.min()), float(checked.max())
+        if not (-MAX_PARAMETER_MAGNITUDE <= lo and hi <= MAX_PARAMETER_MAGNITUDE):
+            if not np.all(np.isfinite(checked)):
+                raise ModelError(
+                    f"layer '{layer}': '{layer}.{param}' contains NaN or infinite values"
+                )
+            raise ModelError(
+                f"layer '{layer}': '{layer}.{param}' has values of magnitude "
+                f"{max(-lo, hi):.3g}, beyond {MAX_PARAMETER_MAGNITUDE:g} (float64 products "
+                "of such values overflow)"
+            )
+    return raw.astype(np.float64, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,10 +146,12 @@ class Dense(Layer):
         return (self.out_features,)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        return ops.dense(x, self.weight)
+        return ops.dense(x, ops.param_as(self.weight, ops.compute_dtype(x)))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(x) + self.bias
+        out = self.linear(x)
+        out += ops.param_as(self.bias, out.dtype)  # out is a fresh product: add in place
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,8 +236,10 @@ class Conv2d(Layer):
         return ops.conv2d(x, self.weight, self.stride, self.padding, self.groups)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        bias = self.bias if self.bias.ndim == 3 else self.bias[:, None, None]
-        return self.linear(x) + bias
+        out = self.linear(x)
+        bias = ops.param_as(self.bias, out.dtype)
+        out += bias if bias.ndim == 3 else bias[:, None, None]  # a fresh product: in place
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,7 +288,10 @@ class BatchNorm(Layer):
         return input_shape
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return x * channel_broadcast(self.scale, x.ndim) + channel_broadcast(self.shift, x.ndim)
+        dtype = ops.compute_dtype(x)
+        out = x * channel_broadcast(self.scale.astype(dtype, copy=False), x.ndim)
+        out += channel_broadcast(self.shift.astype(dtype, copy=False), x.ndim)
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,8 +325,9 @@ class ReLU(Layer):
             cfg["clip"] = self.clip
         return cfg
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        out = np.maximum(x, 0.0)
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """max(x, 0) (clipped at ``clip``); out: where to write it (may be x itself)."""
+        out = np.maximum(x, 0.0, out=out)
         return out if self.clip is None else np.minimum(out, self.clip, out=out)
 
 
@@ -553,12 +583,13 @@ class Network:
     def num_classes(self) -> int:
         return self.shapes[-1][0]
 
-    def check_input(self, x, what: str = "x") -> np.ndarray:
-        """Return x as float64 of shape (N, *input_shape); raise DataError otherwise."""
+    def check_input(self, x, what: str = "x", dtype="float64") -> np.ndarray:
+        """Return x as ``dtype`` (float64, or float32) of shape (N, *input_shape); raise
+        DataError otherwise."""
         raw = np.asarray(x)
         if raw.dtype.kind not in "fiub":
             raise DataError(f"{what} holds {raw.dtype} values; expected real numbers")
-        arr = raw.astype(np.float64, copy=False)
+        arr = raw.astype(compute_dtype_of(dtype), copy=False)
         if arr.ndim != len(self.input_shape) + 1 or arr.shape[1:] != self.input_shape:
             raise DataError(
                 f"{what} has shape {arr.shape}, network '{self.name}' expects "
@@ -568,27 +599,66 @@ class Network:
             raise DataError(f"{what} contains NaN or infinite values")
         return arr
 
-    def forward(self, x) -> np.ndarray:
-        """Float64 ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes)."""
-        return self._run(x, keep=False)[self.layers[-1].name]
+    def working_bytes(self, dtype="float64") -> int:
+        """Estimated working memory (bytes) of one sample's forward pass: a layer's input,
+        its padded channels-last copy and its output (3x the widest activation), plus the
+        widest activation again for every branch a residual network keeps alive."""
+        widest = max(int(np.prod(shape)) for shape in self.shapes)
+        branches = 0 if self.is_chain else 1
+        return (3 + branches) * widest * compute_dtype_of(dtype).itemsize
+
+    def forward(self, x, dtype="float64", memory_budget=None) -> np.ndarray:
+        """ReLU forward pass. x: (N, *input_shape). Returns logits (N, classes).
+
+        dtype: "float64" (the exact reference) or "float32" (twice the BLAS speed for
+        large networks; error against float64 in the README's performance section).
+        memory_budget: bytes (or "8G") for one chunk of samples; large batches run in
+        chunks that fit it (:mod:`neurodeploy.memory`; default a fraction of the
+        available memory). The result does not depend on the chunk size.
+        """
+        arr = self.check_input(x, dtype=dtype)
+        n = arr.shape[0]
+        per = chunk_samples(self.working_bytes(dtype), memory_budget)
+        last = self.layers[-1].name
+        if n <= per:
+            return self._run(arr, keep=False)[last]
+        out = None
+        for lo, hi in chunks(n, per):
+            part = self._run(arr[lo:hi], keep=False)[last]
+            if out is None:
+                out = np.empty((n, *part.shape[1:]), part.dtype)
+            out[lo:hi] = part
+        return out
 
     def activations(self, x) -> dict[str, np.ndarray]:
-        """Every layer's output keyed by layer name (the forward pass, kept)."""
-        acts = self._run(x, keep=True)
+        """Every layer's output keyed by layer name (the float64 forward pass, kept)."""
+        acts = self._run(self.check_input(x), keep=True)
         del acts[INPUT]
         return acts
 
-    def _run(self, x, keep: bool) -> dict[str, np.ndarray]:
-        values = {INPUT: self.check_input(x)}
+    def _run(self, x: np.ndarray, keep: bool) -> dict[str, np.ndarray]:
+        values = {INPUT: x}
         last_use = {}
         for i, srcs in enumerate(self.sources):
             for src in srcs:
                 last_use[src] = i
+        # Outputs in memory of their own (no view of another value, not the caller's x):
+        # a ReLU that is their last reader may overwrite them instead of allocating.
+        owned = set()
         for i, (layer, srcs) in enumerate(zip(self.layers, self.sources, strict=True)):
             if isinstance(layer, Add):
                 out = layer.forward_many([values[s] for s in srcs])
+            elif (
+                not keep
+                and isinstance(layer, ReLU)
+                and srcs[0] in owned
+                and last_use[srcs[0]] == i
+            ):
+                out = layer.forward(values[srcs[0]], out=values[srcs[0]])
             else:
                 out = layer.forward(values[srcs[0]])
+            if not isinstance(layer, Flatten):  # Flatten returns a view of its input
+                owned.add(layer.name)
             values[layer.name] = out
             if not keep:  # free what no later layer reads: memory grows with the widest cut
                 for src in set(srcs):  # an Add may take one layer twice

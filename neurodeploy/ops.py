@@ -8,8 +8,10 @@ same cost as the ReLU pass: they call the very same products.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -37,6 +39,124 @@ def im2col(x: np.ndarray, kernel: int, stride: int = 1, padding: int = 0):
     return cols, ho, wo
 
 
+def compute_dtype(x: np.ndarray) -> np.dtype:
+    """The dtype a kernel computes in for input x: float32 for float32 inputs (the
+    ``dtype="float32"`` option), float64 for everything else (the exact reference)."""
+    return np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
+
+
+# Derived forms of parameter arrays (a conv weight as a GEMM matrix, float32 copies),
+# keyed by the array's id and checked against a weak reference to it: computed once per
+# array instead of once per call. Parameter arrays are never modified in place (layers
+# are frozen records; fine-tuning builds new arrays), so a live entry stays valid.
+_DERIVED: dict[tuple, tuple] = {}
+
+
+def derived(array: np.ndarray, what: str, dtype: np.dtype, make) -> np.ndarray:
+    """make() computed once per live ``array`` (and ``what``, ``dtype``), then reused."""
+    key = (id(array), what, dtype.str)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0]() is array:
+        return entry[1]
+    value = make()
+    try:
+        ref = weakref.ref(array, lambda _, key=key, cache=_DERIVED: cache.pop(key, None))
+    except TypeError:  # not weak-referenceable: no caching
+        return value
+    _DERIVED[key] = (ref, value)
+    return value
+
+
+def param_as(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A parameter array in the compute dtype (the array itself when it already is)."""
+    if array.dtype == dtype:
+        return array
+    return derived(array, "cast", np.dtype(dtype), lambda: array.astype(dtype))
+
+
+def _gemm_matrix(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Conv weight (O, C, k, k) as the (k*k*C, O) matrix of channels-last patches
+    (rows in (kh, kw, c) order), C-contiguous."""
+    def make():
+        o = weight.shape[0]
+        return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, o), dtype=dtype)
+
+    return derived(weight, "gemm", np.dtype(dtype), make)
+
+
+def channels_last(x: np.ndarray) -> bool:
+    """True when the image batch x (N, C, H, W) lies channels-last in memory (a
+    transposed view of an (N, H, W, C) buffer: what :func:`conv2d` returns)."""
+    return x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def _padded_channels_last(x: np.ndarray, padding: int, dtype, fill: float = 0.0) -> np.ndarray:
+    """x (N, C, H, W) as a C-contiguous (N, H + 2p, W + 2p, C) buffer of ``dtype``,
+    border filled with ``fill``: one copy (a plain copy when x is channels-last)."""
+    n, c, h, w = x.shape
+    nhwc = x.transpose(0, 2, 3, 1)
+    if not padding:
+        return np.ascontiguousarray(nhwc, dtype=dtype)
+    out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    out[:, :padding] = fill
+    out[:, h + padding :] = fill
+    out[:, padding : h + padding, :padding] = fill
+    out[:, padding : h + padding, w + padding :] = fill
+    out[:, padding : h + padding, padding : w + padding] = nhwc
+    return out
+
+
+# Patch bytes per block of the im2col: a block is gathered and at once consumed by one
+# GEMM while it is still in cache, so the im2col never goes to memory (and never exists
+# whole: VGG-16's first layers' would be 231 MB per image). At least _MIN_BLOCK_ROWS
+# rows, so that every GEMM is large enough to run at BLAS speed. Measured on VGG-16
+# layers at 224x224 (benchmarks/bench_limit.py --layers).
+_IM2COL_BLOCK_BYTES = 4 << 20
+_MIN_BLOCK_ROWS = 512
+
+
+def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """Ungrouped convolution as blocked channels-last im2col + GEMM; returns a
+    channels-last (N, O, Ho, Wo) view (see :func:`channels_last`)."""
+    dtype = compute_dtype(x)
+    n, c, h, w = x.shape
+    out_ch, _, k, _ = weight.shape
+    ho = conv_output_size(h, k, stride, padding)
+    wo = conv_output_size(w, k, stride, padding)
+    matrix = _gemm_matrix(weight, dtype)
+    out = np.empty((n, ho, wo, out_ch), dtype)
+    xp = _padded_channels_last(x, padding, dtype)
+    if k == 1 and stride == 1:  # pointwise: the input is its own im2col
+        np.matmul(xp.reshape(n * h * w, c), matrix, out=out.reshape(-1, out_ch))
+        return out.transpose(0, 3, 1, 2)
+    sn, sh, sw, sc = xp.strides
+    windows = as_strided(
+        xp, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc), writeable=False
+    )
+    row_bytes = k * k * c * dtype.itemsize
+    block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
+    sample_rows = ho * wo
+    if sample_rows <= block_rows:  # whole samples per block
+        per = block_rows // sample_rows
+        buf = np.empty((min(per, n) * sample_rows, k * k * c), dtype)
+        flat_out = out.reshape(n * sample_rows, out_ch)
+        for lo in range(0, n, per):
+            b = min(per, n - lo)
+            cols = buf[: b * sample_rows]
+            np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
+            np.matmul(cols, matrix, out=flat_out[lo * sample_rows : (lo + b) * sample_rows])
+        return out.transpose(0, 3, 1, 2)
+    lines = max(1, block_rows // wo)  # output rows per block within one sample
+    buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
+    for i in range(n):
+        for r0 in range(0, ho, lines):
+            r1 = min(ho, r0 + lines)
+            cols = buf[: (r1 - r0) * wo]
+            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[i, r0:r1])
+            np.matmul(cols, matrix, out=out[i, r0:r1].reshape(-1, out_ch))
+    return out.transpose(0, 3, 1, 2)
+
+
 def conv2d(
     x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0, groups: int = 1
 ) -> np.ndarray:
@@ -44,13 +164,12 @@ def conv2d(
 
     x: (N, C, H, W); weight: (O, C / groups, k, k). Returns (N, O, Ho, Wo). Zero
     padding. With groups > 1, input channels [g C/G, (g+1) C/G) feed output
-    channels [g O/G, (g+1) O/G) only (depthwise: groups = C).
+    channels [g O/G, (g+1) O/G) only (depthwise: groups = C). Computes in
+    :func:`compute_dtype` of x; ungrouped convolutions return channels-last views.
     """
     out_ch, c_per_group, k, _ = weight.shape
     if groups == 1:
-        cols, ho, wo = im2col(x, k, stride, padding)
-        out = cols @ weight.reshape(out_ch, -1).T  # im2col: one BLAS product
-        return out.reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
+        return _conv2d_gemm(x, weight, stride, padding)
     if c_per_group == 1:
         return _depthwise_conv2d(x, weight, stride, padding)
     ho = conv_output_size(x.shape[2], k, stride, padding)
@@ -68,8 +187,8 @@ def conv2d(
     cols, ho, wo = im2col(x, k, stride, padding)
     rows, r = cols.shape[0], c_per_group * k * k
     per_group = cols.reshape(rows, groups, r).transpose(1, 0, 2)
-    w = weight.reshape(groups, out_ch // groups, r).transpose(0, 2, 1)
-    out = np.matmul(per_group, w)  # (G, P, O/G)
+    w = param_as(weight, compute_dtype(x)).reshape(groups, out_ch // groups, r)
+    out = np.matmul(per_group, w.transpose(0, 2, 1))  # (G, P, O/G)
     return out.transpose(1, 0, 2).reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
 
 
@@ -98,8 +217,9 @@ def _depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride: int, padding: i
         x = np.repeat(x, out_ch // x.shape[1], axis=1)
     n, _, h, w = x.shape
     ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
-    out = np.zeros((n, out_ch, ho, wo))
-    taps = weight[:, 0]
+    dtype = compute_dtype(x)
+    out = np.zeros((n, out_ch, ho, wo), dtype)
+    taps = param_as(weight, dtype)[:, 0]
     plane = ho * wo
     samples = max(1, _DEPTHWISE_BLOCK // (out_ch * plane))
     channels = out_ch if out_ch * plane <= _DEPTHWISE_BLOCK else max(1, _DEPTHWISE_BLOCK // plane)
@@ -127,14 +247,47 @@ def _pad_spatial(x: np.ndarray, padding: int, value: float) -> np.ndarray:
     return np.pad(x, pad, constant_values=value)
 
 
+def _pool(x: np.ndarray, kernel: int, stride: int, padding: int, fill: float, reduce):
+    """Reduce (np.maximum, np.minimum, np.add) over the k x k windows of x (N, C, H, W),
+    padded with ``fill``: k*k passes of one vectorised ufunc over strided taps (no
+    multi-axis reduction over tiny window axes). Keeps the memory layout of x: a
+    channels-last input (what :func:`conv2d` returns) gives a channels-last output."""
+    n, c, h, w = x.shape
+    ho = conv_output_size(h, kernel, stride, padding)
+    wo = conv_output_size(w, kernel, stride, padding)
+    dtype = x.dtype if x.dtype.kind in "fiu" else np.dtype(np.int64)
+    last = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    if padding or channels_last(x):
+        src = _padded_channels_last(x, padding, dtype, fill)
+        out = np.empty((n, ho, wo, c), dtype)
+
+        def tap(i, j):
+            return src[:, i : i + last[0] : stride, j : j + last[1] : stride]
+
+        result = out.transpose(0, 3, 1, 2)
+    else:
+        src = x
+        out = result = np.empty((n, c, ho, wo), dtype)
+
+        def tap(i, j):
+            return src[:, :, i : i + last[0] : stride, j : j + last[1] : stride]
+
+    np.copyto(out, tap(0, 0))
+    for i in range(kernel):
+        for j in range(kernel):
+            if i or j:
+                reduce(out, tap(i, j), out=out)
+    return result
+
+
 def maxpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
     """Max over k x k windows of x (N, C, H, W); padded positions never win (-inf)."""
-    return _windows(_pad_spatial(x, padding, -np.inf), kernel, stride).max(axis=(4, 5))
+    return _pool(x, kernel, stride, padding, -np.inf, np.maximum)
 
 
 def minpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
     """Min over k x k windows of x (N, C, H, W); padded positions never win (+inf)."""
-    return _windows(_pad_spatial(x, padding, np.inf), kernel, stride).min(axis=(4, 5))
+    return _pool(x, kernel, stride, padding, np.inf, np.minimum)
 
 
 def pool_counts(size: tuple[int, int], kernel: int, stride: int, padding: int) -> np.ndarray:
@@ -147,7 +300,7 @@ def pool_counts(size: tuple[int, int], kernel: int, stride: int, padding: int) -
 def sumpool2d(x: np.ndarray, kernel: int, stride: int, padding: int = 0) -> np.ndarray:
     """Sum over k x k windows of x (N, C, H, W) with zero padding; exact on integers
     (below 2^53), unlike k^2 times the mean."""
-    return _windows(_pad_spatial(x, padding, 0.0), kernel, stride).sum(axis=(4, 5))
+    return _pool(x, kernel, stride, padding, 0.0, np.add)
 
 
 def avgpool2d(
@@ -158,10 +311,13 @@ def avgpool2d(
     count_include_pad: divide by k*k (PyTorch's default) or by the number of
     positions of each window that lie inside the input.
     """
-    total = _windows(_pad_spatial(x, padding, 0.0), kernel, stride).sum(axis=(4, 5))
+    total = _pool(x if x.dtype.kind == "f" else x.astype(np.float64), kernel, stride, padding,
+                  0.0, np.add)
     if count_include_pad or not padding:
-        return total / (kernel * kernel)
-    return total / pool_counts(x.shape[2:], kernel, stride, padding)
+        total /= kernel * kernel
+        return total
+    total /= pool_counts(x.shape[2:], kernel, stride, padding).astype(total.dtype)
+    return total
 
 
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:

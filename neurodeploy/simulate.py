@@ -19,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
+from .errors import UsageError
+from .memory import chunk_samples, chunks
+from .network import compute_dtype_of
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
@@ -27,14 +30,16 @@ from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork
 _ALPHA1_CHUNK_ELEMENTS = 4_000_000
 
 
-def encode_input(snn: TTFSNetwork, x) -> tuple[np.ndarray, int]:
+def encode_input(snn: TTFSNetwork, x, dtype="float64") -> tuple[np.ndarray, int]:
     """Spike times (N, *input_shape) of raw inputs, and how many lay outside [p, q].
 
     x in [p, q] is rescaled to [0, 1] and encoded as t = 1 - x (input window
-    [0, 1]); b1 sends no spike for 0, alpha1 sends it at t = 1.
+    [0, 1]); b1 sends no spike for 0, alpha1 sends it at t = 1. dtype: of the
+    returned times, "float64" (the reference) or "float32".
     """
     net = snn.source
-    x = net.check_input(x) if net is not None else np.asarray(x, dtype=np.float64)
+    dt = compute_dtype_of(dtype)
+    x = net.check_input(x, dtype=dt) if net is not None else np.asarray(x, dtype=dt)
     p, q = snn.input_range
     outside = 0
     if x.size and (x.min() < p or x.max() > q):
@@ -195,7 +200,9 @@ def _alpha1_sweep(
 def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
     """Earliest spike per window (latest for sign -1 channels); inf stays silent and
     padded positions never win."""
-    s = pool.sign[None, :, None, None]
+    if np.all(pool.sign > 0):  # the usual case (max pools after ReLUs): no sign passes
+        return ops.minpool2d(t_in, pool.kernel, pool.stride, pool.padding)
+    s = pool.sign.astype(t_in.dtype, copy=False)[None, :, None, None]
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride, pool.padding) * s
 
 
@@ -252,20 +259,68 @@ def neuron_layers(snn: TTFSNetwork) -> tuple[str, ...]:
     return ("input", *(s.name for s in snn.spiking_layers))
 
 
-def simulate(snn: TTFSNetwork, x) -> Trace:
-    """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`."""
-    t, outside = encode_input(snn, x)
+def working_bytes(snn: TTFSNetwork, dtype="float64") -> int:
+    """Estimated working memory (bytes) of one sample's b1 simulation besides the spike
+    times the trace keeps: a layer's values, padded channels-last copy and membrane
+    (3x the widest stage), once more for the shortcuts of a residual network."""
+    sizes = [int(np.prod(snn.input_shape))] + [int(np.prod(s.output_shape)) for s in snn.stages]
+    branches = 1 if any(getattr(s, "shortcuts", ()) for s in snn.stages) else 0
+    return (3 + branches) * max(sizes) * compute_dtype_of(dtype).itemsize
+
+
+def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
+    """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`.
+
+    dtype: "float64" (the exact reference) or "float32" (b1 only: faster for large
+    networks; its error against float64 is in the README's performance section).
+    memory_budget: bytes (or "8G") for the working set of one chunk of samples besides
+    the returned spike times; large batches run in chunks that fit it
+    (:mod:`neurodeploy.memory`). The trace does not depend on the chunk size.
+    """
+    dt = compute_dtype_of(dtype)
+    if snn.neuron != "b1" and dt != np.float64:
+        raise UsageError(f"dtype={dt.name}: only b1 networks simulate in float32")
+    t, outside = encode_input(snn, x, dt)
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
+    n = t.shape[0]
+    per = chunk_samples(working_bytes(snn, dt), memory_budget)
     early: dict[str, int] = {}
-    output, spike_times, saturated = run_stages(
-        snn, t, layer_step, time_pool, output_potential, early
-    )
+    if n <= per:
+        output, spike_times, saturated = run_stages(
+            snn, t, layer_step, time_pool, output_potential, early
+        )
+    else:
+        output, spike_times, saturated = None, None, {}
+        for lo, hi in chunks(n, per):
+            part_early: dict[str, int] = {}
+            part_out, part_times, part_sat = run_stages(
+                snn, t[lo:hi], layer_step, time_pool, output_potential, part_early
+            )
+            if output is None:
+                output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
+                spike_times = {name: _like(v, n) for name, v in part_times.items()}
+            output[lo:hi] = part_out
+            for name, v in part_times.items():
+                spike_times[name][lo:hi] = v
+            for name, count in part_sat.items():
+                saturated[name] = saturated.get(name, 0) + count
+            for name, count in part_early.items():
+                early[name] = early.get(name, 0) + count
     return Trace(
         output=output,
         spike_times=spike_times,
         neuron_layers=neuron_layers(snn),
         saturated_per_layer={"input": outside, **saturated},
-        latency=np.full(t.shape[0], snn.latency),
+        latency=np.full(n, snn.latency),
         backend="reference",
         early_per_layer=early,
     )
+
+
+def _like(part: np.ndarray, n: int) -> np.ndarray:
+    """An empty (n, *sample shape) array for the chunks of ``part``, in its memory layout
+    (channels-last stays channels-last)."""
+    if ops.channels_last(part):
+        c, h, w = part.shape[1:]
+        return np.empty((n, h, w, c), part.dtype).transpose(0, 3, 1, 2)
+    return np.empty((n, *part.shape[1:]), part.dtype)

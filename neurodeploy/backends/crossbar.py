@@ -497,17 +497,28 @@ class CrossbarDeployment(Deployment):
         clipped = 0
         for tile in layer.tiles:
             xr = grouped[:, :, tile.rows]
-            part = _group_product(xr, tile.g_pos - tile.g_neg)
+            # Per-tile constants derived once per deployment (cached on the arrays), not
+            # once per call: the differential conductances and the ADC steps.
+            diff = ops.derived(tile.g_pos, "crossbar-diff", tile.g_pos.dtype,
+                                lambda t=tile: t.g_pos - t.g_neg)
+            part = _group_product(xr, diff)
             if tile.read_var is not None:
-                sigma = np.sqrt(_group_product(xr * xr, tile.read_var))
-                part += sigma * rng.standard_normal(part.shape)
+                sigma = _group_product(xr * xr, tile.read_var)
+                np.sqrt(sigma, out=sigma)
+                sigma *= rng.standard_normal(part.shape)
+                part += sigma
             if tile.adc_step is not None:
                 adc_step = tile.adc_step.reshape(-1)
-                step = np.where(adc_step > 0, adc_step, 1.0)
-                code = np.rint(part / step)
+                step = ops.derived(tile.adc_step, "crossbar-step", adc_step.dtype,
+                                    lambda a=adc_step: np.where(a > 0, a, 1.0))
+                code = np.divide(part, step, out=part)
+                np.rint(code, out=code)
                 clipped += int(np.count_nonzero(np.abs(code) > tile.adc_max_code))
-                part = np.clip(code, -tile.adc_max_code, tile.adc_max_code) * step
-                part[:, adc_step <= 0] = 0.0
+                np.clip(code, -tile.adc_max_code, tile.adc_max_code, out=code)
+                code *= step
+                part = code
+                if not np.all(adc_step > 0):
+                    part[:, adc_step <= 0] = 0.0
             out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:

@@ -1,0 +1,207 @@
+"""Scale: fast model files, the lean small-net path, chunked and float32 execution."""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+
+import numpy as np
+import pytest
+from netgen import random_inputs, random_network
+
+import neurodeploy as nd
+from neurodeploy.modelio import WEIGHTS_FILE
+from neurodeploy.simulate import working_bytes as sim_working_bytes
+
+
+def _float32_network(seed: int) -> nd.Network:
+    """random_network with every parameter rounded to float32 (a float32-trained net)."""
+    net = random_network(seed)
+    layers = []
+    for layer in net.layers:
+        params = {p: np.asarray(a, np.float32) for p, a in layer.params().items()}
+        layers.append(dataclasses.replace(layer, **params) if params else layer)
+    return nd.Network(net.name, net.input_shape, net.input_range, tuple(layers), net.classes)
+
+
+def _stored(model_dir) -> dict[str, tuple[np.dtype, int]]:
+    with zipfile.ZipFile(model_dir / WEIGHTS_FILE) as archive:
+        out = {}
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                np.lib.format.read_magic(member)
+                _, _, dtype = np.lib.format.read_array_header_1_0(member)
+            out[info.filename.removesuffix(".npy")] = (dtype, info.compress_type)
+    return out
+
+
+def test_float32_weights_stay_float32_on_disk_and_round_trip_bit_for_bit(tmp_path):
+    net = _float32_network(3)
+    loaded = nd.load_model(nd.save_model(net, tmp_path / "m"))
+    stored = _stored(tmp_path / "m")
+    assert stored and all(d == np.float32 for d, _ in stored.values())
+    assert all(c == zipfile.ZIP_STORED for _, c in stored.values())  # uncompressed
+    for a, b in zip(net.layers, loaded.layers, strict=True):
+        for p, arr in a.params().items():
+            got = getattr(b, p)
+            assert got.dtype == np.float64 and type(got) is np.ndarray  # no memmap kept
+            assert got.flags.writeable and got.flags.owndata
+            np.testing.assert_array_equal(got, arr)
+    x = random_inputs(net, 4, 0)
+    np.testing.assert_array_equal(loaded.forward(x), net.forward(x))
+
+
+def test_float64_weights_stay_float64_and_round_trip_bit_for_bit(tmp_path):
+    net = random_network(5)  # float64 values float32 cannot hold
+    loaded = nd.load_model(nd.save_model(net, tmp_path / "m"))
+    stored = _stored(tmp_path / "m")
+    assert any(d == np.float64 for d, _ in stored.values())
+    for a, b in zip(net.layers, loaded.layers, strict=True):
+        for p, arr in a.params().items():
+            assert np.array_equal(getattr(b, p), arr)
+            assert getattr(b, p).dtype == np.float64
+
+
+def test_compressed_model_files_of_earlier_versions_still_load(tmp_path):
+    net = random_network(6)
+    model = nd.save_model(net, tmp_path / "m")
+    arrays = {f"{la.name}.{p}": a for la in net.layers for p, a in la.params().items()}
+    np.savez_compressed(model / WEIGHTS_FILE, **arrays)
+    assert all(c == zipfile.ZIP_DEFLATED for _, c in _stored(model).values())
+    loaded = nd.load_model(model)
+    x = random_inputs(net, 3, 1)
+    np.testing.assert_array_equal(loaded.forward(x), net.forward(x))
+
+
+def test_a_truncated_uncompressed_weights_file_is_refused(tmp_path):
+    model = nd.save_model(_float32_network(2), tmp_path / "m")
+    data = (model / WEIGHTS_FILE).read_bytes()
+    (model / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(nd.ModelError, match="weights.npz"):
+        nd.load_model(model)
+
+
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_chunked_forward_and_simulate_equal_one_pass(model):
+    """Equal to float64 rounding: multi-threaded OpenBLAS splits a product's rows over
+    its threads by the row count, so a row's last bits depend on the chunk's size (a
+    measured 1e-13 relative); every decision (spike or silence, class) is the same."""
+    net = nd.load_model(model)
+    x = nd.datasets.digits("test")[0][:37].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x)
+    whole = net.forward(x)
+    trace = nd.simulate(snn, x)
+    for per in (1, 5, 16):
+        budget = per * net.working_bytes()
+        np.testing.assert_allclose(net.forward(x, memory_budget=budget), whole, rtol=0,
+                                   atol=1e-12 * np.abs(whole).max())
+        chunked = nd.simulate(snn, x, memory_budget=per * sim_working_bytes(snn))
+        np.testing.assert_allclose(chunked.output, trace.output, rtol=0,
+                                   atol=1e-12 * np.abs(trace.output).max())
+        assert chunked.saturated_per_layer == trace.saturated_per_layer
+        assert chunked.early_per_layer == trace.early_per_layer
+        for name, times in trace.spike_times.items():
+            assert np.array_equal(np.isinf(chunked.spike_times[name]), np.isinf(times))
+            np.testing.assert_allclose(chunked.spike_times[name], times, rtol=1e-12)
+
+
+def test_memory_budget_parses_and_refuses_bad_values(monkeypatch):
+    from neurodeploy import memory
+
+    assert memory.parse_bytes("8G") == 8 * 2**30 and memory.parse_bytes("512m") == 2**29
+    monkeypatch.setenv(memory.ENV_VARIABLE, "3M")
+    assert memory.memory_budget() == 3 * 2**20
+    memory.set_memory_budget("1K")
+    try:
+        assert memory.memory_budget() == 1024 and memory.chunk_samples(100) == 10
+    finally:
+        memory.set_memory_budget(None)
+    assert memory.memory_budget(2048) == 2048
+    for bad in ("lots", "0", -3):
+        with pytest.raises(nd.UsageError):
+            memory.memory_budget(bad)
+    with pytest.raises(nd.UsageError, match="dtype"):
+        nd.load_model("digits_mlp").forward(np.zeros((1, 64)), dtype="float16")
+
+
+@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
+def test_float32_forward_and_simulate_track_float64(model):
+    net = nd.load_model(model)
+    x = nd.datasets.digits("test")[0][:50].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x)
+    ref = net.forward(x)
+    f32 = net.forward(x, dtype="float32")
+    assert f32.dtype == np.float32
+    scale = np.abs(ref).max()
+    assert np.abs(f32 - ref).max() / scale < 1e-5  # float32: 2^-24 per rounding
+    trace = nd.simulate(snn, x, dtype="float32")
+    assert trace.spike_times[snn.spiking_layers[0].name].dtype == np.float32
+    assert np.abs(trace.output - ref).max() / scale < 1e-4
+    assert np.array_equal(trace.predictions, net.predict(x))
+
+
+def test_forward_never_writes_into_the_callers_array_or_a_kept_activation():
+    rng = np.random.default_rng(0)
+    layers = (
+        nd.ReLU("r0"),  # reads the caller's array: must not overwrite it
+        nd.Flatten("flat"),
+        nd.Dense("fc1", rng.normal(size=(6, 12)), rng.normal(size=6)),
+        nd.ReLU("r1"),  # may overwrite fc1's output (its last reader)
+        nd.Dense("out", rng.normal(size=(3, 6)), rng.normal(size=3)),
+    )
+    net = nd.Network("inplace", (3, 2, 2), (-1.0, 1.0), layers)
+    x = rng.uniform(-1, 1, (5, 3, 2, 2))
+    before = x.copy()
+    logits = net.forward(x)
+    np.testing.assert_array_equal(x, before)
+    acts = net.activations(x)
+    assert (acts["fc1"] < 0).any()  # kept activations are not the ReLU's overwritten ones
+    np.testing.assert_array_equal(acts["r1"], np.maximum(acts["fc1"], 0))
+    np.testing.assert_allclose(logits, acts["out"], rtol=1e-15)
+
+
+def test_float32_runs_every_conv_and_pool_kind_in_float32():
+    rng = np.random.default_rng(4)
+
+    def conv(name, c_in, c_out, k, groups=1, stride=1, padding=1):
+        w = rng.normal(0, 0.4, (c_out, c_in // groups, k, k))
+        return nd.Conv2d(name, w, rng.normal(0, 0.1, c_out), stride, padding, groups)
+
+    layers = (
+        conv("c1", 3, 8, 3),
+        nd.ReLU("r1"),
+        conv("dw", 8, 8, 3, groups=8),  # depthwise
+        nd.ReLU("r2"),
+        conv("g", 8, 8, 3, groups=2, stride=2),  # grouped
+        nd.ReLU("r3"),
+        nd.MaxPool2d("mp", 3, 1, padding=1),
+        nd.AvgPool2d("ap", 2, 2, padding=1, count_include_pad=False),
+        conv("pw", 8, 4, 1, padding=0),  # pointwise
+        nd.ReLU("r4"),
+        nd.Flatten("flat"),
+        nd.Dense("out", rng.normal(0, 0.3, (5, 4 * 3 * 3)), rng.normal(0, 0.1, 5)),
+    )
+    net = nd.Network("kinds", (3, 9, 9), (0.0, 1.0), layers)
+    x = rng.uniform(0, 1, (7, 3, 9, 9))
+    seen = []
+    for layer in net.layers:  # every layer keeps float32
+        x32 = x.astype(np.float32) if not seen else seen[-1]
+        seen.append(layer.forward(x32))
+        assert seen[-1].dtype == np.float32, layer.name
+    ref = net.forward(x)
+    np.testing.assert_allclose(seen[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(net.forward(x, dtype="float32"), seen[-1])
+
+
+def test_chunked_alpha1_simulation_equals_one_pass():
+    net = nd.load_model("digits_mlp")
+    x = nd.datasets.digits("test")[0][:20].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x, neuron="alpha1")
+    whole = nd.simulate(snn, x)
+    chunked = nd.simulate(snn, x, memory_budget=7 * sim_working_bytes(snn))
+    np.testing.assert_allclose(chunked.output, whole.output, rtol=0,
+                               atol=1e-12 * np.abs(whole.output).max())
+    assert chunked.early_per_layer == whole.early_per_layer
+    assert chunked.saturated_per_layer == whole.saturated_per_layer
+    with pytest.raises(nd.UsageError, match="float32"):
+        nd.simulate(snn, x, dtype="float32")
