@@ -815,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         formatter_class=_HelpFormatter,
         epilog="'neurodeploy COMMAND --help' lists a command's options with their defaults "
-        "and units. neurodeploy reads no environment variables.",
+        "and units. Environment: NEURODEPLOY_MEMORY_BUDGET (bytes, K/M/G suffixes) bounds "
+        "the memory of the float forward pass and the simulator.",
     )
     parser.add_argument("--version", action="version", version=f"neurodeploy {__version__}")
     sub = parser.add_subparsers(

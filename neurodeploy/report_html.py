@@ -276,11 +276,19 @@ def _scatter_figure(report: CrossCheckReport) -> str:
         ax.set_xlim(t_min, edge + 0.02 * (t_max - t_min))
         ax.set_ylim(t_min, edge + 0.02 * (t_max - t_min))
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("reference spike time", fontsize=8)
+        ax.set_xlabel("reference spike time (time units)", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("hardware spike time")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("hardware spike time (time units)")
+    # The legend goes under the panels, outside the data (spikes fill the corners).
+    fig.legend(
+        *axes[0][0].get_legend_handles_labels(),
+        fontsize=7,
+        loc="lower center",
+        ncol=3,
+        bbox_to_anchor=(0.5, -0.02),
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return figure_png(fig)
 
 
@@ -318,13 +326,15 @@ def _raster_figure(report: CrossCheckReport) -> str:
         offset += ref.size + 8
         ax.axhline(offset - 4, color="#d0d7de", lw=0.6)
     ax.set_yticks(ticks, labels)
+    ax.set_ylabel("layer (one row per neuron)")
     ax.set_xlabel("time (time units)")
     ax.set_title(
         "Spike raster of the first sample: reference (rings) and hardware (dots); "
         "grey: each layer's window",
         fontsize=10,
     )
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
     return figure_png(fig)
 
 
