@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import UsageError
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
-from .emulator import EmulatorDeployment
+from .emulator import LOIHI_ACT_SHIFT, EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
 
@@ -116,6 +116,12 @@ def _redeliver(signum: int) -> None:
         raise KeyboardInterrupt
     os.kill(os.getpid(), signum)
     raise _Terminated(signum)  # a handler that returned: do not carry on as if complete
+
+
+def _dendritic(program, weight: np.ndarray) -> np.ndarray:
+    """Weights in the units the synapses send: Loihi's dendritic sum a (the neuron shifts
+    it by 6 into the current); the membrane units otherwise."""
+    return weight / 2.0**LOIHI_ACT_SHIFT if program.loihi else weight
 
 
 class LavaDeployment(EmulatorDeployment):
@@ -221,7 +227,7 @@ class LavaDeployment(EmulatorDeployment):
                 batch=batch,
                 in_shape=stage.input_shape,
                 out_shape=stage.output_shape,
-                weight=affine.weight,
+                weight=_dendritic(prog, affine.weight),
                 ops=prog.synapses,
                 chunk_steps=chunk_steps,
                 error_path=error_path(),
@@ -237,8 +243,10 @@ class LavaDeployment(EmulatorDeployment):
                 layer += 1
                 neuron = TTFSNeuron(
                     size=size,
-                    threshold=prog.threshold.reshape(-1),
+                    threshold=(prog.vth if prog.loihi else prog.threshold).reshape(-1),
                     ramp=prog.ramp,
+                    start=np.broadcast_to(prog.start, stage.output_shape).reshape(-1),
+                    loihi=prog.loihi,
                     limit=limit,
                     first_step=(layer - 1) * steps,
                     result_path=path,
@@ -254,6 +262,7 @@ class LavaDeployment(EmulatorDeployment):
                 readout = TTFSReadout(
                     size=size,
                     bias=prog.bias.reshape(-1),
+                    loihi=prog.loihi,
                     limit=limit,
                     first_step=layer * steps,
                     result_path=path,
@@ -289,12 +298,12 @@ class LavaDeployment(EmulatorDeployment):
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
 
-    @staticmethod
-    def _shortcut_group(stage, shortcut, program, outputs, batch, chunk_steps, error_path):
+    def _shortcut_group(self, stage, shortcut, program, outputs, batch, chunk_steps, error_path):
         """The synapse process of one shortcut group, fed by its source's spikes delayed by
         the group's whole windows."""
         from ..lava.process import SpikeDelay, Synapses
 
+        layer_program = self.programs[stage.name]
         port = outputs[shortcut.source]
         if program.delay_steps:
             delay = SpikeDelay(
@@ -310,7 +319,7 @@ class LavaDeployment(EmulatorDeployment):
             batch=batch,
             in_shape=shortcut.input_shape,
             out_shape=stage.output_shape,
-            weight=program.synapses[-1].weight,
+            weight=_dendritic(layer_program, program.synapses[-1].weight),
             ops=program.synapses,
             chunk_steps=chunk_steps,
             error_path=error_path(),
