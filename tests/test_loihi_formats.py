@@ -147,3 +147,37 @@ def test_a_neuron_beyond_a_cores_synapses_is_refused_with_its_layer():
         nd.deploy(snn, profile)
     summary = nd.deploy(snn, "loihi2").summary()
     assert all(layer["chips"] == 1 for layer in summary["layers"])
+
+
+def test_lavas_own_bit_accurate_dense_gives_the_emulators_bits_also_when_overflowing():
+    """Lava's Dense (PyDenseModelBitAcc) + our TTFS neuron, one sample per step: the same
+    bits and overflow counts as the emulator on the overflowing wide layer."""
+    snn, x = _wide_fan_in()
+    emulator = nd.deploy(snn, "loihi2").run(x[:6])
+    assert emulator.overflow["fc1"] > 0
+    lava = nd.deploy(snn, "loihi2", backend="lava", lava_dense=True).run(x[:6])
+    assert lava.overflow == emulator.overflow
+    for stage in emulator.spike_times:
+        np.testing.assert_array_equal(lava.spike_times[stage], emulator.spike_times[stage])
+    np.testing.assert_array_equal(lava.output, emulator.output)
+
+
+def test_digits_mlp_on_lavas_dense_spikes_exactly_like_the_emulator():
+    net = nd.load_model(nd.modelio.SHIPPED_MODELS_DIR / "digits_mlp")
+    x_tr, _ = nd.datasets.digits("train")
+    x_te, _ = nd.datasets.digits("test")
+    snn = nd.convert(net, calibration=x_tr.reshape(len(x_tr), *net.input_shape))
+    x = x_te[:12].reshape(12, *net.input_shape)
+    emulator = nd.deploy(snn, "loihi2").run(x)
+    lava = nd.deploy(snn, "loihi2", backend="lava", lava_dense=True).run(x)
+    for stage in emulator.spike_times:
+        np.testing.assert_array_equal(lava.spike_times[stage], emulator.spike_times[stage])
+    np.testing.assert_array_equal(lava.output, emulator.output)
+
+
+def test_lava_dense_refuses_what_lavas_dense_cannot_hold():
+    net = nd.load_model(nd.modelio.SHIPPED_MODELS_DIR / "digits_cnn")
+    x_tr, _ = nd.datasets.digits("train")
+    snn = nd.convert(net, calibration=x_tr.reshape(len(x_tr), *net.input_shape))
+    with pytest.raises(nd.UsageError, match="lava_dense: layer 'conv1'"):
+        nd.deploy(snn, "loihi2", backend="lava", lava_dense=True)
