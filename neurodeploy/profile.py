@@ -146,6 +146,18 @@ class Neuron:
             kinds=DIGITAL,
         ),
     )
+    number_format: str = field(
+        default="generic",
+        metadata=_spec(
+            "register formats: 'loihi2' = Lava's bit-accurate Loihi models (8-bit weight "
+            "mantissas, weight exponent 0..7, 6-bit activation and threshold shifts, 16-bit "
+            "dendritic sum and 24-bit current that wrap, 24-bit membrane that saturates, "
+            "13-bit bias mantissa with 3-bit exponent); 'generic' = saturating registers of "
+            "neuron.membrane_bits, any integer threshold and ramp",
+            choices=("generic", "loihi2"),
+            kinds=DIGITAL,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -305,7 +317,21 @@ class Energy:
     )
     neuron_update_j: float = field(
         default=0.0,
-        metadata=_spec("energy per neuron update per time step (J)", minimum=0, kinds=DIGITAL),
+        metadata=_spec(
+            "energy per inactive neuron update per time step (J): a neuron with no input and "
+            "no integration that step",
+            minimum=0,
+            kinds=DIGITAL,
+        ),
+    )
+    neuron_active_update_j: float = field(
+        default=0.0,
+        metadata=_spec(
+            "energy per active neuron update per time step (J): integrating inputs or ramping "
+            "towards its spike",
+            minimum=0,
+            kinds=DIGITAL,
+        ),
     )
     spike_j: float = field(default=0.0, metadata=_spec("energy to route one spike (J)", minimum=0))
     adc_conversion_j: float = field(
@@ -567,6 +593,20 @@ def _check_consistency(p: HardwareProfile, files: _Origins, default_file: str) -
                 files.newest("neuron.membrane_bits", "weights.bits"),
                 "an integer membrane needs integer weights (set weights.bits)",
             )
+        if p.neuron.number_format == "loihi2":
+            if p.neuron.membrane_bits != 24:
+                fail(
+                    files.newest("neuron.membrane_bits", "neuron.number_format"),
+                    "neuron.number_format 'loihi2' has 24-bit current and membrane registers "
+                    f"(got {p.neuron.membrane_bits}); set neuron.number_format: generic to "
+                    "explore other widths",
+                )
+            if p.weights.bits is None or p.weights.bits > 8:
+                fail(
+                    files.newest("weights.bits", "neuron.number_format"),
+                    "neuron.number_format 'loihi2' holds weights as at most 8-bit mantissas "
+                    f"(got {p.weights.bits}); set neuron.number_format: generic for wider ones",
+                )
     if p.discrete and p.timing.step_time_s is None:
         fail("timing.step_time_s", "required with timing.steps_per_window")
     if not p.discrete and p.timing.step_time_s is not None:

@@ -275,7 +275,9 @@ def test_deploy_command_gates_on_the_report(capsys, tmp_path):
     assert (tmp_path / "ok" / "crosscheck.json").is_file()
     assert (tmp_path / "ok" / "crosscheck.html").is_file()
     broken = tmp_path / "narrow.yaml"
-    broken.write_text("name: narrow\nextends: loihi2\nneuron:\n  membrane_bits: 10\n")
+    broken.write_text(
+        "name: narrow\nextends: loihi2\nneuron:\n  membrane_bits: 10\n  number_format: generic\n"
+    )
     code, out, _ = _run_cli(
         capsys,
         "deploy",

@@ -60,11 +60,31 @@ def _naive_chip(dep: EmulatorDeployment, x: np.ndarray):
     time with Python integers: the specification the vectorised emulator must meet.
 
     Spikes carry their global step (window w, step k: w K + k); a shortcut group's
-    spikes are held back by its delay_steps and integrate in the step they then reach."""
+    spikes are held back by its delay_steps and integrate in the step they then reach.
+
+    Loihi formats (PyLifModelBitAcc): the drive is a 16-bit dendritic sum a that wraps,
+    the current adds a << 6 and wraps at 24 bits, the membrane saturates, starts at the
+    program's start and fires when it exceeds vth << 6."""
     snn, steps = dep.snn, dep.profile.timing.steps_per_window
     limit = dep.profile.neuron.membrane_bits
     limit = None if limit is None else 2 ** (limit - 1) - 1
     clip = (lambda v: max(-limit, min(limit, v))) if limit else (lambda v: v)
+
+    def wrap(value: int, bits: int, top_included: bool) -> int:
+        """Two's complement wrap; Lava's current keeps +2^(bits-1) (its ``>`` test)."""
+        half = 2 ** (bits - 1)
+        if top_included:
+            return (
+                value - 2 * half if value > half else value + 2 * half if value <= -half else value
+            )
+        return (value + half) % (2 * half) - half
+
+    def add_drive(current: int, drive: int, loihi: bool) -> int:
+        if not loihi:
+            return clip(current + drive)
+        assert drive % 64 == 0
+        a = wrap(drive // 64, 16, False)
+        return wrap(current + a * 64, 24, True)
 
     def matrix(synapses, input_shape):
         n_in = int(np.prod(input_shape))
@@ -95,18 +115,24 @@ def _naive_chip(dep: EmulatorDeployment, x: np.ndarray):
                 groups.append((matrix(sc.synapses, shortcut.input_shape), arrival))
             n_out = groups[0][0].shape[1]
             current = [0] * n_out
-            start = prog.bias.reshape(-1) if isinstance(stage, OutputLayer) else np.zeros(n_out)
+            if isinstance(stage, OutputLayer):
+                start = prog.bias.reshape(-1)
+            else:
+                start = np.broadcast_to(prog.start, stage.output_shape).reshape(-1)
             v = [int(b) for b in start]
             for k in range(window * steps, (window + 1) * steps):
                 for i in range(n_out):
                     drive = sum(int(w[arrive == k, i].sum()) for w, arrive in groups)
-                    current[i] = clip(current[i] + drive)
+                    current[i] = add_drive(current[i], drive, prog.loihi)
                     v[i] = clip(v[i] + current[i])
             if isinstance(stage, OutputLayer):
                 logits.append(np.array(v, dtype=np.float64) * prog.lsb)
                 break
             window += 1
-            theta = prog.threshold.reshape(-1)
+            if prog.loihi:
+                theta = [int(vth) * 64 + 1 for vth in prog.vth.reshape(-1)]
+            else:
+                theta = prog.threshold.reshape(-1)
             fire = np.full(n_out, -1)
             for i in range(n_out):
                 for m in range(steps):
@@ -139,6 +165,7 @@ def test_vectorised_emulator_equals_literal_integer_execution(membrane_bits):
         loihi(
             **{
                 "neuron.membrane_bits": membrane_bits,
+                "neuron.number_format": "generic",
                 "timing.steps_per_window": 8,
                 "weights.bits": 6,
             }
@@ -187,14 +214,25 @@ def test_enough_steps_and_bits_agree_with_the_reference(name):
     x_tr = x_tr.reshape(len(x_tr), *net.input_shape)
     x_te = x_te.reshape(len(x_te), *net.input_shape)
     snn = nd.convert(net, calibration=x_tr)
-    trace = deploy(snn, loihi(**{"timing.steps_per_window": 128, "weights.bits": 12})).run(x_te)
+    trace = deploy(
+        snn,
+        loihi(
+            **{
+                "timing.steps_per_window": 128,
+                "weights.bits": 12,
+                "neuron.number_format": "generic",
+            }
+        ),
+    ).run(x_te)
     assert np.mean(trace.predictions == nd.simulate(snn, x_te).predictions) >= 0.99
 
 
 def test_narrow_membrane_overflows_and_is_counted(digits_cnn):
     snn, x, _, ref = digits_cnn
     wide = deploy(snn, "loihi2").run(x)
-    narrow = deploy(snn, loihi(**{"neuron.membrane_bits": 12})).run(x)
+    narrow = deploy(
+        snn, loihi(**{"neuron.membrane_bits": 12, "neuron.number_format": "generic"})
+    ).run(x)
     assert sum(wide.overflow.values()) == 0
     assert sum(narrow.overflow.values()) > 0
     assert np.mean(narrow.predictions == ref.predictions) < np.mean(
@@ -274,7 +312,12 @@ def test_residual_joins_equal_literal_integer_execution(resnets, kind, membrane_
     step-by-step integration (8 bits, overflowing)."""
     snn, x = resnets[kind]
     profile = loihi(
-        **{"neuron.membrane_bits": membrane_bits, "timing.steps_per_window": 8, "weights.bits": 6}
+        **{
+            "neuron.membrane_bits": membrane_bits,
+            "neuron.number_format": "generic",
+            "timing.steps_per_window": 8,
+            "weights.bits": 6,
+        }
     )
     dep = deploy(snn, profile)
     joins = [p for p in dep.programs.values() if p.shortcuts]

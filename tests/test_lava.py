@@ -64,7 +64,9 @@ def test_fixed_point_lava_spikes_exactly_like_the_emulator(name):
 
 def test_saturating_membrane_matches_the_emulator():
     snn, x = converted("digits_mlp", 20)
-    profile = nd.load_profile("loihi2").with_overrides({"neuron.membrane_bits": 12})
+    profile = nd.load_profile("loihi2").with_overrides(
+        {"neuron.membrane_bits": 12, "neuron.number_format": "generic"}
+    )
     emulator = nd.deploy(snn, profile).run(x)
     lava = nd.deploy(snn, profile, backend="lava").run(x)
     assert sum(emulator.overflow.values()) > 0
@@ -267,7 +269,12 @@ def test_fixed_point_lava_runs_residual_nets_exactly_like_the_emulator(make):
 def test_saturating_residual_joins_match_the_emulator():
     snn, x = dense_resnet(0)
     profile = nd.load_profile("loihi2").with_overrides(
-        {"neuron.membrane_bits": 8, "timing.steps_per_window": 8, "weights.bits": 6}
+        {
+            "neuron.membrane_bits": 8,
+            "neuron.number_format": "generic",
+            "timing.steps_per_window": 8,
+            "weights.bits": 6,
+        }
     )
     emulator = nd.deploy(snn, profile).run(x[:8])
     lava = nd.deploy(snn, profile, backend="lava").run(x[:8])

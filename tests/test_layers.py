@@ -654,7 +654,11 @@ def test_grouped_padded_programs_equal_literal_integer_execution(sink, membrane_
     bits forces saturating step-by-step integration somewhere)."""
     _, x, snn = sink
     profile = nd.load_profile("loihi2").with_overrides(
-        {"timing.steps_per_window": 8, "neuron.membrane_bits": membrane_bits}
+        {
+            "timing.steps_per_window": 8,
+            "neuron.membrane_bits": membrane_bits,
+            "neuron.number_format": "loihi2" if membrane_bits == 24 else "generic",
+        }
     )
     dep = nd.deploy(snn, profile)
     if membrane_bits == 12:

@@ -398,11 +398,22 @@ def test_override_error_names_the_override(name, key, value, named):
         ("rram", {"crossbar.g_min_us": 39.5}),
         ("pcm", {"crossbar.device_model": "generic", "crossbar.generic.drift_nu_std": 0.001}),
         ("pcm", {"timing.steps_per_window": 16, "timing.step_time_s": 1e-6}),
-        ("loihi2", {"weights.bits": 1, "neuron.membrane_bits": 52}),
-        ("loihi2", {"weights.bits": 32, "neuron.membrane_bits": 2}),
         (
             "loihi2",
-            {"weights.bits": None, "neuron.membrane_bits": None, "timing.steps_per_window": 1},
+            {"weights.bits": 1, "neuron.membrane_bits": 52, "neuron.number_format": "generic"},
+        ),
+        (
+            "loihi2",
+            {"weights.bits": 32, "neuron.membrane_bits": 2, "neuron.number_format": "generic"},
+        ),
+        (
+            "loihi2",
+            {
+                "weights.bits": None,
+                "neuron.membrane_bits": None,
+                "neuron.number_format": "generic",
+                "timing.steps_per_window": 1,
+            },
         ),
         ("ideal", {"timing.time_unit_s": None, "crosscheck.required_agreement": 0}),
     ],
@@ -459,8 +470,10 @@ SPECS = [
     Spec("pcm", "faults.stuck_off", _floats(0, 1), 0, 1),
     Spec("loihi2", "timing.steps_per_window", st.integers(1, 2**16), 1, 2**16),
     Spec("loihi2", "timing.step_time_s", _floats(0, 1, exclude_min=True), 0, None),
-    Spec("loihi2", "weights.bits", st.integers(1, 32), 1, 32),
-    Spec("loihi2", "neuron.membrane_bits", st.integers(2, 52), 2, 52),
+    # loihi2's number_format holds at most 8-bit weights and 24-bit registers (the wider
+    # ranges of the keys are accepted with neuron.number_format: generic)
+    Spec("loihi2", "weights.bits", st.integers(1, 8), 1, 32),
+    Spec("loihi2", "neuron.membrane_bits", st.just(24), 2, 52),
     Spec("loihi2", "cores.neurons_per_core", st.integers(1, 10**9), 1, None),
     Spec("loihi2", "energy.synop_j", _floats(0, 1), 0, None),
     Spec("ideal", "timing.time_unit_s", _floats(0, 1, exclude_min=True), 0, None),

@@ -39,6 +39,17 @@ w' 2^(e_sc - e + s) units per step of duration. That shift cannot be negative
 current I sums both groups' spikes in the step they arrive; V, the overflow
 bound and the step-by-step saturation include them.
 
+Loihi number formats (``neuron.number_format: loihi2``, the loihi2 profile), as
+lava-nc 0.10's bit-accurate models hold them (PyDenseModelBitAcc, PyLifModelBitAcc):
+a mantissa m enters Lava's Dense as m 2^(8 - bits + 1) (mixed sign), the dendritic
+sum a is shifted by weight_exp in 0..7 and then by 6 into the current, so
+s = weight_exp + 15 - bits; a is a 16-bit register and u a 24-bit one, both wrap
+(u as Lava wraps it: once, into (-2^23, 2^23]); v saturates at +-(2^23 - 1) (Lava's
+clip). The neuron fires when V > vth 2^6 with vth an unsigned 17-bit mantissa (V >=
+vth 2^6 + 1; a negative threshold becomes an initial membrane and vth = 0), and the
+ramp is a bias mantissa (13 bits, signed) times 2^(0..7). Every wrap or saturation
+is counted in ``overflow``; a format that cannot hold the layer is a DeployError.
+
 With the ``ideal`` profile the emulator runs the reference simulator.
 """
 
@@ -68,6 +79,58 @@ from .common import (
 # membrane units per ramp step is far beyond any step-time resolution needed.
 _MAX_RAMP_UNITS = 2**16
 
+# Loihi number formats, as Lava's bit-accurate models hold them (lava-nc 0.10:
+# lava/proc/dense/models.py AbstractPyDenseModelBitAcc, lava/proc/dense/process.py
+# Dense, lava/proc/lif/models.py AbstractPyLifModelFixed / PyLifModelBitAcc).
+LOIHI_ACT_SHIFT = 6  # dendritic input left-shifted by 6 into the current (act_shift)
+LOIHI_VTH_SHIFT = 6  # threshold mantissa left-shifted by 6 (vth_shift)
+LOIHI_VTH_BITS = 17  # unsigned threshold mantissa (vth: precision=17)
+LOIHI_BIAS_MANT_BITS = 13  # signed bias mantissa (bias_mant: precision=13)
+LOIHI_BIAS_EXP_MAX = 7  # unsigned 3-bit bias exponent (bias_exp: precision=3)
+LOIHI_DENDRITE_BITS = 16  # dendritic sum a_out / a_in (precision=16)
+LOIHI_REGISTER_BITS = 24  # current u and membrane v (precision=24)
+LOIHI_WEIGHT_EXP_MAX = 7  # weight_exp is kept in 0..7. Lava's Dense does not bound it; it
+# is non-negative because a negative weight_exp right-shifts (truncates) every step's sum in
+# Lava's Dense, which is not exact, and at most 7, the largest value of a 3-bit exponent field
+# like the bias exponent's (an assumption: Intel has not published Loihi 2's field width).
+LOIHI_MIXED_SIGN_SHIFT = 1  # mixed-sign Dense weights are scaled by 2 (Dense: isMixed())
+
+
+def loihi_weight_shift(bits: int) -> int:
+    """Membrane shift s of weight exponent 0: an 8-bit mantissa m enters Lava's Dense as
+    m 2^(8 - bits + 1) (num_weight_bits = bits, mixed sign), its dendritic sum is shifted
+    by weight_exp and then by act_shift into the current: w_q = m 2^s with
+    s = weight_exp + loihi_weight_shift(bits)."""
+    return LOIHI_ACT_SHIFT + LOIHI_MIXED_SIGN_SHIFT + (8 - bits)
+
+
+def wrap_dendrite(a: np.ndarray) -> np.ndarray:
+    """A dendritic sum wrapped into the signed 16-bit register (two's complement)."""
+    half = 2.0 ** (LOIHI_DENDRITE_BITS - 1)
+    return np.mod(a + half, 2 * half) - half
+
+
+def wrap_current(u: np.ndarray) -> np.ndarray:
+    """The 24-bit current wrapped as PyLifModelBitAcc wraps it (one wrap, range
+    (-2^23, 2^23]: Lava's comparison ``> 2^23`` keeps +2^23)."""
+    top = 2.0 ** (LOIHI_REGISTER_BITS - 1)
+    u = np.where(u > top, u - 2 * top, u)
+    return np.where(u <= -top, u + 2 * top, u)
+
+
+def loihi_ramp(desired: float) -> tuple[float, int]:
+    """The ramp as a Loihi bias: (mant 2^exp, exp) nearest ``desired`` register units, with
+    a 13-bit signed mantissa and exp in 0..7; exp is -1 when it cannot be represented."""
+    top = 2 ** (LOIHI_BIAS_MANT_BITS - 1) - 1
+    exp = max(0, int(np.ceil(np.log2(max(desired, 1.0) / top))))
+    mant = max(1.0, float(np.rint(desired / 2.0**exp)))
+    if mant > top:  # rounding up crossed the top
+        exp += 1
+        mant = float(np.rint(desired / 2.0**exp))
+    if exp > LOIHI_BIAS_EXP_MAX:
+        return 0.0, -1
+    return mant * 2.0**exp, exp
+
 
 @dataclass(frozen=True, eq=False)
 class LayerProgram:
@@ -91,6 +154,11 @@ class LayerProgram:
     neurons: int
     fanout: np.ndarray  # (inputs,) synapses leaving each input neuron
     shortcuts: tuple[ShortcutProgram, ...] = ()  # aligned with the stage's shortcuts
+    loihi: bool = False  # Loihi number formats (neuron.number_format 'loihi2')
+    start: np.ndarray | float = 0.0  # initial membrane (output shape): a negative threshold
+    weight_exp: int | None = None  # Loihi Dense weight_exp of the layer's synapses
+    vth: np.ndarray | None = None  # Loihi threshold mantissa: fires when V > vth 2^6
+    ramp_exp: int = 0  # Loihi bias exponent of the ramp (rounding 2^(ramp_exp - 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,6 +175,7 @@ class ShortcutProgram:
     exponent: int | None  # e_sc (None: float weights)
     synapse_count: int
     fanout: np.ndarray  # (source neurons,)
+    weight_exp: int | None = None  # Loihi Dense weight_exp of the group
 
 
 def _fanout(indicator: tuple, input_shape) -> np.ndarray:
@@ -154,9 +223,11 @@ def program_layer(
     bits: int | None,
     membrane_bits: int | None,
     sources: dict | None = None,
+    loihi: bool = False,
 ) -> LayerProgram:
     """The chip program of one layer. sources: for a join layer, shortcut source name ->
-    (dt_src, delay_steps) (see :meth:`EmulatorDeployment._shortcut_sources`)."""
+    (dt_src, delay_steps) (see :meth:`EmulatorDeployment._shortcut_sources`); loihi: hold
+    it in Loihi's number formats (see the module docstring)."""
     if stage.shortcuts and sources is None:
         raise DeployError(
             f"layer '{stage.name}' joins residual shortcuts: program_layer needs their "
@@ -225,6 +296,13 @@ def program_layer(
         )
 
     exponent = _weight_exponent(weight, bits)
+    if loihi and not is_output and membrane_bits is not None:
+        # The threshold must fit the 24-bit register even at weight_exp 0 (Loihi has no
+        # finer membrane unit than a mantissa step 2^min_shift): else coarser mantissas.
+        half_register = 2.0 ** (membrane_bits - 2)
+        need = float(np.abs(threshold_phys).max()) / (dt_in * half_register)
+        if need > 0:
+            exponent = max(exponent, int(np.ceil(np.log2(need))) + loihi_weight_shift(bits))
     top = 2 ** (bits - 1)
     mantissa = np.clip(np.rint(weight / 2.0**exponent), -top, top - 1)
     abs_ops = (*ops[:-1], _with_weight(affine, np.abs(mantissa)))
@@ -232,50 +310,85 @@ def program_layer(
     limit = None if membrane_bits is None else float(2 ** (membrane_bits - 1) - 1)
     ramp_per_unit = dt / (2.0**exponent * dt_in)  # r: ramp in mantissa-step units (shift 0)
     group_exponents = [_weight_exponent(w, bits) for _, _, w, _, _ in groups]
+    # Loihi: s = weight_exp + min_shift with weight_exp in 0..LOIHI_WEIGHT_EXP_MAX
+    min_shift = loihi_weight_shift(bits) if loihi else 0
+    max_shift = min_shift + LOIHI_WEIGHT_EXP_MAX if loihi else 40
 
     def shortcut_units(shift: int):
         """Per group: (exponent e_sc, membrane units per step of duration)."""
         out = []
         for (_, _, w, _, _), e_group in zip(groups, group_exponents, strict=True):
-            e_sc = max(e_group, exponent - shift)  # no finer than one membrane unit
+            # no finer than one membrane unit (Loihi: than weight_exp 0 of the group)
+            e_sc = max(e_group, exponent - shift + min_shift)
             m = np.clip(np.rint(w / 2.0**e_sc), -top, top - 1)
             out.append((e_sc, m * 2.0 ** (e_sc - exponent + shift)))
         return out
 
+    def group_weight_exps(shift: int) -> list[int]:
+        return [e_sc - exponent + shift - min_shift for e_sc, _ in shortcut_units(shift)]
+
     def scaled(shift: int):
+        """(lsb, threshold, start, bias, ramp, ramp exponent, vth) at shift s."""
         lsb = 2.0 ** (exponent - shift) * dt_in
-        theta = None if is_output else np.rint(threshold_phys / lsb)
         bias = np.rint(stage.bias / lsb) if is_output else None
-        ramp = 0.0 if is_output else float(max(1.0, np.rint(ramp_per_unit * 2.0**shift)))
-        return lsb, theta, bias, ramp
+        if is_output:
+            return lsb, None, 0.0, bias, 0.0, 0, None
+        theta = np.rint(threshold_phys / lsb)
+        desired = ramp_per_unit * 2.0**shift
+        if not loihi:
+            return lsb, theta, 0.0, bias, float(max(1.0, np.rint(desired))), 0, None
+        # Loihi fires when V > vth 2^6 (vth unsigned): a negative threshold becomes an
+        # initial membrane -theta and vth 0; V >= theta + 1 is V > theta for integers.
+        vth = np.rint(np.maximum(theta, 0.0) / 2.0**LOIHI_VTH_SHIFT)
+        start = np.maximum(-theta, 0.0)
+        ramp, ramp_exp = loihi_ramp(desired)
+        return lsb, vth * 2.0**LOIHI_VTH_SHIFT + 1 - start, start, bias, ramp, ramp_exp, vth
 
     def fits(shift: int) -> bool:
+        if loihi and any(we > LOIHI_WEIGHT_EXP_MAX for we in group_weight_exps(shift)):
+            return False
+        lsb, theta, start, bias, ramp, ramp_exp, _ = scaled(shift)
+        if ramp_exp < 0:
+            return False
         if limit is None:
             return True
-        lsb, theta, bias, ramp = scaled(shift)
-        extra = float(np.abs(bias).max()) if is_output else 0.0
+        extra = float(np.abs(bias).max()) if is_output else float(np.max(start))
         total = worst * 2.0**shift
         for (o, a, _, shortcut, _), (_, units) in zip(groups, shortcut_units(shift), strict=True):
             sc_abs = (*o[:-1], _with_weight(a, np.abs(units)))
             total = total + apply_synapses(sc_abs, np.ones((1, *shortcut.input_shape)) * steps)[0]
         bound = float(total.max()) + extra
         if not is_output:
-            bound = max(bound, float(np.abs(theta).max()) + ramp)
+            bound = max(bound, float(np.abs(theta + start).max()) + ramp)
         return bound <= limit
 
     if is_output:
         target = 12  # 2^12 membrane units per mantissa step: logits to 12 more bits
     else:
         target = max(0, int(np.ceil(np.log2(_MAX_RAMP_UNITS / max(ramp_per_unit, 1e-300)))))
-    shift = next((s for s in range(min(target, 40), -1, -1) if fits(s)), None)
+    shift = next(
+        (s for s in range(min(max(target, min_shift), max_shift), min_shift - 1, -1) if fits(s)),
+        None,
+    )
     stepped = shift is None
-    shift = 0 if stepped else shift
-    lsb, theta, bias, ramp = scaled(shift)
-    if limit is not None and theta is not None:
+    shift = min_shift if stepped else shift
+    lsb, theta, start, bias, ramp, ramp_exp, vth = scaled(shift)
+    if loihi:
+        _check_loihi_formats(
+            stage.name, stage.shortcuts, group_weight_exps(shift), ramp_exp, vth, start, limit
+        )
+    elif limit is not None and theta is not None:
         theta = np.clip(theta, -limit, limit)
     shortcuts = tuple(
-        ShortcutProgram(synapses=(*o[:-1], _with_weight(a, units)), exponent=e_sc, **rec)
-        for (o, a, _, _, rec), (e_sc, units) in zip(groups, shortcut_units(shift), strict=True)
+        ShortcutProgram(
+            synapses=(*o[:-1], _with_weight(a, units)),
+            exponent=e_sc,
+            weight_exp=we if loihi else None,
+            **rec,
+        )
+        for (o, a, _, _, rec), (e_sc, units), we in zip(
+            groups, shortcut_units(shift), group_weight_exps(shift), strict=True
+        )
     )
     return LayerProgram(
         synapses=(*ops[:-1], _with_weight(affine, mantissa * 2.0**shift)),
@@ -288,8 +401,40 @@ def program_layer(
         limit=limit,
         stepped=stepped,
         shortcuts=shortcuts,
+        loihi=loihi,
+        start=start,
+        weight_exp=shift - min_shift if loihi else None,
+        vth=vth,
+        ramp_exp=ramp_exp,
         **common,
     )
+
+
+def _check_loihi_formats(name, shortcuts, group_exps, ramp_exp, vth, start, limit) -> None:
+    """DeployError for a layer program outside Loihi's formats (see the module docstring)."""
+    for shortcut, we in zip(shortcuts, group_exps, strict=True):
+        if we > LOIHI_WEIGHT_EXP_MAX:
+            raise DeployError(
+                f"layer '{name}': its shortcut group from '{shortcut.source}' needs weight "
+                f"exponent {we} relative to the layer's membrane, beyond Loihi's 0.."
+                f"{LOIHI_WEIGHT_EXP_MAX} (its weights are too large beside the layer's own)"
+            )
+    if ramp_exp < 0:
+        raise DeployError(
+            f"layer '{name}': its ramp does not fit a Loihi bias (13-bit mantissa, exponent "
+            f"0..{LOIHI_BIAS_EXP_MAX}): one step of its window is more than 2^19 membrane "
+            "units, its largest weight too small beside its window"
+        )
+    if vth is not None and float(np.max(vth)) >= 2**LOIHI_VTH_BITS:
+        raise DeployError(
+            f"layer '{name}': threshold mantissa {int(np.max(vth))} exceeds Loihi's unsigned "
+            f"{LOIHI_VTH_BITS} bits"
+        )
+    if limit is not None and float(np.max(start)) > limit:
+        raise DeployError(
+            f"layer '{name}': a negative threshold needs an initial membrane of "
+            f"{int(np.max(start))} units, beyond the 24-bit register"
+        )
 
 
 def _integrate(
@@ -321,15 +466,28 @@ def _integrate(
     )
     clipped = None
     for k in range(program.steps):
+        drive = 0.0
         for synapses, durations_ in groups:
             arriving = (durations_ == program.steps - k).astype(np.float64)
-            current = current + apply_synapses(synapses, arriving)
+            drive = drive + apply_synapses(synapses, arriving)
         if v is None:
-            v = np.zeros_like(current) + start
+            v = np.zeros_like(drive) + start
         if clipped is None:
-            clipped = np.zeros(current.shape, dtype=bool)
-        over = np.abs(current) > limit
-        current = np.clip(current, -limit, limit)
+            clipped = np.zeros(drive.shape, dtype=bool)
+        if program.loihi:
+            # Lava's Dense sends the dendritic sum a (16 bits: wraps); the neuron adds
+            # a 2^6 to the current (24 bits: wraps as PyLifModelBitAcc does)
+            a = drive / 2.0**LOIHI_ACT_SHIFT
+            wrapped = wrap_dendrite(a)
+            over = wrapped != a
+            current = current + wrapped * 2.0**LOIHI_ACT_SHIFT
+            wrapped = wrap_current(current)
+            over |= wrapped != current
+            current = wrapped
+        else:
+            current = current + drive
+            over = np.abs(current) > limit
+            current = np.clip(current, -limit, limit)
         v = v + current
         over |= np.abs(v) > limit
         v = np.clip(v, -limit, limit)
@@ -368,11 +526,28 @@ class EmulatorDeployment(Deployment):
     def _build_programs(self, bits: int | None, membrane_bits: int | None) -> None:
         steps = self.profile.timing.steps_per_window
         self.step_size = step_sizes(self.snn, steps)
+        loihi = bits is not None and self.profile.neuron.number_format == "loihi2"
         for stage in self.snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
                 self.programs[stage.name] = program_layer(
-                    stage, steps, bits, membrane_bits, self._shortcut_sources(stage)
+                    stage, steps, bits, membrane_bits, self._shortcut_sources(stage), loihi
                 )
+                self._check_fits_a_core(stage, self.programs[stage.name])
+
+    def _check_fits_a_core(self, stage, prog: LayerProgram) -> None:
+        """A neuron and all its input synapses live on one core: a neuron whose fan-in
+        exceeds a core's synapses (cores.synapses_per_core) cannot be mapped."""
+        fan_in = apply_synapses(prog.indicator, np.ones((1, *stage.input_shape)))[0]
+        for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True):
+            fan_in = fan_in + apply_synapses(sc.indicator, np.ones((1, *shortcut.input_shape)))[0]
+        largest = float(np.max(fan_in))
+        limit = self.profile.cores.synapses_per_core
+        if largest > limit:
+            raise DeployError(
+                f"layer '{stage.name}': a neuron has {int(largest)} input synapses, more than "
+                f"one core holds (cores.synapses_per_core = {limit}); the network cannot be "
+                "mapped"
+            )
 
     def _shortcut_sources(self, stage) -> dict[str, tuple[float, int]]:
         """Shortcut source name -> (dt_src, delay in steps) for a join layer.
@@ -413,7 +588,14 @@ class EmulatorDeployment(Deployment):
         def layer(stage: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_min, prog.dt_in)
-            v, clipped = _integrate(prog, d, _shortcut_durations(stage, prog, shortcut_in))
+            shortcut_d = _shortcut_durations(stage, prog, shortcut_in)
+            if prog.stepped and np.any(prog.start):
+                # the initial membrane of a negative threshold takes part in saturation
+                start = np.reshape(prog.start, stage.output_shape)
+                v, clipped = _integrate(prog, d, shortcut_d, start=start)
+                v = v - start
+            else:
+                v, clipped = _integrate(prog, d, shortcut_d)
             overflow[stage.name] = clipped
             # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R). The
             # float division of these exact integers rounds to the right side of every
@@ -516,15 +698,59 @@ class EmulatorDeployment(Deployment):
                 for sc in prog.shortcuts:  # the delayed source spikes reach these synapses
                     synops += np.isfinite(trace.spike_times[sc.source]).reshape(n, -1) @ sc.fanout
             previous = stage.name
-        updates = self._neuron_updates_per_sample()
-        return synops * e.synop_j + updates * e.neuron_update_j + trace.spike_count * e.spike_j
+        active = self._active_updates(trace)
+        inactive = self._neuron_updates_per_sample() - active
+        parts = {
+            "synaptic_ops": synops * e.synop_j,
+            "active_neuron_updates": active * e.neuron_active_update_j,
+            "inactive_neuron_updates": inactive * e.neuron_update_j,
+            "spikes": trace.spike_count * e.spike_j,
+        }
+        self._last_breakdown = {
+            "energy_j": {k: float(v.mean()) if n else 0.0 for k, v in parts.items()},
+            "counts": {
+                "synaptic_ops": float(synops.mean()) if n else 0.0,
+                "active_neuron_updates": float(active.mean()) if n else 0.0,
+                "inactive_neuron_updates": float(inactive.mean()) if n else 0.0,
+                "spikes": float(trace.spike_count.mean()) if n else 0.0,
+            },
+        }
+        return sum(parts.values())
 
     def _neuron_updates_per_sample(self) -> float:
-        """Every neuron updates in every step of the input window and of its own window."""
+        """Every neuron of the chip updates in every time step of the inference: the input
+        window and one window per hidden layer (Loihi updates all neurons of a core each
+        step; Davies et al. 2018, Table 2, prices active and inactive updates apart)."""
+        windows = 1 + len(self.snn.spiking_layers)
         steps = self.profile.timing.steps_per_window
-        return float(
-            sum(p.neurons * (steps if p.dt == 0 else 2 * steps) for p in self.programs.values())
-        )
+        return float(sum(p.neurons for p in self.programs.values()) * windows * steps)
+
+    def _active_updates(self, trace: Trace) -> np.ndarray:
+        """Active neuron updates per sample: a neuron is active during its input window
+        when any presynaptic spike reaches it (counted for the whole window: an upper
+        bound, its first input may arrive late) and during its own window up to and
+        including the step it fires (all K steps when it stays silent)."""
+        steps = self.profile.timing.steps_per_window
+        n = trace.num_samples
+        active = np.zeros(n)
+        previous = "input"
+        for stage in self.snn.stages:
+            prog = self.programs.get(stage.name)
+            if prog is None:
+                previous = stage.name
+                continue
+            fired = np.isfinite(trace.spike_times[previous]).astype(np.float64)
+            reached = apply_synapses(prog.indicator, fired).reshape(n, -1) > 0
+            for sc in prog.shortcuts:
+                src = np.isfinite(trace.spike_times[sc.source]).astype(np.float64)
+                reached |= apply_synapses(sc.indicator, src).reshape(n, -1) > 0
+            active += steps * reached.sum(axis=1)
+            if isinstance(stage, SpikingLayer):
+                t = trace.spike_times[stage.name].reshape(n, -1)
+                m = np.where(np.isfinite(t), np.rint((t - stage.t_min) / prog.dt) + 1, steps)
+                active += m.sum(axis=1)
+            previous = stage.name
+        return active
 
     # -- error bounds ----------------------------------------------------------------------
     def quantization_terms(self) -> dict[str, tuple]:
@@ -556,7 +782,11 @@ class EmulatorDeployment(Deployment):
             else:
                 # rounding to the nearest step; threshold (half a membrane unit) and ramp
                 # (half a unit per step, over at most K steps) rounding
-                own = prog.dt * (0.5 + (0.5 + 0.5 * steps) / prog.ramp)
+                # (Loihi: the threshold is a multiple of 2^6 units, compared strictly, and the
+                # ramp a bias mantissa 2^ramp_exp, rounding by half its last place)
+                theta_err = 2.0 ** (LOIHI_VTH_SHIFT - 1) + 1 if prog.loihi else 0.5
+                ramp_err = 0.5 * 2.0**prog.ramp_exp
+                own = prog.dt * (0.5 + (theta_err + ramp_err * steps) / prog.ramp)
             terms[stage.name] = (own, delta, 0.0)
             # A shortcut group's mantissas err by 2^(e_sc - 1) in W' = W_sc x pool factor x
             # dt_src / dt_in; its delayed spikes keep their source's steps (no rounding).
@@ -595,6 +825,7 @@ class EmulatorDeployment(Deployment):
                     "neurons": prog.neurons,
                     "synapses": synapses,  # the shortcut groups' included
                     "cores": n_cores,
+                    "chips": -(-n_cores // cores.cores_per_chip),
                     "neuron_utilisation": prog.neurons / (n_cores * cores.neurons_per_core),
                     "synapse_utilisation": synapses / (n_cores * cores.synapses_per_core),
                     "weight_bits": p.weights.bits,
@@ -630,4 +861,5 @@ class EmulatorDeployment(Deployment):
             "latency_s": windows * p.timing.steps_per_window * p.timing.step_time_s,
             "neuron_updates_per_inference": self._neuron_updates_per_sample(),
             "energy_j_per_inference": self._last_energy,
+            "energy_breakdown": getattr(self, "_last_breakdown", None),
         }

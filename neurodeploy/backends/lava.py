@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import UsageError
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
-from .emulator import EmulatorDeployment
+from .emulator import LOIHI_ACT_SHIFT, EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
 
@@ -128,6 +128,39 @@ MIN_CHUNK = 8  # below this Lava's per-chunk overhead (~0.1 s) dominates
 MAX_CHUNK = 128
 
 
+def _lava_dense(program, port):
+    """Lava's Dense (PyDenseModelBitAcc under fixed_pt) holding the layer's mantissas: m
+    enters as m 2^(8 - bits + 1) in mixed sign mode, shifted by the layer's weight_exp;
+    fed by ``port`` (1, N) reshaped to Lava's per-sample (N,)."""
+    from lava.proc.dense.process import Dense
+    from lava.utils.weightutils import SignMode
+
+    weight = program.synapses[-1].weight
+    bits = 15 - (program.shift - program.weight_exp)  # s = weight_exp + 15 - bits
+    mantissa = weight / 2.0**program.shift
+    dense = Dense(
+        weights=(mantissa * 2.0 ** (9 - bits)).astype(np.int32),
+        weight_exp=program.weight_exp,
+        num_weight_bits=bits,
+        sign_mode=SignMode.MIXED,
+    )
+    port.reshape((weight.shape[1],)).connect(dense.s_in)
+    return dense
+
+
+def _connect_drive(group, neuron, size: int) -> None:
+    if group.a_out.shape == (size,):  # Lava's Dense: one sample
+        group.a_out.reshape((1, size)).connect(neuron.a_in)
+    else:
+        group.a_out.connect(neuron.a_in)
+
+
+def _dendritic(program, weight: np.ndarray) -> np.ndarray:
+    """Weights in the units the synapses send: Loihi's dendritic sum a (the neuron shifts
+    it by 6 into the current); the membrane units otherwise."""
+    return weight / 2.0**LOIHI_ACT_SHIFT if program.loihi else weight
+
+
 class LavaDeployment(EmulatorDeployment):
     """Run on Lava processes; mapping, costs and summary as the emulator's."""
 
@@ -135,8 +168,19 @@ class LavaDeployment(EmulatorDeployment):
     hardware_kinds = ("digital",)
 
     def __init__(
-        self, snn, profile, seed: int = 0, tag: str = "fixed_pt", batch: int | None = None
+        self,
+        snn,
+        profile,
+        seed: int = 0,
+        tag: str = "fixed_pt",
+        batch: int | None = None,
+        lava_dense: bool = False,
     ):
+        """lava_dense: run the synapses on Lava's own ``Dense`` process with its
+        bit-accurate model (PyDenseModelBitAcc) instead of our batched process; Lava's
+        Dense takes one sample per step (batch 1) and delays by one step, which each
+        layer's window absorbs. Dense layers only, Loihi formats (fixed_pt) only.
+        batch: samples per chunk (None: chosen by :meth:`chunk_size`)."""
         if tag not in LAVA_TAGS:
             raise UsageError(f"tag: unknown {tag!r}; choose one of {', '.join(LAVA_TAGS)}")
         bad_batch = isinstance(batch, bool) or not isinstance(batch, int) or batch < 1
@@ -144,7 +188,18 @@ class LavaDeployment(EmulatorDeployment):
             raise UsageError(f"batch must be a positive integer or None, got {batch!r}")
         super().__init__(snn, profile, seed)
         self.tag = tag
-        self.batch = batch
+        self.batch = 1 if lava_dense else batch
+        self.lava_dense = lava_dense
+        if lava_dense:
+            for stage in snn.stages:
+                prog = self.programs.get(stage.name)
+                if tag != "fixed_pt" or prog is None or not prog.loihi:
+                    raise UsageError(
+                        f"lava_dense: layer '{stage.name}' is not a Loihi-format dense layer "
+                        "(needs tag fixed_pt, neuron.number_format loihi2, no pools)"
+                    )
+                if len(prog.synapses) != 1 or prog.shortcuts or prog.synapses[0].weight.ndim != 2:
+                    raise UsageError(f"lava_dense: layer '{stage.name}' is not a plain dense layer")
         if tag == "floating_pt":  # float weights and membrane on the same step grid
             self.programs = {}
             self._build_programs(None, None)
@@ -197,7 +252,9 @@ class LavaDeployment(EmulatorDeployment):
         snn, steps = self.snn, self.profile.timing.steps_per_window
         samples = input_steps.shape[0]
         batch = self.chunk_size(samples)
-        chunk_steps = steps * (1 + len(snn.spiking_layers))
+        # Lava's Dense delays by one step: one step more per synapse layer
+        hops = len(self.programs) if self.lava_dense else 0
+        chunk_steps = steps * (1 + len(snn.spiking_layers)) + hops
         chunks = -(-samples // batch)
         total = chunks * chunk_steps
         errors = tmp / "errors"
@@ -245,16 +302,21 @@ class LavaDeployment(EmulatorDeployment):
                 continue
             prog = self.programs[stage.name]
             *_, affine = prog.synapses
-            synapses = Synapses(
-                batch=batch,
-                in_shape=stage.input_shape,
-                out_shape=stage.output_shape,
-                weight=affine.weight,
-                ops=prog.synapses,
-                chunk_steps=chunk_steps,
-                error_path=error_path(),
-            )
-            port.connect(synapses.s_in)
+            if self.lava_dense:
+                synapses = _lava_dense(prog, port)
+                delay = layer + 1  # steps the Dense processes so far have delayed
+            else:
+                delay = 0
+                synapses = Synapses(
+                    batch=batch,
+                    in_shape=stage.input_shape,
+                    out_shape=stage.output_shape,
+                    weight=_dendritic(prog, affine.weight),
+                    ops=prog.synapses,
+                    chunk_steps=chunk_steps,
+                    error_path=error_path(),
+                )
+                port.connect(synapses.s_in)
             groups = [synapses] + [
                 self._shortcut_group(stage, shortcut, sc, outputs, batch, chunk_steps, error_path)
                 for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
@@ -265,16 +327,18 @@ class LavaDeployment(EmulatorDeployment):
                 layer += 1
                 neuron = TTFSNeuron(
                     size=size,
-                    threshold=prog.threshold.reshape(-1),
+                    threshold=(prog.vth if prog.loihi else prog.threshold).reshape(-1),
                     ramp=prog.ramp,
+                    start=np.broadcast_to(prog.start, stage.output_shape).reshape(-1),
+                    loihi=prog.loihi,
                     limit=limit,
-                    first_step=(layer - 1) * steps,
+                    first_step=(layer - 1) * steps + delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
                 )
                 for group in groups:  # the InPort sums its inputs
-                    group.a_out.connect(neuron.a_in)
+                    _connect_drive(group, neuron, size)
                 port, window_start = neuron.s_out, layer * steps
                 outputs[stage.name] = port
             else:
@@ -282,14 +346,15 @@ class LavaDeployment(EmulatorDeployment):
                 readout = TTFSReadout(
                     size=size,
                     bias=prog.bias.reshape(-1),
+                    loihi=prog.loihi,
                     limit=limit,
-                    first_step=layer * steps,
+                    first_step=layer * steps + delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
                 )
                 for group in groups:
-                    group.a_out.connect(readout.a_in)
+                    _connect_drive(group, readout, size)
             recorders[stage.name] = path
         config = Loihi2SimCfg(select_tag=self.tag)
         # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
@@ -317,12 +382,12 @@ class LavaDeployment(EmulatorDeployment):
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
 
-    @staticmethod
-    def _shortcut_group(stage, shortcut, program, outputs, batch, chunk_steps, error_path):
+    def _shortcut_group(self, stage, shortcut, program, outputs, batch, chunk_steps, error_path):
         """The synapse process of one shortcut group, fed by its source's spikes delayed by
         the group's whole windows."""
         from ..lava.process import SpikeDelay, Synapses
 
+        layer_program = self.programs[stage.name]
         port = outputs[shortcut.source]
         if program.delay_steps:
             delay = SpikeDelay(
@@ -338,7 +403,7 @@ class LavaDeployment(EmulatorDeployment):
             batch=batch,
             in_shape=shortcut.input_shape,
             out_shape=stage.output_shape,
-            weight=program.synapses[-1].weight,
+            weight=_dendritic(layer_program, program.synapses[-1].weight),
             ops=program.synapses,
             chunk_steps=chunk_steps,
             error_path=error_path(),

@@ -29,6 +29,12 @@ from lava.magma.core.model.py.type import LavaPyType
 from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 
+from neurodeploy.backends.emulator import (
+    LOIHI_ACT_SHIFT,
+    LOIHI_DENDRITE_BITS,
+    LOIHI_REGISTER_BITS,
+    LOIHI_VTH_SHIFT,
+)
 from neurodeploy.lava.process import (
     SpikeDelay,
     SpikePool,
@@ -237,8 +243,22 @@ class _NeuronBase(_Chunked):
         return x
 
     def _integrate(self, a):
-        self.u += self._as_state(a)
-        self._saturate(self.u, True)
+        if self.proc_params.get("loihi", False):
+            # PyLifModelBitAcc's arithmetic: a (16-bit dendritic sum, wraps) enters the
+            # current as a << 6; u wraps at 24 bits (range (-2^23, 2^23]); v saturates
+            a = self._as_state(a)
+            half = 2 ** (LOIHI_DENDRITE_BITS - 1)
+            wrapped = np.mod(a + half, 2 * half) - half
+            self.chunk_clipped |= wrapped != a
+            u = self.u + np.left_shift(wrapped, LOIHI_ACT_SHIFT)
+            top = 2 ** (LOIHI_REGISTER_BITS - 1)
+            u_wrapped = np.where(u > top, u - 2 * top, u)
+            u_wrapped = np.where(u_wrapped <= -top, u + 2 * top, u_wrapped)
+            self.chunk_clipped |= u_wrapped != u
+            self.u[:] = u_wrapped
+        else:
+            self.u += self._as_state(a)
+            self._saturate(self.u, True)
         self.v += self.u
         self._saturate(self.v, True)
 
@@ -272,17 +292,23 @@ class _NeuronModel(_NeuronBase):
         p = self.proc_params
         a = self._recv("a_in")
         chunk, local = self._clock()
+        loihi = p.get("loihi", False)
         if local == 0:
-            self._reset(0)
+            self._reset(p["start"] if loihi else 0)
         j = local - p["first_step"]
         out = np.zeros(self.s_out.shape)
         if 0 <= j < p["steps"]:
             self._integrate(a)
         m = j - p["steps"]
         if 0 <= m < p["steps"]:
+            # Loihi fires when v > vth << 6, i.e. v >= (vth << 6) + 1
+            if loihi:
+                threshold = np.left_shift(self.threshold, LOIHI_VTH_SHIFT) + 1
+            else:
+                threshold = self.threshold
             if m == 0:  # value beyond the window: over threshold by more than half a step
-                self.chunk_early[:] = 2 * (self.v - self.threshold) > self.ramp[0]
-            fire = ~self.fired & (self.v >= self.threshold)
+                self.chunk_early[:] = 2 * (self.v - threshold) > self.ramp[0]
+            fire = ~self.fired & (self.v >= threshold)
             self.step_record[fire] = m
             self.fired |= fire
             out = fire.astype(float)

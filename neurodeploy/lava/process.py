@@ -197,10 +197,26 @@ class TTFSNeuron(_Membranes):
     Records per sample the spike step (K: none), whether the value exceeded
     the window (already above threshold by more than half a ramp step when
     the window opened) and whether u or v saturated.
+
+    ``loihi=True`` (proc param): Loihi's formats (neurodeploy.backends.emulator):
+    ``threshold`` is the unsigned mantissa vth and a neuron fires when v > vth 2^6;
+    v starts each chunk at ``start`` (a negative threshold's offset); the input a is
+    a 16-bit dendritic sum that wraps, enters u as a 2^6, u wraps at 24 bits and v
+    saturates at +-limit, as PyLifModelBitAcc does.
     """
 
-    def __init__(self, *, batch: int, size: int, threshold: np.ndarray, ramp: float, **kwargs):
-        super().__init__(batch=batch, size=size, **kwargs)
+    def __init__(
+        self,
+        *,
+        batch: int,
+        size: int,
+        threshold: np.ndarray,
+        ramp: float,
+        start: np.ndarray | float = 0,
+        **kwargs,
+    ):
+        # start is a proc param: the model reads it once per chunk
+        super().__init__(batch=batch, size=size, start=np.asarray(start), **kwargs)
         self.threshold = Var(shape=(size,), init=threshold)
         self.ramp = Var(shape=(1,), init=ramp)
         self.s_out = OutPort(shape=(batch, size))
