@@ -195,10 +195,12 @@ def _model_of(dep):
 def _rebuild(dep, snn: TTFSNetwork, overrides: dict):
     cls, base = _model_of(dep)
     merged = {**base, **overrides}
-    widened = {"weights.bits", "neuron.membrane_bits"} & set(merged)
+    widened = {"weights.bits", "neuron.membrane_bits", "timing.steps_per_window"} & set(merged)
     if widened and getattr(dep.profile.neuron, "number_format", "generic") != "generic":
-        # Loihi's formats fix the register widths: an ablation that widens them switches
-        # to the generic (saturating, any width) arithmetic it is then measured against.
+        # Loihi's formats fix the register widths: an ablation that widens them (more
+        # weight or membrane bits, or a finer step grid, whose thresholds and ramps need
+        # more bits than Loihi's threshold and bias mantissas hold) switches to the
+        # generic arithmetic of any width, in which the effect alone is switched off.
         merged["neuron.number_format"] = "generic"
     profile = dep.profile.with_overrides(merged, origin="attribution") if merged else dep.profile
     return cls(snn, profile, seed=dep.seed)

@@ -1,4 +1,5 @@
-"""Lava backend: the TTFS network as Lava processes on Lava's Loihi 2 simulator.
+"""Lava backend: the TTFS network as Lava processes with Loihi 2 number formats, run on
+Lava's CPU runtime (a simulation on this machine, not Intel's chip).
 
 The layer programs (integer weights, thresholds, ramps, saturation bounds)
 are the emulator's, so the ``fixed_pt`` models reproduce the emulator's spike
