@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from nets import cifar_vgg, vgg
+from timing import interleaved_medians
 
 import neurodeploy as nd
 from neurodeploy import ops
@@ -76,18 +77,6 @@ def gemm_runner(shapes, seed: int = 0):
     return run
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median time of each function, calls interleaved round by round after a warm-up.
-    A function returning a float reports its own time (the GEMM runner)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            own = fn()
-            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def limit_rows(name: str, net: nd.Network, x: np.ndarray, repeats: int, dtypes) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netgen import with_bn_statistics  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 import neurodeploy as nd  # noqa: E402
 
@@ -105,18 +106,6 @@ def resnet18(seed: int = 0, size: int = 224, classes: int = 1000) -> nd.Network:
     return nd.Network("resnet18", (3, size, size), (0.0, 1.0), with_bn_statistics(layers, x))
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median wall time (s) of each function, the calls interleaved round by round (after
-    one warm-up round), so slow phases of a shared machine hit all of them alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ def best_time(fn, repeats: int) -> float:
 
 def interleaved_medians(fns: dict, repeats: int) -> dict:
     """Median wall time (s) of each function, the calls interleaved round by round (after
-    one warm-up round), so slow phases of a shared machine hit all of them alike."""
+    one warm-up round), so slow phases of a shared machine hit all of them alike. A
+    function that returns a float reports its own time (e.g. a runner of GEMMs alone)."""
     import statistics
 
     for fn in fns.values():
@@ -27,6 +28,6 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            own = fn()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
