@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported by path
 from netgen import with_bn_statistics  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
