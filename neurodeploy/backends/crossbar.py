@@ -204,16 +204,22 @@ def _programming_sigma(g_target: np.ndarray, cb: Crossbar) -> np.ndarray:
     return (c0 + c1 * rel + c2 * rel**2) * (cb.g_max_us / PCM_PROG_G_MAX_REFERENCE_US)
 
 
-def _drift_exponents(g_target: np.ndarray, cb: Crossbar, rng) -> np.ndarray:
+def _drift_nu_statistics(g_target: np.ndarray, cb: Crossbar) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each device's drift exponent nu (before drift_scale)."""
     if cb.device_model == "generic":
-        mean = np.full_like(g_target, cb.generic.drift_nu_mean)
-        std = np.full_like(g_target, cb.generic.drift_nu_std)
-    else:
-        log_g = np.log(np.maximum(np.abs(g_target / cb.g_max_us), PCM_G_REL_MIN))
-        a, b, lo, hi = PCM_NU_MEAN
-        mean = np.clip(a * log_g + b, lo, hi)
-        a, b, lo, hi = PCM_NU_STD
-        std = np.clip(a * log_g + b, lo, hi)
+        return (
+            np.full_like(g_target, cb.generic.drift_nu_mean),
+            np.full_like(g_target, cb.generic.drift_nu_std),
+        )
+    log_g = np.log(np.maximum(np.abs(g_target / cb.g_max_us), PCM_G_REL_MIN))
+    a, b, lo, hi = PCM_NU_MEAN
+    mean = np.clip(a * log_g + b, lo, hi)
+    a, b, lo, hi = PCM_NU_STD
+    return mean, np.clip(a * log_g + b, lo, hi)
+
+
+def _drift_exponents(g_target: np.ndarray, cb: Crossbar, rng) -> np.ndarray:
+    mean, std = _drift_nu_statistics(g_target, cb)
     return np.abs(mean + std * rng.standard_normal(g_target.shape)) * cb.drift_scale
 
 
@@ -231,18 +237,25 @@ def read_sigma(g_now: np.ndarray, g_prog: np.ndarray, cb: Crossbar) -> np.ndarra
     )
 
 
-def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int | tuple):
-    """Target, programmed and inference-time conductance pairs for W (rows, cols).
-
-    layer: the layer's index, or (index, 1 + i) for its i-th shortcut group: each array
-    draws its own streams."""
-    path = layer if isinstance(layer, tuple) else (layer,)
+def target_pairs(w: np.ndarray, cb: Crossbar) -> tuple[list[np.ndarray], float]:
+    """The target conductances [G+, G-] (uS) W maps onto, on the level grid, and w_max:
+    the positive part of W / w_max on G+, the negative part on G-, from g_min."""
     span = cb.g_max_us - cb.g_min_us
     w_max = float(np.abs(w).max()) or 1.0
     target = [
         _quantise_levels(cb.g_min_us + span * np.maximum(sign * w, 0.0) / w_max, cb)
         for sign in (1.0, -1.0)
     ]
+    return target, w_max
+
+
+def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer: int | tuple):
+    """Target, programmed and inference-time conductance pairs for W (rows, cols).
+
+    layer: the layer's index, or (index, 1 + i) for its i-th shortcut group: each array
+    draws its own streams."""
+    path = layer if isinstance(layer, tuple) else (layer,)
+    target, w_max = target_pairs(w, cb)
     rng = {p: child_rng(seed, p, *path) for p in (_VARIABILITY, _PROGRAMMING, _DRIFT, _FAULTS)}
     programmed, now = [], []
     fault_u = rng[_FAULTS].random((2, *w.shape))
@@ -263,7 +276,7 @@ def program_pairs(w: np.ndarray, cb: Crossbar, faults: Faults, seed: int, layer:
         g_now = np.where(on, cb.g_max_us, np.where(off, cb.g_min_us, g_now))
         programmed.append(g)
         now.append(g_now)
-    return target, programmed, now, w_max / span
+    return target, programmed, now, w_max / (cb.g_max_us - cb.g_min_us)
 
 
 # Gauss-Hermite (probabilists') nodes for the drift factor's moments over nu: 24 nodes
@@ -299,15 +312,7 @@ def device_moments(g_target: np.ndarray, cb: Crossbar) -> tuple[np.ndarray, np.n
     t = cb.t_inference_s + DRIFT_T0_S
     if cb.drift_scale > 0 and t > DRIFT_T0_S:
         log_t = np.log(t / DRIFT_T0_S)
-        if cb.device_model == "generic":
-            mean = np.full_like(g_target, cb.generic.drift_nu_mean)
-            std = np.full_like(g_target, cb.generic.drift_nu_std)
-        else:
-            log_g = np.log(np.maximum(np.abs(g_target / cb.g_max_us), PCM_G_REL_MIN))
-            a, b, lo, hi = PCM_NU_MEAN
-            mean = np.clip(a * log_g + b, lo, hi)
-            a, b, lo, hi = PCM_NU_STD
-            std = np.clip(a * log_g + b, lo, hi)
+        mean, std = _drift_nu_statistics(g_target, cb)
         f1 = np.zeros_like(g_target)
         f2 = np.zeros_like(g_target)
         for z, w in zip(_HERMITE_NODES, _HERMITE_WEIGHTS, strict=True):
@@ -673,7 +678,6 @@ class CrossbarDeployment(Deployment):
         sum_j x_j^2 Var(W_ij) over its inputs x_j (devices independent)."""
         cb = self.device
         out = {}
-        span = cb.g_max_us - cb.g_min_us
         for stage in self.snn.stages:
             layer = self.layers.get(stage.name)
             if layer is None:
@@ -684,12 +688,7 @@ class CrossbarDeployment(Deployment):
             ):
                 groups.append((shortcut_term(stage.name, i), group, shortcut.synapses[-1]))
             for key, group, affine in groups:
-                w = _weight_matrices(affine)  # (G, rows, cols)
-                w_max = float(np.abs(w).max()) or 1.0
-                target = [
-                    _quantise_levels(cb.g_min_us + span * np.maximum(sign * w, 0.0) / w_max, cb)
-                    for sign in (1.0, -1.0)
-                ]
+                target, _ = target_pairs(_weight_matrices(affine), cb)  # (G, rows, cols)
                 moments = [device_moments(g_t, cb) for g_t in target]
                 gain = group.weight_scale * group.compensation
                 mean_error = gain * (moments[0][0] - moments[1][0]) - group.weight_scale * (
