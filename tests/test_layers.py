@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from netgen import random_inputs, random_network
 from test_conversion import RELATIVE_TOLERANCE, check_exact, relative_error
+from test_crossbar import CLEAN
 from test_emulator import _naive_chip, assert_same_spikes
 
 import neurodeploy as nd
@@ -425,21 +426,7 @@ def test_ideal_backends_reproduce_the_reference_on_modern_networks(seed):
 def test_ideal_crossbar_and_clean_pcm_reproduce_the_reference(sink):
     _, x, snn = sink
     ref = nd.simulate(snn, x)
-    clean = nd.load_profile("pcm").with_overrides(
-        {
-            "crossbar.prog_noise_scale": 0.0,
-            "crossbar.read_noise_scale": 0.0,
-            "crossbar.drift_scale": 0.0,
-            "crossbar.t_inference_s": 0.0,
-            "crossbar.drift_compensation": False,
-            "crossbar.variability": 0.0,
-            "crossbar.levels": None,
-            "converter.dac_bits": None,
-            "converter.adc_bits": None,
-            "faults.stuck_on": 0.0,
-            "faults.stuck_off": 0.0,
-        }
-    )
+    clean = nd.load_profile("pcm").with_overrides(CLEAN)
     for profile in ("ideal", clean):
         trace = nd.deploy(snn, profile, backend="crossbar").run(x)
         assert_same_spikes(trace, ref, 1e-9)
