@@ -53,8 +53,8 @@ from scipy.special import ndtr
 
 from . import ops
 from .attribution import attribute
-from .backends.common import abs_weight_ops, shortcut_term
-from .deploy import Deployment
+from .backends.common import abs_weight_ops
+from .deploy import Deployment, shortcut_term_key
 from .fileio import write_text_atomic
 from .metrics import neurobench_metrics
 from .simulate import simulate
@@ -412,11 +412,12 @@ def _local(
     device model's standard deviation of each output (0 without statistics). With
     statistics the potential carries the device model's expected shift and the bound adds
     ``sigmas`` standard deviations. A join layer adds each shortcut's synapses on its
-    source's hardware values, with that group's terms (``shortcut_term`` keys)."""
+    source's hardware values, with that group's terms (keyed by
+    :func:`~neurodeploy.deploy.shortcut_term_key`)."""
     statistics = statistics or {}
     groups = [(stage.synapses, inputs, (own, delta, input_error), statistics.get(stage.name))]
     for i, shortcut in enumerate(stage.shortcuts):
-        key = shortcut_term(stage.name, i)
+        key = shortcut_term_key(stage.name, i)
         groups.append(
             (
                 shortcut.synapses,

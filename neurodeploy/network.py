@@ -572,13 +572,6 @@ class Network:
         prev = [INPUT, *(layer.name for layer in self.layers[:-1])]
         return all(srcs == (p,) for srcs, p in zip(self.sources, prev, strict=True))
 
-    def input_shape_of(self, index: int) -> Shape:
-        """The shape entering layers[index] (its first input's)."""
-        src = self.sources[index][0]
-        if src == INPUT:
-            return self.input_shape
-        return self.shapes[1 + [layer.name for layer in self.layers].index(src)]
-
     @property
     def num_classes(self) -> int:
         return self.shapes[-1][0]

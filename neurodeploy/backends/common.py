@@ -31,13 +31,6 @@ def require_b1(snn: TTFSNetwork, backend: str) -> None:
         )
 
 
-def shortcut_term(stage: str, index: int) -> str:
-    """Key of a join layer's ``index``-th shortcut group in ``quantization_terms``."""
-    from ..deploy import shortcut_term_key
-
-    return shortcut_term_key(stage, index)
-
-
 def step_sizes(snn: TTFSNetwork, steps: int) -> dict[str, float]:
     """Time units per step of every stage's window (and of the input window)."""
     sizes = {"input": (INPUT_WINDOW[1] - INPUT_WINDOW[0]) / steps}

@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import ops
-from ..deploy import Deployment, StageRunner
+from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
 from ..network import Conv2d
 from ..profile import Converter, Crossbar, Faults
@@ -80,7 +80,7 @@ from ..simulate import (
 )
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, apply_synapses
-from .common import child_rng, encode_on_grid, require_b1, shortcut_term, step_sizes
+from .common import child_rng, encode_on_grid, require_b1, step_sizes
 
 # aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
 # et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
@@ -356,12 +356,12 @@ class CrossbarDeployment(Deployment):
                 )
                 shortcuts = tuple(
                     self._map_layer(
-                        shortcut_term(stage.name, i),
+                        shortcut_term_key(stage.name, i),
                         shortcut.synapses,
                         stage.output_shape,
                         self._source_window(shortcut),
                         (index, 1 + i),
-                        calibration_inputs.get(shortcut_term(stage.name, i)),
+                        calibration_inputs.get(shortcut_term_key(stage.name, i)),
                         source=shortcut.source,
                     )
                     for i, shortcut in enumerate(stage.shortcuts)
@@ -384,7 +384,7 @@ class CrossbarDeployment(Deployment):
                 end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
                 inputs[stage.name] = spike_values(trace.spike_times[previous], end)
                 for i, shortcut in enumerate(stage.shortcuts):  # the source's values
-                    inputs[shortcut_term(stage.name, i)] = spike_values(
+                    inputs[shortcut_term_key(stage.name, i)] = spike_values(
                         trace.spike_times[shortcut.source], shortcut.t_source
                     )
             previous = stage.name
@@ -659,7 +659,7 @@ class CrossbarDeployment(Deployment):
             for i, (group, shortcut) in enumerate(
                 zip(layer.shortcuts, stage.shortcuts, strict=True)
             ):
-                terms[shortcut_term(stage.name, i)] = self._group_terms(
+                terms[shortcut_term_key(stage.name, i)] = self._group_terms(
                     group, shortcut.synapses[-1], stage.output_shape
                 )
         return terms
@@ -686,7 +686,7 @@ class CrossbarDeployment(Deployment):
             for i, (group, shortcut) in enumerate(
                 zip(layer.shortcuts, stage.shortcuts, strict=True)
             ):
-                groups.append((shortcut_term(stage.name, i), group, shortcut.synapses[-1]))
+                groups.append((shortcut_term_key(stage.name, i), group, shortcut.synapses[-1]))
             for key, group, affine in groups:
                 target, _ = target_pairs(_weight_matrices(affine), cb)  # (G, rows, cols)
                 moments = [device_moments(g_t, cb) for g_t in target]

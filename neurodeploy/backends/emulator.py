@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..deploy import Deployment, StageRunner
+from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
 from ..network import Conv2d, Dense
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
@@ -71,7 +71,6 @@ from .common import (
     encode_on_grid,
     fold_average_pools,
     require_b1,
-    shortcut_term,
     step_sizes,
 )
 
@@ -759,7 +758,7 @@ class EmulatorDeployment(Deployment):
         if self.profile.hardware == "ideal":
             names = ["input", *(s.name for s in self.snn.stages if not isinstance(s, TimePool))]
             for stage in self.snn.stages:
-                names += [shortcut_term(stage.name, i) for i in range(len(_shortcuts(stage)))]
+                names += [shortcut_term_key(stage.name, i) for i in range(len(_shortcuts(stage)))]
             return {name: (0.0, None, 0.0) for name in names}
         steps = self.profile.timing.steps_per_window
         terms = {"input": (0.5 / steps, None, 0.0)}
@@ -797,7 +796,7 @@ class EmulatorDeployment(Deployment):
                     sc_delta = np.full(
                         shortcut.synapses[-1].weight.shape, 0.5 * 2.0**sc.exponent / scale
                     )
-                terms[shortcut_term(stage.name, i)] = (0.0, sc_delta, 0.0)
+                terms[shortcut_term_key(stage.name, i)] = (0.0, sc_delta, 0.0)
         return terms
 
     # -- mapping ---------------------------------------------------------------------------
