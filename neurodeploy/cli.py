@@ -37,7 +37,7 @@ from .modelio import load_model, resolve_model_path
 from .network import Network
 from .profile import HardwareProfile, load_profile
 from .simulate import simulate
-from .threads import with_one_blas_thread
+from .threads import one_blas_thread
 from .trace import Trace
 from .ttfs import NEURON_MODELS, TTFSNetwork
 
@@ -501,10 +501,7 @@ def _written_by_us(path: Path) -> bool:
 MODEL_DIR_FILES = ("network.yaml", "weights.npz", "finetune.json")
 
 
-@with_one_blas_thread
 def _cmd_finetune(args) -> int:
-    """Conversion, evaluations and fine-tuning with one BLAS thread, so the saved model
-    and finetune.json are the same bits for any OPENBLAS_NUM_THREADS."""
     from .datasets import load_training_data
     from .finetune import finetune
     from .modelio import save_model
@@ -1158,7 +1155,11 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        # Every command computes with one BLAS thread, so what it prints and writes (reports,
+        # records, models) is the same bits for any OPENBLAS_NUM_THREADS: a multi-threaded
+        # BLAS adds in an order that depends on the thread count.
+        with one_blas_thread():
+            return COMMANDS[args.command](args)
     except NeurodeployError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
