@@ -205,6 +205,10 @@ class LavaDeployment(EmulatorDeployment):
             self.programs = {}
             self._build_programs(None, None)
 
+    def summary(self) -> dict:
+        """The emulator's summary, and which synapse processes ran ("batched" or "lava")."""
+        return {**super().summary(), "synapses": self.synapses}
+
     def chunk_size(self, samples: int) -> int:
         """Samples per chunk of a run of ``samples``: the ``batch`` given, else as many as
         keep one chunk's work (synapses x steps x samples) within CHUNK_WORK, between
