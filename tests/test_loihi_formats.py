@@ -258,11 +258,20 @@ def test_sums_of_mantissas_beyond_the_bits_split_into_parts_that_add_up():
     assert len(split_parts(sparse.csr_matrix(np.array([[127.0, -128.0]])), 8)) == 1
 
 
-def test_an_op_without_a_lowering_is_refused_naming_it():
-    from neurodeploy.backends.lava_synapses import op_matrix
+def test_an_op_without_a_lowering_or_a_sum_beyond_lavas_int32_is_refused_naming_it():
+    from neurodeploy.backends.lava_synapses import lower_group, op_matrix
 
     with pytest.raises(nd.DeployError, match="layer 'r9' \\(ReLU\\): no lowering"):
         op_matrix(nd.ReLU("r9"), (4,))
+    # 67 584 inputs of mantissa 127 (254 in Lava's mixed sign) at weight_exp 7 can sum to
+    # 67 584 x 254 x 2^7 > 2^31 in one step; 65 536 of them cannot
+    for n, fits in ((67_584, False), (65_536, True)):
+        wide = (nd.Dense("d", np.full((1, n), 127.0), np.zeros(1)),)
+        if fits:
+            assert len(lower_group("big", wide, (n,), 0, 7, 8).parts) == 1
+        else:
+            with pytest.raises(nd.DeployError, match="layer 'big': .* int32 accumulator"):
+                lower_group("big", wide, (n,), 0, 7, 8)
 
 
 def test_digits_cnn_on_lavas_own_sparse_and_dense_spikes_like_the_emulator():

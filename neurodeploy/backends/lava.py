@@ -17,6 +17,13 @@ the global multiprocessing start method (see there).
 Residual joins: each shortcut group of a layer program is its own synapse
 process, fed by the source stage's spikes through a delay process of the
 group's ``delay_steps`` (whole windows), and adds into the join's input port.
+
+``synapses="lava"``: every synapse group runs on Lava's own Dense or Sparse process
+(bit-accurate models, one sample per step) instead, lowered by
+neurodeploy/backends/lava_synapses.py. Each such hop delays by one step, so hidden
+layer n integrates n steps late, a pool's window opens as late as its layer's, and a
+shortcut from window w into a join integrating in window w' is held back by its
+delay_steps plus w' - w steps.
 """
 
 from __future__ import annotations
