@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from residual import conv_resnet
+from residual import conv_resnet, dense_resnet
 from test_emulator import _naive_chip
 
 import neurodeploy as nd
@@ -284,13 +284,16 @@ def test_digits_cnn_on_lavas_own_sparse_and_dense_spikes_like_the_emulator():
     _same_bits(dep.run(x), nd.deploy(snn, "loihi2").run(x))
 
 
-def test_a_residual_cnn_on_lavas_own_synapses_spikes_like_the_emulator():
-    """Identity, pooled-projection, zero-delay and flattened shortcut groups, each on its
-    own Lava Sparse/Dense, delayed by their windows plus the hops those windows took."""
-    snn, x = conv_resnet(0)
+@pytest.mark.parametrize("make", [conv_resnet, dense_resnet], ids=["conv", "dense"])
+def test_residual_nets_on_lavas_own_synapses_spike_like_the_emulator(make):
+    """Identity, pooled-projection, zero-delay and flattened shortcut groups (conv) and
+    shortcuts from the input (dense), each on its own Lava Sparse/Dense, delayed by
+    their windows plus the hops those windows took."""
+    snn, x = make(0)
     x = x[:3]
     dep = nd.deploy(snn, "loihi2", backend="lava", synapses="lava")
-    assert [g.source for g in dep.lowered["conv4"]] == [None, "conv2", "pool"]
+    sources = {name: [g.source for g in groups] for name, groups in dep.lowered.items()}
+    assert sources[snn.stages[-1].name] != [None]  # the readout joins a shortcut
     _same_bits(dep.run(x), nd.deploy(snn, "loihi2").run(x))
 
 
