@@ -10,7 +10,9 @@ one sample per time step (s_in of shape (N,)), while this network streams a
 batch per step; and lava's Dense delays its output by one step (its a_buff),
 which the TTFS windows would have to absorb layer by layer. The synapses here
 compute the same fixed-point product (integer weights, exact sums) for a
-(B, N_in) spike matrix in the step the spikes arrive.
+(B, N_in) spike matrix in the step the spikes arrive. (``synapses="lava"`` of the
+backend runs Lava's own Dense/Sparse instead, one sample per step, and absorbs those
+delays: neurodeploy/backends/lava_synapses.py.)
 
 A layer that joins a residual branch takes a second synapse group per
 shortcut (a :class:`Synapses` process fed by a :class:`SpikeDelay` on the
