@@ -507,6 +507,36 @@ def _shortcut_durations(stage, program: LayerProgram, shortcut_in: tuple) -> tup
     )
 
 
+def synapse_bits(profile) -> int:
+    """Bits of synaptic memory one synapse takes: its weight mantissa (``weights.bits``,
+    sign included), 32 for float weights; no per-synapse index or delay bits are counted
+    (a dense weight list; Loihi's own synapse encodings are not published in bits)."""
+    return 32 if profile.weights.bits is None else int(profile.weights.bits)
+
+
+def partition_into_cores(
+    memory_bits: np.ndarray, neurons_per_core: int, memory_per_core: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy partition of a layer's neurons, in order, into cores.
+
+    memory_bits: (neurons,) synaptic memory each neuron's input synapses take (bits), each
+    at most memory_per_core. Each core takes the longest run of the next neurons that holds
+    at most neurons_per_core neurons and memory_per_core bits. Returns (neurons, bits) per
+    core, two int64 arrays of one entry per core (empty for a layer of no neurons)."""
+    total = np.concatenate(([0], np.cumsum(memory_bits, dtype=np.int64)))
+    n = len(memory_bits)
+    counts, used = [], []
+    start = 0
+    while start < n:
+        # last end with total[end] - total[start] <= memory_per_core (total is nondecreasing)
+        end = int(np.searchsorted(total, total[start] + memory_per_core, side="right")) - 1
+        end = min(end, start + neurons_per_core, n)
+        counts.append(end - start)
+        used.append(int(total[end] - total[start]))
+        start = end
+    return np.array(counts, dtype=np.int64), np.array(used, dtype=np.int64)
+
+
 class EmulatorDeployment(Deployment):
     """Vectorised fixed-point emulation of the digital core; see the module docstring."""
 
@@ -516,7 +546,10 @@ class EmulatorDeployment(Deployment):
     def __init__(self, snn, profile, seed: int = 0):
         super().__init__(snn, profile, seed)
         self.programs: dict[str, LayerProgram] = {}
+        # layer -> (neurons, synaptic memory bits) of each of its cores, in neuron order
+        self.core_slices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._last_energy: float | None = None
+        self._last_breakdown: dict | None = None
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
@@ -531,22 +564,30 @@ class EmulatorDeployment(Deployment):
                 self.programs[stage.name] = program_layer(
                     stage, steps, bits, membrane_bits, self._shortcut_sources(stage), loihi
                 )
-                self._check_fits_a_core(stage, self.programs[stage.name])
+                self._map_to_cores(stage, self.programs[stage.name])
 
-    def _check_fits_a_core(self, stage, prog: LayerProgram) -> None:
-        """A neuron and all its input synapses live on one core: a neuron whose fan-in
-        exceeds a core's synapses (cores.synapses_per_core) cannot be mapped."""
+    def _map_to_cores(self, stage, prog: LayerProgram) -> None:
+        """Partition the layer into cores (see :func:`partition_into_cores`): a neuron and
+        all its input synapses (shortcut groups included) live on one core, each synapse
+        taking ``weights.bits`` of the core's synaptic memory (32 for float weights). A
+        neuron whose synapses exceed one core's memory cannot be mapped."""
         fan_in = apply_synapses(prog.indicator, np.ones((1, *stage.input_shape)))[0]
         for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True):
             fan_in = fan_in + apply_synapses(sc.indicator, np.ones((1, *shortcut.input_shape)))[0]
-        largest = float(np.max(fan_in))
-        limit = self.profile.cores.synapses_per_core
-        if largest > limit:
+        cores = self.profile.cores
+        bits = synapse_bits(self.profile)
+        memory = np.rint(fan_in.reshape(-1)).astype(np.int64) * bits
+        largest = int(memory.max(initial=0))
+        if largest > cores.synaptic_memory_bits:
             raise DeployError(
-                f"layer '{stage.name}': a neuron has {int(largest)} input synapses, more than "
-                f"one core holds (cores.synapses_per_core = {limit}); the network cannot be "
-                "mapped"
+                f"layer '{stage.name}': a neuron has {largest // bits} input synapses x "
+                f"{bits} bits = {largest} bits, more than one core's synaptic memory "
+                f"(cores.synaptic_memory_bits = {cores.synaptic_memory_bits}); the network "
+                "cannot be mapped"
             )
+        self.core_slices[stage.name] = partition_into_cores(
+            memory, cores.neurons_per_core, cores.synaptic_memory_bits
+        )
 
     def _shortcut_sources(self, stage) -> dict[str, tuple[float, int]]:
         """Shortcut source name -> (dt_src, delay in steps) for a join layer.
@@ -679,12 +720,19 @@ class EmulatorDeployment(Deployment):
         windows = 1 + len(self.snn.spiking_layers)  # input window + one per hidden layer
         steps = self.profile.timing.steps_per_window
         latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
-        energy = self._energy(trace)
+        energy, self._last_breakdown = self._energy(trace)
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=latency_s, energy_j=energy)
 
-    def _energy(self, trace: Trace) -> np.ndarray:
-        """Synaptic events x synop_j + neuron updates x neuron_update_j + spikes x spike_j."""
+    def energy_breakdown(self, trace: Trace) -> dict | None:
+        if self.profile.hardware == "ideal":
+            return None
+        return self._energy(trace)[1]
+
+    def _energy(self, trace: Trace) -> tuple[np.ndarray, dict]:
+        """Energy per sample (J): synaptic events x synop_j + active neuron updates x
+        neuron_active_update_j + inactive ones x neuron_update_j + spikes x spike_j; and
+        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`)."""
         e = self.profile.energy
         n = trace.num_samples
         synops = np.zeros(n)
@@ -705,7 +753,7 @@ class EmulatorDeployment(Deployment):
             "inactive_neuron_updates": inactive * e.neuron_update_j,
             "spikes": trace.spike_count * e.spike_j,
         }
-        self._last_breakdown = {
+        breakdown = {
             "energy_j": {k: float(v.mean()) if n else 0.0 for k, v in parts.items()},
             "counts": {
                 "synaptic_ops": float(synops.mean()) if n else 0.0,
@@ -713,8 +761,15 @@ class EmulatorDeployment(Deployment):
                 "inactive_neuron_updates": float(inactive.mean()) if n else 0.0,
                 "spikes": float(trace.spike_count.mean()) if n else 0.0,
             },
+            "per_operation_j": {
+                "synaptic_ops": e.synop_j,
+                "active_neuron_updates": e.neuron_active_update_j,
+                "inactive_neuron_updates": e.neuron_update_j,
+                "spikes": e.spike_j,
+            },
+            "figures_from": e.figures_from,
         }
-        return sum(parts.values())
+        return sum(parts.values()), breakdown
 
     def _neuron_updates_per_sample(self) -> float:
         """Every neuron of the chip updates in every time step of the inference: the input
@@ -811,22 +866,26 @@ class EmulatorDeployment(Deployment):
                 "layers": [],
             }
         cores = p.cores
+        bits = synapse_bits(p)
         layers = []
         for prog in self.programs.values():
             synapses = prog.synapse_count + sum(sc.synapse_count for sc in prog.shortcuts)
-            n_cores = max(
-                -(-prog.neurons // cores.neurons_per_core),
-                -(-synapses // cores.synapses_per_core),
-            )
+            per_core, memory = self.core_slices[prog.name]
+            n_cores = len(per_core)
             layers.append(
                 {
                     "name": prog.name,
                     "neurons": prog.neurons,
                     "synapses": synapses,  # the shortcut groups' included
+                    "synaptic_memory_bits": int(memory.sum()),  # synapses x bits_per_synapse
+                    "bits_per_synapse": bits,
                     "cores": n_cores,
                     "chips": -(-n_cores // cores.cores_per_chip),
-                    "neuron_utilisation": prog.neurons / (n_cores * cores.neurons_per_core),
-                    "synapse_utilisation": synapses / (n_cores * cores.synapses_per_core),
+                    "neurons_per_core_max": int(per_core.max(initial=0)),
+                    "synaptic_memory_bits_per_core_max": int(memory.max(initial=0)),
+                    "neuron_utilisation": prog.neurons / max(1, n_cores * cores.neurons_per_core),
+                    "synaptic_memory_utilisation": float(memory.sum())
+                    / max(1, n_cores * cores.synaptic_memory_bits),
                     "weight_bits": p.weights.bits,
                     "weight_exponent": prog.exponent,
                     "membrane_shift": prog.shift,
@@ -860,5 +919,5 @@ class EmulatorDeployment(Deployment):
             "latency_s": windows * p.timing.steps_per_window * p.timing.step_time_s,
             "neuron_updates_per_inference": self._neuron_updates_per_sample(),
             "energy_j_per_inference": self._last_energy,
-            "energy_breakdown": getattr(self, "_last_breakdown", None),
+            "energy_breakdown": self._last_breakdown,
         }
