@@ -410,9 +410,7 @@ def _energy_table(report: CrossCheckReport) -> str:
             f"<td>{breakdown['per_operation_j'][key] * 1e12:.4g} pJ</td>"
             f"<td>{energy * 1e9:.4g} nJ</td><td>{_pct(energy / total if total else None)}</td></tr>"
         )
-    rows.append(
-        f"<tr><td>total</td><td></td><td></td><td>{total * 1e9:.4g} nJ</td><td></td></tr>"
-    )
+    rows.append(f"<tr><td>total</td><td></td><td></td><td>{total * 1e9:.4g} nJ</td><td></td></tr>")
     source = breakdown.get("figures_from") or "no source given in the profile"
     return (
         "<h2>Energy per inference</h2><p class='muted'>Mean over "
