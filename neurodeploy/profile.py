@@ -182,6 +182,16 @@ class Cores:
         default=128,
         metadata=_spec("cores on one chip", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
     )
+    input_axons_per_core: int | None = field(
+        default=None,
+        metadata=_spec(
+            "input axons of one core: the distinct presynaptic neurons whose spikes reach "
+            "its neurons (Loihi 1: 4,096 distribution lists); null = not limited",
+            minimum=1,
+            maximum=MAX_CORE_COUNT,
+            kinds=DIGITAL,
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -89,14 +89,7 @@ def test_conv_neurons_at_the_border_take_less_memory():
     and 4 neurons per core, the neurons in order (rows 4 6 6 4 | 6 9 9 6 | 6 9 9 6 |
     4 6 6 4 synapses) pack greedily as
     [4 6] [6 4] [6] [9] [9] [6 6] [9] [9] [6 4] [6 6] [4]: 11 cores."""
-    layers = (
-        nd.Conv2d("c1", np.full((1, 1, 3, 3), 0.1), np.zeros(1), stride=1, padding=1),
-        nd.ReLU("r1"),
-        nd.Flatten("f"),
-        nd.Dense("out", np.eye(1, 16, 5), np.zeros(1)),  # one synapse: fits
-    )
-    net = nd.Network("conv44", (1, 4, 4), (0.0, 1.0), layers)
-    snn = nd.convert(net, calibration=np.ones((1, 1, 4, 4)))
+    snn = _conv44()
     profile = nd.load_profile("loihi2").with_overrides(
         {"cores.synaptic_memory_bits": 96, "cores.neurons_per_core": 4}
     )
@@ -107,6 +100,48 @@ def test_conv_neurons_at_the_border_take_less_memory():
     neurons, bits = dep.core_slices["c1"]
     assert neurons.tolist() == [2, 2, 1, 1, 1, 2, 1, 1, 2, 2, 1]
     assert (bits // 8).tolist() == [10, 10, 6, 9, 9, 12, 9, 9, 10, 12, 4]
+
+
+def _conv44():
+    """3x3 'same' conv on 4x4x1 (neuron (r, c) receives inputs r-1..r+1 x c-1..c+1 inside
+    the image), then one readout synapse."""
+    layers = (
+        nd.Conv2d("c1", np.full((1, 1, 3, 3), 0.1), np.zeros(1), stride=1, padding=1),
+        nd.ReLU("r1"),
+        nd.Flatten("f"),
+        nd.Dense("out", np.eye(1, 16, 5), np.zeros(1)),
+    )
+    net = nd.Network("conv44", (1, 4, 4), (0.0, 1.0), layers)
+    return nd.convert(net, calibration=np.ones((1, 1, 4, 4)))
+
+
+def test_input_axons_per_core_split_a_conv_layer_where_receptive_fields_stop_overlapping():
+    """Row-major neurons (r, c), counting the distinct input pixels of a run. 12 axons: rows
+    0-1 reach input rows 0-2 (12 pixels), the 9th neuron (2, 0) adds input row 3 -> two
+    cores of 8 neurons and 12 axons each. 11 axons: (0,0)..(1,1) reach 4, 6, 8, 8, 10, 11
+    pixels, (1,2) would make 12 -> 6 neurons; (1,2), (1,3): 9, (2,0) would add 4 -> 2
+    neurons; (2,0), (2,1): 6, 9, (2,2) would make 12 -> 2 neurons; (2,2)..(3,3): 9, 9, 11,
+    11, 11, 11 -> 6 neurons."""
+    snn = _conv44()
+    dep = nd.deploy(
+        snn, nd.load_profile("loihi2").with_overrides({"cores.input_axons_per_core": 12})
+    )
+    assert dep.core_slices["c1"][0].tolist() == [8, 8]
+    assert dep.core_axons["c1"].tolist() == [12, 12]
+    assert dep.summary()["layers"][0]["input_axons_per_core_max"] == 12
+    dep = nd.deploy(
+        snn, nd.load_profile("loihi2").with_overrides({"cores.input_axons_per_core": 11})
+    )
+    assert dep.core_slices["c1"][0].tolist() == [6, 2, 2, 6]
+    assert dep.core_axons["c1"].tolist() == [11, 9, 9, 11]
+    assert nd.deploy(snn, "loihi2").summary()["layers"][0]["input_axons_per_core_max"] is None
+    # an inner neuron alone receives from 9 pixels
+    with pytest.raises(
+        nd.DeployError,
+        match=r"layer 'c1': a neuron receives spikes from 9 presynaptic neurons, more input "
+        r"axons than one core has \(cores.input_axons_per_core = 8\)",
+    ):
+        nd.deploy(snn, nd.load_profile("loihi2").with_overrides({"cores.input_axons_per_core": 8}))
 
 
 def test_hand_counted_energy_and_latency_of_a_2_3_2_network(tmp_path):

@@ -56,6 +56,7 @@ With the ``ideal`` profile the emulator runs the reference simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 
@@ -514,15 +515,50 @@ def synapse_bits(profile) -> int:
     return 32 if profile.weights.bits is None else int(profile.weights.bits)
 
 
+def presynaptic_neurons(groups: list, neurons: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct presynaptic neurons of each of a layer's neurons, as (indptr, ids):
+    neuron j's are ids[indptr[j]:indptr[j + 1]], sorted. groups: (source name, indicator
+    ops, input shape) per synapse group; groups of one source share its ids (one axon per
+    source neuron), other sources are numbered after it."""
+    offsets: dict[str, int] = {}  # source -> id of its first neuron
+    next_id = 0
+    rows, cols = [], []
+    for name, indicator, input_shape in groups:
+        n_in = int(np.prod(input_shape))
+        if name not in offsets:
+            offsets[name], next_id = next_id, next_id + n_in
+        offset = offsets[name]
+        for lo in range(0, n_in, 256):  # identity basis in blocks bounds the memory
+            hi = min(n_in, lo + 256)
+            basis = np.zeros((hi - lo, n_in))
+            basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
+            out = apply_synapses(indicator, basis.reshape(hi - lo, *input_shape))
+            src, dst = np.nonzero(out.reshape(hi - lo, -1))
+            rows.append(dst)
+            cols.append(src + lo + offset)
+    dst = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    src = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    pairs = np.unique(np.stack([dst, src]), axis=1)  # sorted by neuron, then source
+    indptr = np.searchsorted(pairs[0], np.arange(neurons + 1))
+    return indptr, pairs[1]
+
+
 def partition_into_cores(
-    memory_bits: np.ndarray, neurons_per_core: int, memory_per_core: int
+    memory_bits: np.ndarray,
+    neurons_per_core: int,
+    memory_per_core: int,
+    presynaptic: tuple[np.ndarray, np.ndarray] | None = None,
+    axons_per_core: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy partition of a layer's neurons, in order, into cores.
 
     memory_bits: (neurons,) synaptic memory each neuron's input synapses take (bits), each
     at most memory_per_core. Each core takes the longest run of the next neurons that holds
-    at most neurons_per_core neurons and memory_per_core bits. Returns (neurons, bits) per
-    core, two int64 arrays of one entry per core (empty for a layer of no neurons)."""
+    at most neurons_per_core neurons and memory_per_core bits and, with axons_per_core,
+    receives from at most that many distinct presynaptic neurons (presynaptic: (indptr,
+    ids) of :func:`presynaptic_neurons`; each neuron's own at most axons_per_core). Returns
+    (neurons, bits) per core, two int64 arrays of one entry per core (empty for a layer of
+    no neurons)."""
     total = np.concatenate(([0], np.cumsum(memory_bits, dtype=np.int64)))
     n = len(memory_bits)
     counts, used = [], []
@@ -531,6 +567,15 @@ def partition_into_cores(
         # last end with total[end] - total[start] <= memory_per_core (total is nondecreasing)
         end = int(np.searchsorted(total, total[start] + memory_per_core, side="right")) - 1
         end = min(end, start + neurons_per_core, n)
+        if axons_per_core is not None:
+            indptr, ids = presynaptic
+            # distinct inputs grow with the run: bisect for the longest run that fits
+            lo, hi = start + 1, end  # the run [start, lo) fits: one neuron's inputs do
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                inputs = len(np.unique(ids[indptr[start] : indptr[mid]]))
+                lo, hi = (mid, hi) if inputs <= axons_per_core else (lo, mid - 1)
+            end = lo
         counts.append(end - start)
         used.append(int(total[end] - total[start]))
         start = end
@@ -548,6 +593,8 @@ class EmulatorDeployment(Deployment):
         self.programs: dict[str, LayerProgram] = {}
         # layer -> (neurons, synaptic memory bits) of each of its cores, in neuron order
         self.core_slices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # layer -> input axons of each of its cores (with cores.input_axons_per_core only)
+        self.core_axons: dict[str, np.ndarray] = {}
         self._last_energy: float | None = None
         self._last_breakdown: dict | None = None
         if profile.hardware == "ideal":
@@ -559,18 +606,22 @@ class EmulatorDeployment(Deployment):
         steps = self.profile.timing.steps_per_window
         self.step_size = step_sizes(self.snn, steps)
         loihi = bits is not None and self.profile.neuron.number_format == "loihi2"
+        previous = "input"
         for stage in self.snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
                 self.programs[stage.name] = program_layer(
                     stage, steps, bits, membrane_bits, self._shortcut_sources(stage), loihi
                 )
-                self._map_to_cores(stage, self.programs[stage.name])
+                self._map_to_cores(stage, self.programs[stage.name], previous)
+            previous = stage.name
 
-    def _map_to_cores(self, stage, prog: LayerProgram) -> None:
+    def _map_to_cores(self, stage, prog: LayerProgram, source: str) -> None:
         """Partition the layer into cores (see :func:`partition_into_cores`): a neuron and
         all its input synapses (shortcut groups included) live on one core, each synapse
-        taking ``weights.bits`` of the core's synaptic memory (32 for float weights). A
-        neuron whose synapses exceed one core's memory cannot be mapped."""
+        taking ``weights.bits`` of the core's synaptic memory (32 for float weights); with
+        ``cores.input_axons_per_core`` a core also receives from at most that many distinct
+        presynaptic neurons. ``source``: the stage feeding the layer's own synapses. A
+        neuron that alone exceeds a core cannot be mapped."""
         fan_in = apply_synapses(prog.indicator, np.ones((1, *stage.input_shape)))[0]
         for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True):
             fan_in = fan_in + apply_synapses(sc.indicator, np.ones((1, *shortcut.input_shape)))[0]
@@ -585,9 +636,36 @@ class EmulatorDeployment(Deployment):
                 f"(cores.synaptic_memory_bits = {cores.synaptic_memory_bits}); the network "
                 "cannot be mapped"
             )
-        self.core_slices[stage.name] = partition_into_cores(
-            memory, cores.neurons_per_core, cores.synaptic_memory_bits
+        axons = None
+        if cores.input_axons_per_core is not None:
+            groups = [(source, prog.indicator, stage.input_shape)]
+            groups += [
+                (sc.source, sc.indicator, shortcut.input_shape)
+                for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
+            ]
+            axons = presynaptic_neurons(groups, len(memory))
+            widest = int(np.diff(axons[0]).max(initial=0))
+            if widest > cores.input_axons_per_core:
+                raise DeployError(
+                    f"layer '{stage.name}': a neuron receives spikes from {widest} presynaptic "
+                    f"neurons, more input axons than one core has (cores.input_axons_per_core"
+                    f" = {cores.input_axons_per_core}); the network cannot be mapped"
+                )
+        per_core, used = partition_into_cores(
+            memory,
+            cores.neurons_per_core,
+            cores.synaptic_memory_bits,
+            axons,
+            cores.input_axons_per_core,
         )
+        self.core_slices[stage.name] = (per_core, used)
+        if axons is not None:
+            indptr, ids = axons
+            bounds = np.concatenate(([0], np.cumsum(per_core)))
+            self.core_axons[stage.name] = np.array(
+                [len(np.unique(ids[indptr[a] : indptr[b]])) for a, b in pairwise(bounds)],
+                dtype=np.int64,
+            )
 
     def _shortcut_sources(self, stage) -> dict[str, tuple[float, int]]:
         """Shortcut source name -> (dt_src, delay in steps) for a join layer.
@@ -883,6 +961,11 @@ class EmulatorDeployment(Deployment):
                     "chips": -(-n_cores // cores.cores_per_chip),
                     "neurons_per_core_max": int(per_core.max(initial=0)),
                     "synaptic_memory_bits_per_core_max": int(memory.max(initial=0)),
+                    "input_axons_per_core_max": (
+                        int(self.core_axons[prog.name].max(initial=0))
+                        if prog.name in self.core_axons
+                        else None  # counted with cores.input_axons_per_core only
+                    ),
                     "neuron_utilisation": prog.neurons / max(1, n_cores * cores.neurons_per_core),
                     "synaptic_memory_utilisation": float(memory.sum())
                     / max(1, n_cores * cores.synaptic_memory_bits),
