@@ -228,3 +228,23 @@ def test_the_ideal_profile_has_no_energy_breakdown():
     assert dep.energy_breakdown(trace) is None
     report = nd.crosscheck(snn, dep, np.array([[1.0, 1.0]]), attribution=False)
     assert report.energy_breakdown is None
+
+
+def test_the_run_command_reports_cores_chips_and_the_energy_breakdown(capsys):
+    from neurodeploy.cli import main
+
+    args = ["run", "digits_mlp", "--profile", "loihi2", "--samples", "20"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    mapping = report["mapping"]
+    for layer in mapping["layers"]:  # digits_mlp's layers each fit one core of loihi2
+        assert (layer["cores"], layer["chips"]) == (1, 1)
+        assert layer["synaptic_memory_bits"] == 8 * layer["synapses"]
+    assert (mapping["cores"], mapping["chips"]) == (len(mapping["layers"]), 1)
+    breakdown = mapping["energy_breakdown"]
+    assert sum(breakdown["energy_j"].values()) == pytest.approx(report["energy_j"], rel=1e-12)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    active = breakdown["counts"]["active_neuron_updates"]
+    assert f"active neuron updates {active:.4g} x 81 pJ" in text
+    assert "(Davies et al. 2018, IEEE Micro 38(1), Table 2 (Loihi 1" in text
