@@ -296,6 +296,15 @@ def _cmd_run(args) -> int:
     in_steps = f"{steps} steps = " if steps else ""
     print(f"latency          {in_steps}{report['latency_s'] * 1e6:.4g} us per inference")
     print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
+    breakdown = payload["mapping"].get("energy_breakdown")
+    if breakdown:
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {breakdown['counts'][name]:.4g} x "
+            f"{breakdown['per_operation_j'][name] * 1e12:.4g} pJ = {joules * 1e9:.4g} nJ"
+            for name, joules in breakdown["energy_j"].items()
+        )
+        print(f"                 {parts}")
+        print(f"                 ({breakdown['figures_from'] or 'no source given'})")
     print(
         f"saturated        {report['saturated']}   early {report['early']}   "
         f"overflow {report['overflow']}"

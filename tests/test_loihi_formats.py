@@ -144,8 +144,10 @@ def test_hand_counted_energy_and_latency_of_a_tiny_network():
 
 def test_a_neuron_beyond_a_cores_synapses_is_refused_with_its_layer():
     snn, _ = _wide_fan_in()
-    profile = nd.load_profile("loihi2").with_overrides({"cores.synapses_per_core": 100})
-    with pytest.raises(nd.DeployError, match="layer 'fc1': a neuron has 160 input synapses"):
+    profile = nd.load_profile("loihi2").with_overrides({"cores.synaptic_memory_bits": 1000})
+    with pytest.raises(
+        nd.DeployError, match="layer 'fc1': a neuron has 160 input synapses x 8 bits = 1280 bits"
+    ):
         nd.deploy(snn, profile)
     summary = nd.deploy(snn, "loihi2").summary()
     assert all(layer["chips"] == 1 for layer in summary["layers"])
