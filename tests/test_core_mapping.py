@@ -3,6 +3,7 @@ cores.cores_per_chip) and the energy and latency of a hand-counted tiny network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 import neurodeploy as nd
-from neurodeploy.backends.emulator import partition_into_cores
+from neurodeploy.backends.common import SumPool2d
+from neurodeploy.backends.emulator import _fanout, partition_into_cores
 from neurodeploy.crosscheck import SCHEMA_PATH
 
 
@@ -248,3 +250,34 @@ def test_the_run_command_reports_cores_chips_and_the_energy_breakdown(capsys):
     active = breakdown["counts"]["active_neuron_updates"]
     assert f"active neuron updates {active:.4g} x 81 pJ" in text
     assert "(Davies et al. 2018, IEEE Micro 38(1), Table 2 (Loihi 1" in text
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        lambda rng: (nd.Flatten("flat"), nd.Dense("fc", rng.normal(size=(5, 108)), np.zeros(5))),
+        lambda rng: (
+            SumPool2d("pool", 2, 2, 1),
+            nd.Flatten("flat"),
+            nd.Dense("fc", rng.normal(size=(4, 3 * 4 * 4)), np.zeros(4)),
+        ),
+        lambda rng: (nd.Conv2d("conv", rng.normal(size=(4, 3, 3, 3)), np.zeros(4), 2, 1),),
+        lambda rng: (
+            SumPool2d("pool", 3, 1, 1),
+            nd.Conv2d("dw", rng.normal(size=(6, 1, 3, 3)), np.zeros(6), 1, 1, groups=3),
+        ),
+    ],
+)
+def test_fanout_is_the_column_sums_of_the_connectivity(chain):
+    """_fanout (the transpose applied to ones) against the column sums of the dense
+    connectivity matrix built from an identity basis, on 0/1 weights with zeros."""
+    rng = np.random.default_rng(3)
+    ops = list(chain(rng))
+    affine = ops[-1]
+    mask = (rng.uniform(size=affine.weight.shape) < 0.7).astype(np.float64)
+    ops[-1] = dataclasses.replace(affine, weight=mask)
+    shape = (3, 6, 6)
+    n_in = int(np.prod(shape))
+    basis = np.eye(n_in).reshape(n_in, *shape)
+    matrix = nd.ttfs.apply_synapses(tuple(ops), basis).reshape(n_in, -1)  # (in, out)
+    assert np.array_equal(_fanout(tuple(ops), shape), matrix.sum(axis=1))

@@ -62,7 +62,7 @@ import numpy as np
 
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
-from ..network import Conv2d, Dense
+from ..network import Conv2d, Dense, Flatten
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
@@ -179,16 +179,32 @@ class ShortcutProgram:
 
 
 def _fanout(indicator: tuple, input_shape) -> np.ndarray:
-    """Synapses leaving each input neuron: the column sums of the layer's connectivity."""
-    n_in = int(np.prod(input_shape))
-    sums = np.empty(n_in)
-    for lo in range(0, n_in, 256):  # identity basis in blocks bounds the memory
-        hi = min(n_in, lo + 256)
-        basis = np.zeros((hi - lo, n_in))
-        basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
-        out = apply_synapses(indicator, basis.reshape(hi - lo, *input_shape))
-        sums[lo:hi] = out.reshape(hi - lo, -1).sum(axis=1)
-    return sums
+    """Synapses leaving each input neuron: the column sums of the layer's connectivity,
+    i.e. its transpose applied to a vector of ones, op by op in reverse (one pass; the
+    sums are integers, exact in float64). Returns (prod(input_shape),)."""
+    from .. import ops as kernels
+
+    shapes = [tuple(input_shape)]
+    for op in indicator[:-1]:
+        shapes.append(tuple(op.output_shape(shapes[-1])))
+    affine = indicator[-1]
+    grad = np.ones((1, *affine.output_shape(shapes[-1])))
+    for op, shape in zip(reversed(indicator), reversed(shapes), strict=True):
+        if isinstance(op, Dense):
+            grad = kernels.dense_grad_input(grad, op.weight)
+        elif isinstance(op, Conv2d):
+            grad = kernels.conv2d_grad_input(grad, op.weight, shape, op.stride, op.padding,
+                                             op.groups)
+        elif isinstance(op, SumPool2d) and op.multiplicity is None:
+            # a sum pool is k^2 times an average pool counting its padding; g k^2 / k^2 = g
+            window = op.kernel * op.kernel
+            grad = kernels.avgpool2d_grad_input(grad * window, shape, op.kernel, op.stride,
+                                                op.padding, count_include_pad=True)
+        elif isinstance(op, Flatten):
+            grad = grad.reshape(1, *shape)
+        else:  # pragma: no cover - the indicator holds only the ops above
+            raise TypeError(f"no transpose for {type(op).__name__}")
+    return grad.reshape(-1)
 
 
 def _weight_exponent(w: np.ndarray, bits: int) -> int:
