@@ -308,3 +308,21 @@ def test_device_moments_match_the_programmed_devices(name):
         # the variance of a sample variance is ~ 2 var^2 / n for near-Gaussian draws;
         # the clipped and drifted ones have heavier tails (measured up to 4): allow 6
         assert np.all(np.abs(sample_var - var) <= 6 * var * np.sqrt(2 / rows) + 1e-12), name
+
+
+def test_pinned_read_noise_bits():
+    """Same seeds, same bits: the pcm traces of digits_mlp (540 test digits, two seed pairs)
+    and digits_cnn equal the ones tools/crossbar_pin.py recorded from the code before the
+    per-call speed-ups (commit 770d675): no noise draw is dropped, added or reordered."""
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "crossbar_pin.py"
+    spec = importlib.util.spec_from_file_location("crossbar_pin", tool)
+    pin_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pin_tool)
+    pinned = np.load(pin_tool.OUT)
+    now = pin_tool.traces()
+    assert sorted(now) == sorted(pinned.files)
+    for key in pinned.files:
+        assert np.array_equal(now[key], pinned[key]), key
