@@ -12,6 +12,7 @@ float32 error against float64.
     .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18/50 at 224^2
     .venv/bin/python benchmarks/bench_limit.py --layers --images 1 --repeats 3  # per conv
     .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --budget 2G
+    .venv/bin/python benchmarks/bench_limit.py --crossbar --repeats 50  # crossbar vs bare only
 """
 
 from __future__ import annotations
@@ -218,7 +219,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--budget", help="memory budget for --peak, e.g. 2G")
     parser.add_argument("--layers", action="store_true", help="VGG-16 conv layers one by one")
+    parser.add_argument("--crossbar", action="store_true", help="only the crossbar row")
     args = parser.parse_args()
+    if args.crossbar:
+        crossbar_row(max(args.repeats, 20))
+        return
     if args.layers:
         net = vgg()
         x = np.random.default_rng(1).uniform(0.0, 1.0, (args.images, *net.input_shape))

@@ -180,6 +180,15 @@ def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
+def _adc_steps(adc_step: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tile's ADC steps flattened (cols,) with 1 for the columns whose calibration sums
+    were all 0 (an unused column: its step is 0), and those columns' indices (None if
+    there are none): they read 0."""
+    flat = adc_step.reshape(-1)
+    dead = np.flatnonzero(flat <= 0)
+    return np.where(flat > 0, flat, 1.0), (dead if dead.size else None)
+
+
 def _as_weight_shape(matrices: np.ndarray, affine) -> np.ndarray:
     """(G, rows, cols) array matrices (:func:`_weight_matrices`) back in the shape of the
     layer's weight."""
@@ -494,11 +503,18 @@ class CrossbarDeployment(Deployment):
         patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
         dac_bits = self.converter.dac_bits
         if dac_bits is not None:
+            # In place on the caller's fresh values or their pooled / unrolled copy (a
+            # read-only window view of them, as a 1x1 convolution's, is copied once).
+            # Pulse durations are >= 0 (spike_values clamps at 0; pooling and zero padding
+            # keep the sign), so the clip to [0, levels] is its upper half alone.
             levels = 2**dac_bits - 1
             unit = layer.input_range / levels
-            patches = np.clip(np.rint(patches / unit), 0, levels) * unit
-        out = np.zeros((patches.shape[0], layer.bit_lines))
+            patches = np.divide(patches, unit, out=patches if patches.flags.writeable else None)
+            np.rint(patches, out=patches)
+            np.minimum(patches, levels, out=patches)
+            patches *= unit
         grouped = patches.reshape(len(patches), layer.groups, layer.rows)
+        out = None
         clipped = 0
         for tile in layer.tiles:
             xr = grouped[:, :, tile.rows]
@@ -508,23 +524,29 @@ class CrossbarDeployment(Deployment):
                                 lambda t=tile: t.g_pos - t.g_neg)
             part = _group_product(xr, diff)
             if tile.read_var is not None:
-                sigma = _group_product(xr * xr, tile.read_var)
+                sigma = _group_product(np.multiply(xr, xr), tile.read_var)
                 np.sqrt(sigma, out=sigma)
                 sigma *= rng.standard_normal(part.shape)
                 part += sigma
             if tile.adc_step is not None:
-                adc_step = tile.adc_step.reshape(-1)
-                step = ops.derived(tile.adc_step, "crossbar-step", adc_step.dtype,
-                                    lambda a=adc_step: np.where(a > 0, a, 1.0))
+                step, dead = ops.derived(tile.adc_step, "crossbar-step", tile.adc_step.dtype,
+                                         lambda a=tile.adc_step: _adc_steps(a))
                 code = np.divide(part, step, out=part)
                 np.rint(code, out=code)
-                clipped += int(np.count_nonzero(np.abs(code) > tile.adc_max_code))
-                np.clip(code, -tile.adc_max_code, tile.adc_max_code, out=code)
+                top = tile.adc_max_code
+                # Two reductions find the (usual) case of no clipped sum without a pass
+                # that allocates |code| and its comparison.
+                if code.max(initial=0.0) > top or code.min(initial=0.0) < -top:
+                    clipped += int(np.count_nonzero(np.abs(code) > top))
+                    np.clip(code, -top, top, out=code)
                 code *= step
                 part = code
-                if not np.all(adc_step > 0):
-                    part[:, adc_step <= 0] = 0.0
-            out += part
+                if dead is not None:
+                    part[:, dead] = 0.0
+            if out is None:  # the first row tile's sums are the total so far
+                out = part
+            else:
+                out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
             stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
