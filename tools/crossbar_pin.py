@@ -3,10 +3,11 @@
 The pin is the regression guard of tests/test_crossbar.py::test_pinned_read_noise_bits:
 the outputs, spike times, overflow counts and energies the crossbar backend gave for fixed
 seeds, computed by running this script on the code before a change that must keep every
-noise draw (first written at commit 770d675, before the per-call speed-ups). Regenerate
-only for a change that is meant to alter the draws, and say so in its commit message.
+noise draw (written by running it with PYTHONPATH at a checkout of commit 770d675, the
+code before the per-call speed-ups). Regenerate only for a change that is meant to alter
+the draws, and say so in its commit message.
 
-    PYTHONPATH=$PWD .venv/bin/python tools/crossbar_pin.py
+    PYTHONPATH=/path/to/checkout .venv/bin/python tools/crossbar_pin.py
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 import neurodeploy as nd
 from neurodeploy.deploy import deploy
+from neurodeploy.threads import one_blas_thread
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "crossbar_pin.npz"
 CASES = (  # (model, deployment seed, read_seed, test digits)
@@ -34,7 +36,13 @@ def spike_digest(t: np.ndarray) -> str:
 
 
 def traces() -> dict[str, np.ndarray]:
-    """name -> array of every case's trace (outputs, spike-time digests, overflow, energy)."""
+    """name -> array of every case's trace (outputs, spike-time digests, overflow, energy),
+    computed with one BLAS thread (the bits of a product depend on the thread count)."""
+    with one_blas_thread():
+        return _traces()
+
+
+def _traces() -> dict[str, np.ndarray]:
     x_test, _ = nd.datasets.digits("test")
     x_train, _ = nd.datasets.digits("train")
     arrays = {}
