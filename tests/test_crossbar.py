@@ -326,3 +326,62 @@ def test_pinned_read_noise_bits():
     assert sorted(now) == sorted(pinned.files)
     for key in pinned.files:
         assert np.array_equal(now[key], pinned[key]), key
+
+
+def _same_traces(a, b) -> None:
+    """Every recorded array and count of two traces is the same bits."""
+    assert np.array_equal(a.output, b.output)
+    assert a.spike_times.keys() == b.spike_times.keys()
+    for name in a.spike_times:
+        assert np.array_equal(a.spike_times[name], b.spike_times[name]), name
+    assert np.array_equal(a.energy_j, b.energy_j) and np.array_equal(a.latency_s, b.latency_s)
+    assert a.overflow == b.overflow and a.saturated_per_layer == b.saturated_per_layer
+    assert a.early_per_layer == b.early_per_layer
+
+
+def test_chunked_runs_are_the_unchunked_bits(cnn, resnets):
+    """A run streams its batch in chunks from the memory budget; a budget of one byte (one
+    sample per chunk) and a budget of 16 samples give the unchunked trace bit for bit:
+    every tile's read noise comes from its own stream, drawn in sample order. Row tiles
+    of 16 and 3 rows make several streams per array; a grouped convolution, residual
+    shortcut groups, ADC clipping and the step grid are all among the cases."""
+    from netgen import random_network
+
+    from neurodeploy import memory
+    from neurodeploy.threads import one_blas_thread
+
+    snn, x, _, _ = cnn
+    grouped = random_network(3, modern=True)  # grouped convolutions (2 and 4 groups)
+    x_grouped = random_inputs(grouped, 21, 3)
+    cases = [
+        (snn, x[:37], nd.load_profile("pcm").with_overrides({"crossbar.tile_rows": 16})),
+        (snn, x[:37], nd.load_profile("rram")),
+        # no ADC: the sums' last bits reach the spike times
+        (snn, x[:37], nd.load_profile("pcm").with_overrides({"converter.adc_bits": None})),
+        (nd.convert(grouped, calibration=x_grouped), x_grouped, nd.load_profile("pcm")),
+        (*resnets["conv"], pcm(**{"crossbar.tile_rows": 3, "crossbar.read_noise_scale": 1.0,
+                                  "converter.adc_bits": 4, "converter.adc_headroom": 0.5})),
+        (*resnets["dense"], nd.load_profile("pcm").with_overrides(
+            {"crossbar.tile_rows": 5, "timing.steps_per_window": 16, "timing.step_time_s": 1e-8})),
+        (*resnets["dense"], pcm(**{"crossbar.tile_rows": 5, "crossbar.read_noise_scale": 1.0})),
+    ]
+    seen = {"tiles": 0, "groups": 0, "shortcuts": 0, "clipped": 0}
+    with one_blas_thread():
+        for net, xs, profile in cases:
+            dep = deploy(net, profile, backend="crossbar", seed=4)
+            whole = dep.run(xs, read_seed=2, memory_budget=2**40)
+            arrays = [a for layer in dep.layers.values() for a in layer.arrays]
+            seen["tiles"] += any(len(a.tiles) > 1 and a.tiles[0].read_var is not None
+                                 for a in arrays)
+            seen["groups"] += any(a.groups > 1 for a in arrays)
+            seen["shortcuts"] += any(a.source is not None for a in arrays)
+            seen["clipped"] += sum(whole.overflow.values()) > 0
+            per = dep.working_bytes()
+            for budget in (1, 16 * per):
+                _same_traces(dep.run(xs, read_seed=2, memory_budget=budget), whole)
+            memory.set_memory_budget(1)  # the process-wide budget reaches run too
+            try:
+                _same_traces(dep.run(xs, read_seed=2), whole)
+            finally:
+                memory.set_memory_budget(None)
+    assert all(seen.values()), seen

@@ -67,20 +67,28 @@ import numpy as np
 from .. import ops
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
+from ..memory import chunk_samples
 from ..network import Conv2d
 from ..profile import Converter, Crossbar, Faults
 from ..simulate import (
     b1_fire,
     encode_input,
     neuron_layers,
-    run_stages,
     simulate,
     spike_values,
     time_pool,
 )
+from ..simulate import working_bytes as simulate_working_bytes
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, apply_synapses
-from .common import child_rng, encode_on_grid, require_b1, step_sizes
+from .common import (
+    child_rng,
+    encode_on_grid,
+    require_b1,
+    rows_matmul,
+    run_stages_chunked,
+    step_sizes,
+)
 
 # aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
 # et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
@@ -173,10 +181,11 @@ def _tiles_needed(groups: int, rows: int, cols: int, cb: Crossbar) -> int:
 
 
 def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c)."""
+    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c); each
+    read's sums the same bits whatever P is (:func:`~.common.rows_matmul`)."""
     if matrix.ndim == 2:  # one 2-D BLAS product, bit for bit what an ungrouped layer gave
-        return x[:, 0, :] @ matrix
-    out = np.matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
+        return rows_matmul(x[:, 0, :], matrix)
+    out = rows_matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
@@ -491,9 +500,10 @@ class CrossbarDeployment(Deployment):
 
     # -- running ---------------------------------------------------------------------------
     def _read(
-        self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict, key: str | None = None
+        self, layer: _CrossbarLayer, values: np.ndarray, rngs, stats: dict, key: str | None = None
     ):
         """Analog multiply-accumulate of one array, values (N, *input) -> (N, *output);
+        rngs: one read-noise stream per row tile;
         its ADC clips count in ``stats["overflow"][key]`` (default: the array's name; a
         shortcut group's count under its join layer's).
 
@@ -516,7 +526,7 @@ class CrossbarDeployment(Deployment):
         grouped = patches.reshape(len(patches), layer.groups, layer.rows)
         out = None
         clipped = 0
-        for tile in layer.tiles:
+        for tile, rng in zip(layer.tiles, rngs, strict=True):
             xr = grouped[:, :, tile.rows]
             # Per-tile constants derived once per deployment (cached on the arrays), not
             # once per call: the differential conductances and the ADC steps.
@@ -549,7 +559,8 @@ class CrossbarDeployment(Deployment):
                 out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
-            stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
+            charge = rows_matmul(patches, layer.row_conductance[:, None])
+            stats["read_charge"] += charge.reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
             out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
@@ -566,24 +577,39 @@ class CrossbarDeployment(Deployment):
 
     def _stage_functions(self, read_seed: int, stats: dict):
         """(spiking, output) stage functions as :func:`~neurodeploy.simulate.run_stages`
-        takes them; read noise from the (seed, read_seed, layer) streams, ADC clips and
-        read charge into stats ({"overflow": {}, "read_charge": (N,)} or read_charge None)."""
-        rngs = {
-            name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
-        }
+        takes them; ADC clips and read charge into stats ({"overflow": {}, "read_charge":
+        (N,)} or read_charge None).
+
+        Read noise: every row tile of every array draws from its own stream, created once
+        here and drawn in sample order (a read's (positions, columns) block after the
+        previous sample's), so a sample's draws do not depend on how a batch is chunked:
+        layer i's main array tile 0 from (seed, read_seed, i), its tile t >= 1 from
+        (seed, read_seed, i, 0, t); its j-th shortcut group from (seed, read_seed, i, 1 + j)
+        and (..., 1 + j, t)."""
+
+        def streams(path: tuple, tile_path: tuple, array: _CrossbarLayer) -> list:
+            """One generator per row tile: tile 0 on path, tile t >= 1 on (*tile_path, t)."""
+            rest = [child_rng(self.seed, _READ, read_seed, *tile_path, t)
+                    for t in range(1, len(array.tiles))]
+            return [child_rng(self.seed, _READ, read_seed, *path), *rest]
+
+        rngs = {}
+        for i, (name, layer) in enumerate(self.layers.items()):
+            rngs[name] = [streams((i,), (i, 0), layer)] + [
+                streams((i, 1 + j), (i, 1 + j), group) for j, group in enumerate(layer.shortcuts)
+            ]
 
         def potential(stage, t_in, shortcut_in):
             """All arrays of a layer read, their digitised sums added: (N, *output)."""
             layer = self.layers[stage.name]
+            main, *groups = rngs[stage.name]
             end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
-            v = self._read(layer, spike_values(t_in, end), rngs[stage.name], stats, stage.name)
-            index = list(self.layers).index(stage.name)
-            for j, (group, shortcut, t_src) in enumerate(
-                zip(layer.shortcuts, stage.shortcuts, shortcut_in, strict=True)
+            v = self._read(layer, spike_values(t_in, end), main, stats, stage.name)
+            for group, shortcut, t_src, group_rngs in zip(
+                layer.shortcuts, stage.shortcuts, shortcut_in, groups, strict=True
             ):
-                rng = child_rng(self.seed, _READ, read_seed, index, 1 + j)
                 values = spike_values(t_src, shortcut.t_source)  # delayed: the source's values
-                v += self._read(group, values, rng, stats, stage.name)
+                v += self._read(group, values, group_rngs, stats, stage.name)
             return v
 
         def spiking(stage: SpikingLayer, t_in, shortcut_in=()):
@@ -609,17 +635,25 @@ class CrossbarDeployment(Deployment):
         spiking, output = self._stage_functions(0, stats)
         return StageRunner(lambda x: self.encode(x)[0], spiking, output)
 
-    def run(self, x, read_seed: int = 0) -> Trace:
+    def run(self, x, read_seed: int = 0, memory_budget=None) -> Trace:
         """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
-        (same deployment seed and read_seed, same bits)."""
+        (same deployment seed and read_seed, same bits). memory_budget: bytes (or "8G")
+        for one chunk's working set (:mod:`neurodeploy.memory`; default the process-wide
+        budget or NEURODEPLOY_MEMORY_BUDGET); the trace is the same bits for any chunk
+        size (at a fixed BLAS thread count)."""
         snn = self.snn
         t_input, outside = self.encode(x)
         n = t_input.shape[0]
-        stats = {"overflow": {}, "read_charge": np.zeros(n)}
+        read_charge = np.zeros(n)
+        stats = {"overflow": {}, "read_charge": read_charge}
         spiking, output = self._stage_functions(read_seed, stats)
-        early: dict[str, int] = {}
-        logits, spike_times, saturated = run_stages(
-            snn, t_input, spiking, time_pool, output, early
+
+        def on_chunk(lo: int, hi: int) -> None:
+            stats["read_charge"] = read_charge[lo:hi]
+
+        per = chunk_samples(self.working_bytes(), memory_budget)
+        logits, spike_times, saturated, early = run_stages_chunked(
+            snn, t_input, spiking, time_pool, output, per, on_chunk
         )
         trace = Trace(
             output=logits,
@@ -632,9 +666,18 @@ class CrossbarDeployment(Deployment):
             step_size=dict(self.step_size),
             overflow=stats["overflow"],
         )
-        energy = self._energy(trace, stats["read_charge"])
+        energy = self._energy(trace, read_charge)
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=np.full(n, self._latency_s()), energy_j=energy)
+
+    def working_bytes(self) -> int:
+        """Estimated working memory (bytes) of one sample's run besides its trace: the
+        reference simulation's (:func:`~neurodeploy.simulate.working_bytes`) plus, for the
+        largest array, its word-line inputs three times (DAC copy, squares, a row tile's
+        slice) and its column sums four times (sums, read-noise sigma, draws, total)."""
+        arrays = [a for layer in self.layers.values() for a in layer.arrays]
+        per_read = max((3 * a.word_lines + 4 * a.bit_lines) * a.positions for a in arrays)
+        return simulate_working_bytes(self.snn) + 8 * per_read
 
     def _seconds_per_time_unit(self) -> float:
         timing = self.profile.timing
