@@ -10,7 +10,7 @@ import pytest
 from netgen import random_inputs, random_network
 from residual import conv_resnet, dense_resnet
 from scipy.stats import norm
-from test_emulator import assert_same_spikes
+from test_emulator import assert_same_spikes, assert_same_traces
 
 import neurodeploy as nd
 from neurodeploy.backends.crossbar import DRIFT_T0_S, PCM_NU_MEAN, PCM_NU_STD
@@ -328,17 +328,6 @@ def test_pinned_read_noise_bits():
         assert np.array_equal(now[key], pinned[key]), key
 
 
-def _same_traces(a, b) -> None:
-    """Every recorded array and count of two traces is the same bits."""
-    assert np.array_equal(a.output, b.output)
-    assert a.spike_times.keys() == b.spike_times.keys()
-    for name in a.spike_times:
-        assert np.array_equal(a.spike_times[name], b.spike_times[name]), name
-    assert np.array_equal(a.energy_j, b.energy_j) and np.array_equal(a.latency_s, b.latency_s)
-    assert a.overflow == b.overflow and a.saturated_per_layer == b.saturated_per_layer
-    assert a.early_per_layer == b.early_per_layer
-
-
 def test_chunked_runs_are_the_unchunked_bits(cnn, resnets):
     """A run streams its batch in chunks from the memory budget; a budget of one byte (one
     sample per chunk) and a budget of 16 samples give the unchunked trace bit for bit:
@@ -378,10 +367,10 @@ def test_chunked_runs_are_the_unchunked_bits(cnn, resnets):
             seen["clipped"] += sum(whole.overflow.values()) > 0
             per = dep.working_bytes()
             for budget in (1, 16 * per):
-                _same_traces(dep.run(xs, read_seed=2, memory_budget=budget), whole)
+                assert_same_traces(dep.run(xs, read_seed=2, memory_budget=budget), whole)
             memory.set_memory_budget(1)  # the process-wide budget reaches run too
             try:
-                _same_traces(dep.run(xs, read_seed=2), whole)
+                assert_same_traces(dep.run(xs, read_seed=2), whole)
             finally:
                 memory.set_memory_budget(None)
     assert all(seen.values()), seen
