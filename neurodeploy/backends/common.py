@@ -167,10 +167,10 @@ def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     full = m - m % _ROW_BLOCK
     if full == m:
         return np.matmul(a, b)
-    out = np.empty((*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), m, b.shape[-1]),
-                   np.result_type(a, b))
+    batch = a.shape[:-2] if a.ndim >= b.ndim else b.shape[:-2]
+    out = np.empty((*batch, m, b.shape[-1]), np.result_type(a.dtype, b.dtype))
     if full:
-        out[..., :full, :] = np.matmul(a[..., :full, :], b)
+        np.matmul(a[..., :full, :], b, out=out[..., :full, :])
     tail = np.zeros((*a.shape[:-2], _ROW_BLOCK, a.shape[-1]), a.dtype)
     tail[..., : m - full, :] = a[..., full:, :]
     out[..., full:, :] = np.matmul(tail, b)[..., : m - full, :]

@@ -559,7 +559,9 @@ class CrossbarDeployment(Deployment):
                 out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
-            charge = rows_matmul(patches, layer.row_conductance[:, None])
+            column = ops.derived(layer.row_conductance, "crossbar-column", np.dtype(np.float64),
+                                 lambda g=layer.row_conductance: g.reshape(-1, 1).copy())
+            charge = rows_matmul(patches, column)
             stats["read_charge"] += charge.reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
