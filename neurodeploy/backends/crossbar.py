@@ -68,7 +68,7 @@ from .. import ops
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
 from ..memory import chunk_samples
-from ..network import Conv2d
+from ..network import Conv2d, compute_dtype_of
 from ..profile import Converter, Crossbar, Faults
 from ..simulate import (
     b1_fire,
@@ -189,13 +189,13 @@ def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
-def _adc_steps(adc_step: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """A tile's ADC steps flattened (cols,) with 1 for the columns whose calibration sums
-    were all 0 (an unused column: its step is 0), and those columns' indices (None if
-    there are none): they read 0."""
+def _adc_steps(adc_step: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tile's ADC steps flattened (cols,) in dtype with 1 for the columns whose
+    calibration sums were all 0 (an unused column: its step is 0), and those columns'
+    indices (None if there are none): they read 0."""
     flat = adc_step.reshape(-1)
     dead = np.flatnonzero(flat <= 0)
-    return np.where(flat > 0, flat, 1.0), (dead if dead.size else None)
+    return np.where(flat > 0, flat, 1.0).astype(dtype, copy=False), (dead if dead.size else None)
 
 
 def _as_weight_shape(matrices: np.ndarray, affine) -> np.ndarray:
@@ -523,6 +523,7 @@ class CrossbarDeployment(Deployment):
             np.rint(patches, out=patches)
             np.minimum(patches, levels, out=patches)
             patches *= unit
+        dt = patches.dtype
         grouped = patches.reshape(len(patches), layer.groups, layer.rows)
         out = None
         clipped = 0
@@ -530,17 +531,18 @@ class CrossbarDeployment(Deployment):
             xr = grouped[:, :, tile.rows]
             # Per-tile constants derived once per deployment (cached on the arrays), not
             # once per call: the differential conductances and the ADC steps.
-            diff = ops.derived(tile.g_pos, "crossbar-diff", tile.g_pos.dtype,
-                                lambda t=tile: t.g_pos - t.g_neg)
+            # (float32 runs: their float32 copies; the read noise is the float64 draws).
+            diff = ops.derived(tile.g_pos, "crossbar-diff", dt,
+                                lambda t=tile: (t.g_pos - t.g_neg).astype(dt, copy=False))
             part = _group_product(xr, diff)
             if tile.read_var is not None:
-                sigma = _group_product(np.multiply(xr, xr), tile.read_var)
+                sigma = _group_product(np.multiply(xr, xr), ops.param_as(tile.read_var, dt))
                 np.sqrt(sigma, out=sigma)
                 sigma *= rng.standard_normal(part.shape)
                 part += sigma
             if tile.adc_step is not None:
-                step, dead = ops.derived(tile.adc_step, "crossbar-step", tile.adc_step.dtype,
-                                         lambda a=tile.adc_step: _adc_steps(a))
+                step, dead = ops.derived(tile.adc_step, "crossbar-step", dt,
+                                         lambda a=tile.adc_step: _adc_steps(a, dt))
                 code = np.divide(part, step, out=part)
                 np.rint(code, out=code)
                 top = tile.adc_max_code
@@ -559,8 +561,8 @@ class CrossbarDeployment(Deployment):
                 out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
-            column = ops.derived(layer.row_conductance, "crossbar-column", np.dtype(np.float64),
-                                 lambda g=layer.row_conductance: g.reshape(-1, 1).copy())
+            column = ops.derived(layer.row_conductance, "crossbar-column", dt,
+                                 lambda g=layer.row_conductance: g.reshape(-1, 1).astype(dt))
             charge = rows_matmul(patches, column)
             stats["read_charge"] += charge.reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
@@ -568,10 +570,10 @@ class CrossbarDeployment(Deployment):
             out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
         return out
 
-    def encode(self, x) -> tuple[np.ndarray, int]:
-        """Input spike times (on the step grid with one), and the count of inputs outside
-        [p, q]."""
-        t_input, outside = encode_input(self.snn, x)
+    def encode(self, x, dtype="float64") -> tuple[np.ndarray, int]:
+        """Input spike times (on the step grid with one) in dtype, and the count of inputs
+        outside [p, q]."""
+        t_input, outside = encode_input(self.snn, x, dtype)
         if self.steps:
             x01 = np.where(np.isfinite(t_input), 1.0 - t_input, 0.0)
             t_input = encode_on_grid(x01, self.steps)
@@ -628,7 +630,7 @@ class CrossbarDeployment(Deployment):
 
         def output(stage: OutputLayer, t_in, shortcut_in=()):
             v = potential(stage, t_in, shortcut_in)
-            return (v + stage.bias).reshape(v.shape[0], -1)
+            return (v + ops.param_as(stage.bias, v.dtype)).reshape(v.shape[0], -1)
 
         return spiking, output
 
@@ -637,14 +639,18 @@ class CrossbarDeployment(Deployment):
         spiking, output = self._stage_functions(0, stats)
         return StageRunner(lambda x: self.encode(x)[0], spiking, output)
 
-    def run(self, x, read_seed: int = 0, memory_budget=None) -> Trace:
+    def run(self, x, read_seed: int = 0, memory_budget=None, dtype="float64") -> Trace:
         """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
         (same deployment seed and read_seed, same bits). memory_budget: bytes (or "8G")
         for one chunk's working set (:mod:`neurodeploy.memory`; default the process-wide
         budget or NEURODEPLOY_MEMORY_BUDGET); the trace is the same bits for any chunk
-        size (at a fixed BLAS thread count)."""
+        size (at a fixed BLAS thread count). dtype: "float64" (default) or "float32" for
+        the analog forward (spike times, word-line inputs, conductances and column sums;
+        the same read-noise draws, rounded to float32; programming stays float64); its
+        error against float64 is in the README's performance section."""
         snn = self.snn
-        t_input, outside = self.encode(x)
+        dt = compute_dtype_of(dtype)
+        t_input, outside = self.encode(x, dt)
         n = t_input.shape[0]
         read_charge = np.zeros(n)
         stats = {"overflow": {}, "read_charge": read_charge}
@@ -653,7 +659,7 @@ class CrossbarDeployment(Deployment):
         def on_chunk(lo: int, hi: int) -> None:
             stats["read_charge"] = read_charge[lo:hi]
 
-        per = chunk_samples(self.working_bytes(), memory_budget)
+        per = chunk_samples(self.working_bytes(dt), memory_budget)
         logits, spike_times, saturated, early = run_stages_chunked(
             snn, t_input, spiking, time_pool, output, per, on_chunk
         )
@@ -672,14 +678,15 @@ class CrossbarDeployment(Deployment):
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=np.full(n, self._latency_s()), energy_j=energy)
 
-    def working_bytes(self) -> int:
+    def working_bytes(self, dtype="float64") -> int:
         """Estimated working memory (bytes) of one sample's run besides its trace: the
         reference simulation's (:func:`~neurodeploy.simulate.working_bytes`) plus, for the
         largest array, its word-line inputs three times (DAC copy, squares, a row tile's
         slice) and its column sums four times (sums, read-noise sigma, draws, total)."""
         arrays = [a for layer in self.layers.values() for a in layer.arrays]
         per_read = max((3 * a.word_lines + 4 * a.bit_lines) * a.positions for a in arrays)
-        return simulate_working_bytes(self.snn) + 8 * per_read
+        itemsize = compute_dtype_of(dtype).itemsize
+        return simulate_working_bytes(self.snn, dtype) + itemsize * per_read
 
     def _seconds_per_time_unit(self) -> float:
         timing = self.profile.timing
