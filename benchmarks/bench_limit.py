@@ -5,8 +5,8 @@ recorded (shapes M x K @ K x O and dtype, one per ungrouped conv or dense layer)
 timed alone on random matrices of those shapes, interleaved with ``net.forward`` and
 ``simulate`` round by round (after a warm-up round), so all see the same machine load;
 medians are printed, with each time over its GEMM time. Also: model save + load time,
-the crossbar backend (pcm) against a bare numpy float forward of the same net, and the
-float32 error against float64.
+the crossbar backend (pcm) against a bare numpy float forward of the same net (and its
+float32 run's error), and the float32 error against float64.
 
     .venv/bin/python benchmarks/bench_limit.py                 # digits_mlp, digits_cnn, CIFAR VGG
     .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18/50 at 224^2
@@ -160,6 +160,17 @@ def crossbar_row(repeats: int) -> None:
         f"{med['crossbar'] * 1e3:.3f} ms = {med['crossbar'] / med['bare']:.2f}x bare",
         flush=True,
     )
+    off = {"converter.adc_bits": None, "converter.dac_bits": None}
+    for label, d in (("pcm", dep), ("pcm, converters off", deploy(snn, nd.load_profile(
+            "pcm").with_overrides(off), backend="crossbar"))):
+        a, b = d.run(x), d.run(x, dtype="float32")
+        err = np.abs(b.output - a.output) / np.abs(a.output).max()
+        agree = np.mean(a.predictions == b.predictions)
+        print(
+            f"digits_mlp  crossbar ({label}) float32 error / max|logit|: max {err.max():.2e}, "
+            f"mean {err.mean():.2e}; predictions equal {agree:.3f}",
+            flush=True,
+        )
 
 
 def peak(name: str, images: int, budget: str | None, what: str, dtype: str) -> None:
