@@ -500,10 +500,17 @@ class CrossbarDeployment(Deployment):
 
     # -- running ---------------------------------------------------------------------------
     def _read(
-        self, layer: _CrossbarLayer, values: np.ndarray, rngs, stats: dict, key: str | None = None
+        self,
+        layer: _CrossbarLayer,
+        values: np.ndarray,
+        rngs,
+        stats: dict,
+        key: str | None = None,
+        scratch: bool = False,
     ):
         """Analog multiply-accumulate of one array, values (N, *input) -> (N, *output);
-        rngs: one read-noise stream per row tile;
+        rngs: one read-noise stream per row tile (or one generator all tiles draw from in
+        turn); scratch: values is the caller's temporary, the DAC may round it in place;
         its ADC clips count in ``stats["overflow"][key]`` (default: the array's name; a
         shortcut group's count under its join layer's).
 
@@ -513,13 +520,14 @@ class CrossbarDeployment(Deployment):
         patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
         dac_bits = self.converter.dac_bits
         if dac_bits is not None:
-            # In place on the caller's fresh values or their pooled / unrolled copy (a
+            # In place on the caller's scratch values or their pooled / unrolled copy (a
             # read-only window view of them, as a 1x1 convolution's, is copied once).
             # Pulse durations are >= 0 (spike_values clamps at 0; pooling and zero padding
             # keep the sign), so the clip to [0, levels] is its upper half alone.
             levels = 2**dac_bits - 1
             unit = layer.input_range / levels
-            patches = np.divide(patches, unit, out=patches if patches.flags.writeable else None)
+            own = patches.flags.writeable and (scratch or not np.may_share_memory(patches, values))
+            patches = np.divide(patches, unit, out=patches if own else None)
             np.rint(patches, out=patches)
             np.minimum(patches, levels, out=patches)
             patches *= unit
@@ -527,6 +535,8 @@ class CrossbarDeployment(Deployment):
         grouped = patches.reshape(len(patches), layer.groups, layer.rows)
         out = None
         clipped = 0
+        if isinstance(rngs, np.random.Generator):
+            rngs = [rngs] * len(layer.tiles)
         for tile, rng in zip(layer.tiles, rngs, strict=True):
             xr = grouped[:, :, tile.rows]
             # Per-tile constants derived once per deployment (cached on the arrays), not
@@ -608,12 +618,12 @@ class CrossbarDeployment(Deployment):
             layer = self.layers[stage.name]
             main, *groups = rngs[stage.name]
             end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
-            v = self._read(layer, spike_values(t_in, end), main, stats, stage.name)
+            v = self._read(layer, spike_values(t_in, end), main, stats, stage.name, True)
             for group, shortcut, t_src, group_rngs in zip(
                 layer.shortcuts, stage.shortcuts, shortcut_in, groups, strict=True
             ):
                 values = spike_values(t_src, shortcut.t_source)  # delayed: the source's values
-                v += self._read(group, values, group_rngs, stats, stage.name)
+                v += self._read(group, values, group_rngs, stats, stage.name, True)
             return v
 
         def spiking(stage: SpikingLayer, t_in, shortcut_in=()):
