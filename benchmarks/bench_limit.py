@@ -5,13 +5,14 @@ recorded (shapes M x K @ K x O and dtype, one per ungrouped conv or dense layer)
 timed alone on random matrices of those shapes, interleaved with ``net.forward`` and
 ``simulate`` round by round (after a warm-up round), so all see the same machine load;
 medians are printed, with each time over its GEMM time. Also: model save + load time,
-the crossbar backend (pcm) against a bare numpy float forward of the same net, and the
-float32 error against float64.
+the crossbar backend (pcm) against a bare numpy float forward of the same net (and its
+float32 run's error), and the float32 error against float64.
 
     .venv/bin/python benchmarks/bench_limit.py                 # digits_mlp, digits_cnn, CIFAR VGG
     .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18/50 at 224^2
     .venv/bin/python benchmarks/bench_limit.py --layers --images 1 --repeats 3  # per conv
     .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --budget 2G
+    .venv/bin/python benchmarks/bench_limit.py --crossbar --repeats 50  # crossbar vs bare only
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def crossbar_row(repeats: int) -> None:
         f"{med['crossbar'] * 1e3:.3f} ms = {med['crossbar'] / med['bare']:.2f}x bare",
         flush=True,
     )
+    off = {"converter.adc_bits": None, "converter.dac_bits": None}
+    for label, d in (("pcm", dep), ("pcm, converters off", deploy(snn, nd.load_profile(
+            "pcm").with_overrides(off), backend="crossbar"))):
+        a, b = d.run(x), d.run(x, dtype="float32")
+        err = np.abs(b.output - a.output) / np.abs(a.output).max()
+        agree = np.mean(a.predictions == b.predictions)
+        print(
+            f"digits_mlp  crossbar ({label}) float32 error / max|logit|: max {err.max():.2e}, "
+            f"mean {err.mean():.2e}; predictions equal {agree:.3f}",
+            flush=True,
+        )
 
 
 def peak(name: str, images: int, budget: str | None, what: str, dtype: str) -> None:
@@ -218,7 +230,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--budget", help="memory budget for --peak, e.g. 2G")
     parser.add_argument("--layers", action="store_true", help="VGG-16 conv layers one by one")
+    parser.add_argument("--crossbar", action="store_true", help="only the crossbar row")
     args = parser.parse_args()
+    if args.crossbar:
+        crossbar_row(max(args.repeats, 20))
+        return
     if args.layers:
         net = vgg()
         x = np.random.default_rng(1).uniform(0.0, 1.0, (args.images, *net.input_shape))

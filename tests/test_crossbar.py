@@ -10,7 +10,7 @@ import pytest
 from netgen import random_inputs, random_network
 from residual import conv_resnet, dense_resnet
 from scipy.stats import norm
-from test_emulator import assert_same_spikes
+from test_emulator import assert_same_spikes, assert_same_traces
 
 import neurodeploy as nd
 from neurodeploy.backends.crossbar import DRIFT_T0_S, PCM_NU_MEAN, PCM_NU_STD
@@ -308,3 +308,95 @@ def test_device_moments_match_the_programmed_devices(name):
         # the variance of a sample variance is ~ 2 var^2 / n for near-Gaussian draws;
         # the clipped and drifted ones have heavier tails (measured up to 4): allow 6
         assert np.all(np.abs(sample_var - var) <= 6 * var * np.sqrt(2 / rows) + 1e-12), name
+
+
+def test_pinned_read_noise_bits():
+    """Same seeds, same bits: the pcm traces of digits_mlp (540 test digits, two seed pairs)
+    and digits_cnn equal the ones tools/crossbar_pin.py recorded from the code before the
+    per-call speed-ups (commit 770d675): no noise draw is dropped, added or reordered."""
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "crossbar_pin.py"
+    spec = importlib.util.spec_from_file_location("crossbar_pin", tool)
+    pin_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pin_tool)
+    pinned = np.load(pin_tool.OUT)
+    now = pin_tool.traces()
+    assert sorted(now) == sorted(pinned.files)
+    for key in pinned.files:
+        assert np.array_equal(now[key], pinned[key]), key
+
+
+def test_chunked_runs_are_the_unchunked_bits(cnn, resnets):
+    """A run streams its batch in chunks from the memory budget; a budget of one byte (one
+    sample per chunk) and a budget of 16 samples give the unchunked trace bit for bit:
+    every tile's read noise comes from its own stream, drawn in sample order. Row tiles
+    of 16 and 3 rows make several streams per array; a grouped convolution, residual
+    shortcut groups, ADC clipping and the step grid are all among the cases."""
+    from netgen import random_network
+
+    from neurodeploy import memory
+    from neurodeploy.threads import one_blas_thread
+
+    snn, x, _, _ = cnn
+    grouped = random_network(3, modern=True)  # grouped convolutions (2 and 4 groups)
+    x_grouped = random_inputs(grouped, 21, 3)
+    cases = [
+        (snn, x[:37], nd.load_profile("pcm").with_overrides({"crossbar.tile_rows": 16})),
+        (snn, x[:37], nd.load_profile("rram")),
+        # no ADC: the sums' last bits reach the spike times
+        (snn, x[:37], nd.load_profile("pcm").with_overrides({"converter.adc_bits": None})),
+        (nd.convert(grouped, calibration=x_grouped), x_grouped, nd.load_profile("pcm")),
+        (*resnets["conv"], pcm(**{"crossbar.tile_rows": 3, "crossbar.read_noise_scale": 1.0,
+                                  "converter.adc_bits": 4, "converter.adc_headroom": 0.5})),
+        (*resnets["dense"], nd.load_profile("pcm").with_overrides(
+            {"crossbar.tile_rows": 5, "timing.steps_per_window": 16, "timing.step_time_s": 1e-8})),
+        (*resnets["dense"], pcm(**{"crossbar.tile_rows": 5, "crossbar.read_noise_scale": 1.0})),
+    ]
+    seen = {"tiles": 0, "groups": 0, "shortcuts": 0, "clipped": 0}
+    with one_blas_thread():
+        for net, xs, profile in cases:
+            dep = deploy(net, profile, backend="crossbar", seed=4)
+            whole = dep.run(xs, read_seed=2, memory_budget=2**40)
+            arrays = [a for layer in dep.layers.values() for a in layer.arrays]
+            seen["tiles"] += any(len(a.tiles) > 1 and a.tiles[0].read_var is not None
+                                 for a in arrays)
+            seen["groups"] += any(a.groups > 1 for a in arrays)
+            seen["shortcuts"] += any(a.source is not None for a in arrays)
+            seen["clipped"] += sum(whole.overflow.values()) > 0
+            per = dep.working_bytes()
+            for budget in (1, 16 * per):
+                assert_same_traces(dep.run(xs, read_seed=2, memory_budget=budget), whole)
+            memory.set_memory_budget(1)  # the process-wide budget reaches run too
+            try:
+                assert_same_traces(dep.run(xs, read_seed=2), whole)
+            finally:
+                memory.set_memory_budget(None)
+    assert all(seen.values()), seen
+
+
+def test_float32_runs_draw_the_same_noise_within_float32_rounding(cnn):
+    """dtype="float32": the same read-noise draws, rounded; without converters the
+    outputs stay within float32 rounding of float64 (measured 4e-7 of max |logit|) while
+    another read seed moves them far more; with converters a value on a DAC or ADC
+    rounding tie can take the next level, and the predictions agree. Chunks do not
+    change a float32 run either."""
+    from neurodeploy.threads import one_blas_thread
+
+    snn, x, _, _ = cnn
+    bare = nd.load_profile("pcm").with_overrides(
+        {"converter.adc_bits": None, "converter.dac_bits": None}
+    )
+    dep = deploy(snn, bare, backend="crossbar", seed=3)
+    a, b = dep.run(x, read_seed=1), dep.run(x, read_seed=1, dtype="float32")
+    assert b.output.dtype == np.float32 and b.spike_times["conv1"].dtype == np.float32
+    rounding = np.abs(b.output - a.output).max()
+    assert rounding <= 2e-6 * np.abs(a.output).max()
+    assert np.abs(dep.run(x, read_seed=2).output - a.output).max() > 100 * rounding
+    dep = deploy(snn, "pcm", backend="crossbar", seed=3)
+    a, b = dep.run(x), dep.run(x, dtype="float32")
+    assert np.mean(a.predictions == b.predictions) >= 0.98
+    with one_blas_thread():
+        whole = dep.run(x[:29], dtype="float32", memory_budget=2**40)
+        assert_same_traces(dep.run(x[:29], dtype="float32", memory_budget=1), whole)

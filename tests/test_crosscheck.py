@@ -383,3 +383,33 @@ def test_residual_network_on_pcm_has_a_statistical_bound_with_its_shortcuts(resn
             assert layer.bound_kind == "statistical"
             assert layer.beyond_bound <= 0.01  # the shortcut arrays' spread is in the bound
     assert report.cause_layer is not None and report.cause_effect is not None
+
+
+def test_crosscheck_streams_through_the_chunked_runs(cnn):
+    """The cross-check runs the deployment (and the attribution's rebuilt ones) through
+    their chunked runs: under a budget of one sample per chunk its report is the one of
+    unchunked runs, number for number (the reference trace given, computed once; the
+    crossbar's attribution left out, as its rebuilt deployments range their ADCs on a
+    calibration run of the reference simulator)."""
+    from neurodeploy import memory
+    from neurodeploy.threads import one_blas_thread
+
+    snn, x, y = cnn
+    x, y = x[:45], y[:45]
+    reference = nd.simulate(snn, x)
+    with one_blas_thread():
+        for backend, profile, attribution in (
+            ("emulator", "loihi2", True),
+            ("crossbar", "pcm", False),
+        ):
+            dep = nd.deploy(snn, profile, backend=backend)
+            whole = nd.crosscheck(snn, dep, x, y, reference=reference, attribution=attribution)
+            memory.set_memory_budget(1)
+            try:
+                chunked = nd.crosscheck(
+                    snn, dep, x, y, reference=reference, attribution=attribution
+                )
+            finally:
+                memory.set_memory_budget(None)
+            assert chunked.to_dict() == whole.to_dict()
+            assert (whole.attribution is not None) == attribution

@@ -42,6 +42,17 @@ def assert_same_spikes(a: nd.Trace, b: nd.Trace, tolerance: float = 1e-9):
         assert np.abs(ta[fired] - tb[fired]).max(initial=0) <= tolerance, name
 
 
+def assert_same_traces(a: nd.Trace, b: nd.Trace) -> None:
+    """Every recorded array and count of two traces is the same bits."""
+    assert np.array_equal(a.output, b.output)
+    assert a.spike_times.keys() == b.spike_times.keys()
+    for name in a.spike_times:
+        assert np.array_equal(a.spike_times[name], b.spike_times[name]), name
+    assert np.array_equal(a.energy_j, b.energy_j) and np.array_equal(a.latency_s, b.latency_s)
+    assert a.overflow == b.overflow and a.saturated_per_layer == b.saturated_per_layer
+    assert a.early_per_layer == b.early_per_layer
+
+
 @pytest.mark.parametrize("neuron", ["b1", "alpha1"])
 def test_ideal_profile_reproduces_the_reference(neuron):
     net = random_network(11)
@@ -409,3 +420,37 @@ def test_misaligned_shortcut_is_refused(resnets):
     broken = replace(snn, stages=tuple(bad if s is fc3 else s for s in snn.stages))
     with pytest.raises(nd.DeployError, match="fc3.*fc1.*whole windows"):
         deploy(broken, "loihi2")
+
+
+def test_chunked_runs_are_the_unchunked_bits(digits_cnn, resnets):
+    """A run streams its batch in chunks from the memory budget; one sample per chunk (a
+    budget of one byte, per call or process-wide) and 16 samples per chunk give the
+    unchunked trace, counts and energy bit for bit: on the loihi2 format, with a narrow
+    membrane integrated step by step (overflow counted per chunk and summed) and on
+    residual joins."""
+    from neurodeploy import memory
+
+    snn, x, _, _ = digits_cnn
+    narrow = {"neuron.membrane_bits": 12, "neuron.number_format": "generic"}
+    cases = [
+        (snn, x[:45], loihi()),
+        (snn, x[:45], loihi(**narrow)),
+        (*resnets["conv"], loihi(**{"neuron.membrane_bits": 8, "neuron.number_format": "generic"})),
+        (*resnets["dense"], loihi()),
+    ]
+    stepped = 0
+    for net, xs, profile in cases:
+        dep = deploy(net, profile)
+        stepped += any(p.stepped for p in dep.programs.values())
+        whole = dep.run(xs, memory_budget=2**40)
+        breakdown = dep.summary()["energy_breakdown"]  # means of the per-sample counts
+        for budget in (1, 16 * dep.working_bytes()):
+            assert_same_traces(dep.run(xs, memory_budget=budget), whole)
+            assert dep.summary()["energy_breakdown"] == breakdown
+        memory.set_memory_budget(1)
+        try:
+            assert_same_traces(dep.run(xs), whole)
+            assert dep.summary()["energy_breakdown"] == breakdown
+        finally:
+            memory.set_memory_budget(None)
+    assert stepped >= 2

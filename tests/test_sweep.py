@@ -422,3 +422,23 @@ def test_kill_9_of_a_local_sweep_leaves_no_worker(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert alive == [], [p.pid for p in alive]
+
+
+def test_sweep_tasks_stream_through_the_chunked_backends(monkeypatch):
+    """A sweep task's run goes through the backend's chunked run: one sample per chunk
+    (NEURODEPLOY_MEMORY_BUDGET=1) gives every record's metrics bit for bit. The crossbar
+    point has no ADC, so its deployment needs no calibration run."""
+    from neurodeploy import sweep as sweep_module
+
+    for profile, backend, params in (
+        ("loihi2", "emulator", [("timing.steps_per_window", [8, 32])]),
+        ("pcm", "crossbar", [("converter.adc_bits", [None])]),
+    ):
+        spec = make_spec(MODELS / "digits_mlp", profile, params, 2, 23, backend, None, None, 0.5)
+        spec_json = spec.to_json()
+        tasks = [(p, s) for p in range(len(spec.points())) for s in range(2)]
+        whole = metrics(sweep_module.run_task(spec_json, p, s) for p, s in tasks)
+        with monkeypatch.context() as env:
+            env.setenv("NEURODEPLOY_MEMORY_BUDGET", "1")
+            chunked = metrics(sweep_module.run_task(spec_json, p, s) for p, s in tasks)
+        assert chunked == whole

@@ -148,3 +148,76 @@ def abs_weight_ops(synapses: tuple, weight: np.ndarray) -> tuple:
 
     *linear, affine = synapses
     return (*linear, replace(affine, weight=weight, bias=np.zeros(weight.shape[0])))
+
+
+# Rows per block of a row-invariant product: OpenBLAS computes a product's rows in
+# micro-tiles of a few rows (4 in its Haswell dgemm and dgemv kernels) and the rows left
+# over (M mod 4) in other kernels, with another order of additions (measured: 57228 of
+# the 540 x 128 elements of a 540x64 @ 64x128 product differ when it runs one row at a
+# time). 8 rows cover the 1, 2, 4 and 8-row tiles of its x86 kernels.
+_ROW_BLOCK = 8
+
+
+def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (..., M, K) @ b (..., K, O), each output row the same bits whatever M is and
+    wherever the row sits (at a fixed BLAS thread count): the first M - M mod 8 rows go
+    to BLAS as they are, the rest padded with zero rows to a block of 8. So a batch run
+    in chunks of any size gives the bits of one unchunked run."""
+    m = a.shape[-2]
+    full = m - m % _ROW_BLOCK
+    if full == m:
+        return np.matmul(a, b)
+    batch = a.shape[:-2] if a.ndim >= b.ndim else b.shape[:-2]
+    out = np.empty((*batch, m, b.shape[-1]), np.result_type(a.dtype, b.dtype))
+    if full:
+        np.matmul(a[..., :full, :], b, out=out[..., :full, :])
+    tail = np.zeros((*a.shape[:-2], _ROW_BLOCK, a.shape[-1]), a.dtype)
+    tail[..., : m - full, :] = a[..., full:, :]
+    out[..., full:, :] = np.matmul(tail, b)[..., : m - full, :]
+    return out
+
+
+def like_batch(part: np.ndarray, n: int) -> np.ndarray:
+    """An empty (n, *sample shape) array for the chunks of ``part``, in its memory layout
+    (a channels-last batch stays channels-last)."""
+    from .. import ops
+
+    if part.ndim == 4 and ops.channels_last(part):
+        c, h, w = part.shape[1:]
+        return np.empty((n, h, w, c), part.dtype).transpose(0, 3, 1, 2)
+    return np.empty((n, *part.shape[1:]), part.dtype)
+
+
+def run_stages_chunked(snn: TTFSNetwork, t_input: np.ndarray, spiking, pool, output,
+                       per_chunk: int, on_chunk=None):
+    """:func:`~neurodeploy.simulate.run_stages` over chunks of at most per_chunk samples,
+    assembled: (logits, spike_times, saturated, early), the counts summed over the chunks.
+    on_chunk(lo, hi) is called before each chunk (a backend points its per-sample
+    statistics at the chunk's samples). The stage functions see the chunks in order, so
+    a random stream a stage draws from in sample order gives every sample the same draws
+    whatever the chunk size."""
+    from ..memory import chunks
+    from ..simulate import run_stages
+
+    n = t_input.shape[0]
+    logits, spike_times, saturated, early = None, None, {}, {}
+    for lo, hi in chunks(n, per_chunk) or [(0, 0)]:
+        if on_chunk is not None:
+            on_chunk(lo, hi)
+        part_early: dict[str, int] = {}
+        out, times, sat = run_stages(snn, t_input[lo:hi], spiking, pool, output, part_early)
+        if hi - lo == n:  # one chunk: the arrays as they are
+            return out, times, sat, part_early
+        if logits is None:
+            logits = np.empty((n, *out.shape[1:]), out.dtype)
+            spike_times = {name: like_batch(v, n) for name, v in times.items() if name != "input"}
+            spike_times = {"input": t_input, **spike_times}
+        logits[lo:hi] = out
+        for name, v in times.items():
+            if name != "input":
+                spike_times[name][lo:hi] = v
+        for name, count in sat.items():
+            saturated[name] = saturated.get(name, 0) + count
+        for name, count in part_early.items():
+            early[name] = early.get(name, 0) + count
+    return logits, spike_times, saturated, early

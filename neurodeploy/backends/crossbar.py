@@ -67,20 +67,28 @@ import numpy as np
 from .. import ops
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
-from ..network import Conv2d
+from ..memory import chunk_samples
+from ..network import Conv2d, compute_dtype_of
 from ..profile import Converter, Crossbar, Faults
 from ..simulate import (
     b1_fire,
     encode_input,
     neuron_layers,
-    run_stages,
     simulate,
     spike_values,
     time_pool,
 )
+from ..simulate import working_bytes as simulate_working_bytes
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, apply_synapses
-from .common import child_rng, encode_on_grid, require_b1, step_sizes
+from .common import (
+    child_rng,
+    encode_on_grid,
+    require_b1,
+    rows_matmul,
+    run_stages_chunked,
+    step_sizes,
+)
 
 # aihwkit PCMLikeNoiseModel constants (aihwkit.inference.noise.pcm; Nandakumar
 # et al., ICECS 2019): programming-noise polynomial in uS at g_max = 25 uS,
@@ -173,11 +181,21 @@ def _tiles_needed(groups: int, rows: int, cols: int, cb: Crossbar) -> int:
 
 
 def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c)."""
+    """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c); each
+    read's sums the same bits whatever P is (:func:`~.common.rows_matmul`)."""
     if matrix.ndim == 2:  # one 2-D BLAS product, bit for bit what an ungrouped layer gave
-        return x[:, 0, :] @ matrix
-    out = np.matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
+        return rows_matmul(x[:, 0, :], matrix)
+    out = rows_matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
+
+
+def _adc_steps(adc_step: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tile's ADC steps flattened (cols,) in dtype with 1 for the columns whose
+    calibration sums were all 0 (an unused column: its step is 0), and those columns'
+    indices (None if there are none): they read 0."""
+    flat = adc_step.reshape(-1)
+    dead = np.flatnonzero(flat <= 0)
+    return np.where(flat > 0, flat, 1.0).astype(dtype, copy=False), (dead if dead.size else None)
 
 
 def _as_weight_shape(matrices: np.ndarray, affine) -> np.ndarray:
@@ -482,9 +500,17 @@ class CrossbarDeployment(Deployment):
 
     # -- running ---------------------------------------------------------------------------
     def _read(
-        self, layer: _CrossbarLayer, values: np.ndarray, rng, stats: dict, key: str | None = None
+        self,
+        layer: _CrossbarLayer,
+        values: np.ndarray,
+        rngs,
+        stats: dict,
+        key: str | None = None,
+        scratch: bool = False,
     ):
         """Analog multiply-accumulate of one array, values (N, *input) -> (N, *output);
+        rngs: one read-noise stream per row tile (or one generator all tiles draw from in
+        turn); scratch: values is the caller's temporary, the DAC may round it in place;
         its ADC clips count in ``stats["overflow"][key]`` (default: the array's name; a
         shortcut group's count under its join layer's).
 
@@ -494,49 +520,70 @@ class CrossbarDeployment(Deployment):
         patches, ho, wo = self._patches(layer.pre_ops, layer.conv, values)
         dac_bits = self.converter.dac_bits
         if dac_bits is not None:
+            # In place on the caller's scratch values or their pooled / unrolled copy (a
+            # read-only window view of them, as a 1x1 convolution's, is copied once).
+            # Pulse durations are >= 0 (spike_values clamps at 0; pooling and zero padding
+            # keep the sign), so the clip to [0, levels] is its upper half alone.
             levels = 2**dac_bits - 1
             unit = layer.input_range / levels
-            patches = np.clip(np.rint(patches / unit), 0, levels) * unit
-        out = np.zeros((patches.shape[0], layer.bit_lines))
+            own = patches.flags.writeable and (scratch or not np.may_share_memory(patches, values))
+            patches = np.divide(patches, unit, out=patches if own else None)
+            np.rint(patches, out=patches)
+            np.minimum(patches, levels, out=patches)
+            patches *= unit
+        dt = patches.dtype
         grouped = patches.reshape(len(patches), layer.groups, layer.rows)
+        out = None
         clipped = 0
-        for tile in layer.tiles:
+        if isinstance(rngs, np.random.Generator):
+            rngs = [rngs] * len(layer.tiles)
+        for tile, rng in zip(layer.tiles, rngs, strict=True):
             xr = grouped[:, :, tile.rows]
             # Per-tile constants derived once per deployment (cached on the arrays), not
             # once per call: the differential conductances and the ADC steps.
-            diff = ops.derived(tile.g_pos, "crossbar-diff", tile.g_pos.dtype,
-                                lambda t=tile: t.g_pos - t.g_neg)
+            # (float32 runs: their float32 copies; the read noise is the float64 draws).
+            diff = ops.derived(tile.g_pos, "crossbar-diff", dt,
+                                lambda t=tile: (t.g_pos - t.g_neg).astype(dt, copy=False))
             part = _group_product(xr, diff)
             if tile.read_var is not None:
-                sigma = _group_product(xr * xr, tile.read_var)
+                sigma = _group_product(np.multiply(xr, xr), ops.param_as(tile.read_var, dt))
                 np.sqrt(sigma, out=sigma)
                 sigma *= rng.standard_normal(part.shape)
                 part += sigma
             if tile.adc_step is not None:
-                adc_step = tile.adc_step.reshape(-1)
-                step = ops.derived(tile.adc_step, "crossbar-step", adc_step.dtype,
-                                    lambda a=adc_step: np.where(a > 0, a, 1.0))
+                step, dead = ops.derived(tile.adc_step, "crossbar-step", dt,
+                                         lambda a=tile.adc_step: _adc_steps(a, dt))
                 code = np.divide(part, step, out=part)
                 np.rint(code, out=code)
-                clipped += int(np.count_nonzero(np.abs(code) > tile.adc_max_code))
-                np.clip(code, -tile.adc_max_code, tile.adc_max_code, out=code)
+                top = tile.adc_max_code
+                # Two reductions find the (usual) case of no clipped sum without a pass
+                # that allocates |code| and its comparison.
+                if code.max(initial=0.0) > top or code.min(initial=0.0) < -top:
+                    clipped += int(np.count_nonzero(np.abs(code) > top))
+                    np.clip(code, -top, top, out=code)
                 code *= step
                 part = code
-                if not np.all(adc_step > 0):
-                    part[:, adc_step <= 0] = 0.0
-            out += part
+                if dead is not None:
+                    part[:, dead] = 0.0
+            if out is None:  # the first row tile's sums are the total so far
+                out = part
+            else:
+                out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
-            stats["read_charge"] += (patches @ layer.row_conductance).reshape(n, -1).sum(axis=1)
+            column = ops.derived(layer.row_conductance, "crossbar-column", dt,
+                                 lambda g=layer.row_conductance: g.reshape(-1, 1).astype(dt))
+            charge = rows_matmul(patches, column)
+            stats["read_charge"] += charge.reshape(n, -1).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
             out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
         return out
 
-    def encode(self, x) -> tuple[np.ndarray, int]:
-        """Input spike times (on the step grid with one), and the count of inputs outside
-        [p, q]."""
-        t_input, outside = encode_input(self.snn, x)
+    def encode(self, x, dtype="float64") -> tuple[np.ndarray, int]:
+        """Input spike times (on the step grid with one) in dtype, and the count of inputs
+        outside [p, q]."""
+        t_input, outside = encode_input(self.snn, x, dtype)
         if self.steps:
             x01 = np.where(np.isfinite(t_input), 1.0 - t_input, 0.0)
             t_input = encode_on_grid(x01, self.steps)
@@ -544,24 +591,39 @@ class CrossbarDeployment(Deployment):
 
     def _stage_functions(self, read_seed: int, stats: dict):
         """(spiking, output) stage functions as :func:`~neurodeploy.simulate.run_stages`
-        takes them; read noise from the (seed, read_seed, layer) streams, ADC clips and
-        read charge into stats ({"overflow": {}, "read_charge": (N,)} or read_charge None)."""
-        rngs = {
-            name: child_rng(self.seed, _READ, read_seed, i) for i, name in enumerate(self.layers)
-        }
+        takes them; ADC clips and read charge into stats ({"overflow": {}, "read_charge":
+        (N,)} or read_charge None).
+
+        Read noise: every row tile of every array draws from its own stream, created once
+        here and drawn in sample order (a read's (positions, columns) block after the
+        previous sample's), so a sample's draws do not depend on how a batch is chunked:
+        layer i's main array tile 0 from (seed, read_seed, i), its tile t >= 1 from
+        (seed, read_seed, i, 0, t); its j-th shortcut group from (seed, read_seed, i, 1 + j)
+        and (..., 1 + j, t)."""
+
+        def streams(path: tuple, tile_path: tuple, array: _CrossbarLayer) -> list:
+            """One generator per row tile: tile 0 on path, tile t >= 1 on (*tile_path, t)."""
+            rest = [child_rng(self.seed, _READ, read_seed, *tile_path, t)
+                    for t in range(1, len(array.tiles))]
+            return [child_rng(self.seed, _READ, read_seed, *path), *rest]
+
+        rngs = {}
+        for i, (name, layer) in enumerate(self.layers.items()):
+            rngs[name] = [streams((i,), (i, 0), layer)] + [
+                streams((i, 1 + j), (i, 1 + j), group) for j, group in enumerate(layer.shortcuts)
+            ]
 
         def potential(stage, t_in, shortcut_in):
             """All arrays of a layer read, their digitised sums added: (N, *output)."""
             layer = self.layers[stage.name]
+            main, *groups = rngs[stage.name]
             end = stage.t_read if isinstance(stage, OutputLayer) else stage.t_min
-            v = self._read(layer, spike_values(t_in, end), rngs[stage.name], stats, stage.name)
-            index = list(self.layers).index(stage.name)
-            for j, (group, shortcut, t_src) in enumerate(
-                zip(layer.shortcuts, stage.shortcuts, shortcut_in, strict=True)
+            v = self._read(layer, spike_values(t_in, end), main, stats, stage.name, True)
+            for group, shortcut, t_src, group_rngs in zip(
+                layer.shortcuts, stage.shortcuts, shortcut_in, groups, strict=True
             ):
-                rng = child_rng(self.seed, _READ, read_seed, index, 1 + j)
                 values = spike_values(t_src, shortcut.t_source)  # delayed: the source's values
-                v += self._read(group, values, rng, stats, stage.name)
+                v += self._read(group, values, group_rngs, stats, stage.name, True)
             return v
 
         def spiking(stage: SpikingLayer, t_in, shortcut_in=()):
@@ -578,7 +640,7 @@ class CrossbarDeployment(Deployment):
 
         def output(stage: OutputLayer, t_in, shortcut_in=()):
             v = potential(stage, t_in, shortcut_in)
-            return (v + stage.bias).reshape(v.shape[0], -1)
+            return (v + ops.param_as(stage.bias, v.dtype)).reshape(v.shape[0], -1)
 
         return spiking, output
 
@@ -587,17 +649,29 @@ class CrossbarDeployment(Deployment):
         spiking, output = self._stage_functions(0, stats)
         return StageRunner(lambda x: self.encode(x)[0], spiking, output)
 
-    def run(self, x, read_seed: int = 0) -> Trace:
+    def run(self, x, read_seed: int = 0, memory_budget=None, dtype="float64") -> Trace:
         """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
-        (same deployment seed and read_seed, same bits)."""
+        (same deployment seed and read_seed, same bits). memory_budget: bytes (or "8G")
+        for one chunk's working set (:mod:`neurodeploy.memory`; default the process-wide
+        budget or NEURODEPLOY_MEMORY_BUDGET); the trace is the same bits for any chunk
+        size (at a fixed BLAS thread count). dtype: "float64" (default) or "float32" for
+        the analog forward (spike times, word-line inputs, conductances and column sums;
+        the same read-noise draws, rounded to float32; programming stays float64); its
+        error against float64 is in the README's performance section."""
         snn = self.snn
-        t_input, outside = self.encode(x)
+        dt = compute_dtype_of(dtype)
+        t_input, outside = self.encode(x, dt)
         n = t_input.shape[0]
-        stats = {"overflow": {}, "read_charge": np.zeros(n)}
+        read_charge = np.zeros(n)
+        stats = {"overflow": {}, "read_charge": read_charge}
         spiking, output = self._stage_functions(read_seed, stats)
-        early: dict[str, int] = {}
-        logits, spike_times, saturated = run_stages(
-            snn, t_input, spiking, time_pool, output, early
+
+        def on_chunk(lo: int, hi: int) -> None:
+            stats["read_charge"] = read_charge[lo:hi]
+
+        per = chunk_samples(self.working_bytes(dt), memory_budget)
+        logits, spike_times, saturated, early = run_stages_chunked(
+            snn, t_input, spiking, time_pool, output, per, on_chunk
         )
         trace = Trace(
             output=logits,
@@ -610,9 +684,19 @@ class CrossbarDeployment(Deployment):
             step_size=dict(self.step_size),
             overflow=stats["overflow"],
         )
-        energy = self._energy(trace, stats["read_charge"])
+        energy = self._energy(trace, read_charge)
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=np.full(n, self._latency_s()), energy_j=energy)
+
+    def working_bytes(self, dtype="float64") -> int:
+        """Estimated working memory (bytes) of one sample's run besides its trace: the
+        reference simulation's (:func:`~neurodeploy.simulate.working_bytes`) plus, for the
+        largest array, its word-line inputs three times (DAC copy, squares, a row tile's
+        slice) and its column sums four times (sums, read-noise sigma, draws, total)."""
+        arrays = [a for layer in self.layers.values() for a in layer.arrays]
+        per_read = max((3 * a.word_lines + 4 * a.bit_lines) * a.positions for a in arrays)
+        itemsize = compute_dtype_of(dtype).itemsize
+        return simulate_working_bytes(self.snn, dtype) + itemsize * per_read
 
     def _seconds_per_time_unit(self) -> float:
         timing = self.profile.timing

@@ -62,8 +62,10 @@ import numpy as np
 
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
+from ..memory import chunk_samples, chunks
 from ..network import Conv2d, Dense, Flatten
-from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
+from ..simulate import encode_input, neuron_layers, simulate, time_pool
+from ..simulate import working_bytes as simulate_working_bytes
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
 from .common import (
@@ -72,6 +74,7 @@ from .common import (
     encode_on_grid,
     fold_average_pools,
     require_b1,
+    run_stages_chunked,
     step_sizes,
 )
 
@@ -730,7 +733,7 @@ class EmulatorDeployment(Deployment):
                 v = v - start
             else:
                 v, clipped = _integrate(prog, d, shortcut_d)
-            overflow[stage.name] = clipped
+            overflow[stage.name] = overflow.get(stage.name, 0) + clipped  # summed over chunks
             # First step m >= 0 with V + m R >= Theta: m = ceil((Theta - V) / R). The
             # float division of these exact integers rounds to the right side of every
             # integer (|Theta - V| < 2^53), so the ceiling is exact.
@@ -758,14 +761,19 @@ class EmulatorDeployment(Deployment):
             d = durations(t_in, stage.t_read, prog.dt_in)
             shortcut_d = _shortcut_durations(stage, prog, shortcut_in)
             v, clipped = _integrate(prog, d, shortcut_d, start=prog.bias)
-            overflow[stage.name] = clipped
+            overflow[stage.name] = overflow.get(stage.name, 0) + clipped  # summed over chunks
             return (v * prog.lsb).reshape(len(v), -1)
 
         return layer
 
-    def run(self, x) -> Trace:
+    def run(self, x, memory_budget=None) -> Trace:
+        """Run raw inputs x (N, *input_shape). memory_budget: bytes (or "8G") for one
+        chunk's working set (:mod:`neurodeploy.memory`; default the process-wide budget or
+        NEURODEPLOY_MEMORY_BUDGET): large batches run in chunks, and the trace, its
+        counts and costs are the same bits for any chunk size (the fixed-point sums are
+        exact integers)."""
         if self.profile.hardware == "ideal":
-            trace = simulate(self.snn, x)
+            trace = simulate(self.snn, x, memory_budget=memory_budget)
             latency_s = trace.latency * self.profile.timing.time_unit_s
             energy = trace.spike_count * self.profile.energy.spike_j
             return replace(
@@ -774,9 +782,9 @@ class EmulatorDeployment(Deployment):
         snn = self.snn
         t_input, outside = self.encode(x)
         overflow: dict[str, int] = {}
-        early: dict[str, int] = {}
-        output, spike_times, saturated = run_stages(
-            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow), early
+        per = chunk_samples(self.working_bytes(), memory_budget)
+        output, spike_times, saturated, early = run_stages_chunked(
+            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow), per
         )
         trace = Trace(
             output=output,
@@ -789,7 +797,18 @@ class EmulatorDeployment(Deployment):
             overflow=overflow,
             early_per_layer=early,
         )
-        return self.with_costs(trace)
+        return self.with_costs(trace, per)
+
+    def working_bytes(self) -> int:
+        """Estimated working memory (bytes) of one sample's run besides its trace: the
+        reference simulation's (:func:`~neurodeploy.simulate.working_bytes`), plus, when a
+        layer integrates step by step, six arrays of the widest stage (arrivals, drive,
+        current, membrane, overflow flags and their update)."""
+        base = simulate_working_bytes(self.snn)
+        if any(prog.stepped for prog in self.programs.values()):
+            widest = max(int(np.prod(s.output_shape)) for s in self.snn.stages)
+            base += 6 * 8 * widest
+        return base
 
     def stage_runner(self) -> StageRunner | None:
         """The fixed-point stage functions (None on the ideal profile: the reference runs).
@@ -808,13 +827,15 @@ class EmulatorDeployment(Deployment):
         x01 = np.where(np.isfinite(t_raw), 1.0 - t_raw, 0.0)
         return encode_on_grid(x01, self.profile.timing.steps_per_window), outside
 
-    def with_costs(self, trace: Trace) -> Trace:
-        """The trace with latency_s and energy_j per sample from the profile."""
+    def with_costs(self, trace: Trace, per_chunk: int | None = None) -> Trace:
+        """The trace with latency_s and energy_j per sample from the profile; the counts
+        behind the energy are taken per_chunk samples at a time (default: the memory
+        budget's chunk)."""
         n = trace.num_samples
         windows = 1 + len(self.snn.spiking_layers)  # input window + one per hidden layer
         steps = self.profile.timing.steps_per_window
         latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
-        energy, self._last_breakdown = self._energy(trace)
+        energy, self._last_breakdown = self._energy(trace, per_chunk)
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=latency_s, energy_j=energy)
 
@@ -823,23 +844,19 @@ class EmulatorDeployment(Deployment):
             return None
         return self._energy(trace)[1]
 
-    def _energy(self, trace: Trace) -> tuple[np.ndarray, dict]:
+    def _energy(self, trace: Trace, per_chunk: int | None = None) -> tuple[np.ndarray, dict]:
         """Energy per sample (J): synaptic events x synop_j + active neuron updates x
         neuron_active_update_j + inactive ones x neuron_update_j + spikes x spike_j; and
-        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`)."""
+        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`). The event
+        counts are taken per_chunk samples at a time (default: the memory budget's)."""
         e = self.profile.energy
         n = trace.num_samples
-        synops = np.zeros(n)
-        previous = "input"
-        for stage in self.snn.stages:
-            prog = self.programs.get(stage.name)
-            if prog is not None:
-                fired = np.isfinite(trace.spike_times[previous]).reshape(n, -1)
-                synops += fired @ prog.fanout
-                for sc in prog.shortcuts:  # the delayed source spikes reach these synapses
-                    synops += np.isfinite(trace.spike_times[sc.source]).reshape(n, -1) @ sc.fanout
-            previous = stage.name
-        active = self._active_updates(trace)
+        per_chunk = per_chunk or chunk_samples(self.working_bytes())
+        synops, active = np.zeros(n), np.zeros(n)
+        for lo, hi in chunks(n, per_chunk):
+            times = {name: t[lo:hi] for name, t in trace.spike_times.items()}
+            synops[lo:hi] = self._synaptic_events(times, hi - lo)
+            active[lo:hi] = self._active_updates(times, hi - lo)
         inactive = self._neuron_updates_per_sample() - active
         parts = {
             "synaptic_ops": synops * e.synop_j,
@@ -865,6 +882,20 @@ class EmulatorDeployment(Deployment):
         }
         return sum(parts.values()), breakdown
 
+    def _synaptic_events(self, spike_times: dict, n: int) -> np.ndarray:
+        """Synaptic events per sample of n samples' spike times (exact integer sums)."""
+        synops = np.zeros(n)
+        previous = "input"
+        for stage in self.snn.stages:
+            prog = self.programs.get(stage.name)
+            if prog is not None:
+                fired = np.isfinite(spike_times[previous]).reshape(n, -1)
+                synops += fired @ prog.fanout
+                for sc in prog.shortcuts:  # the delayed source spikes reach these synapses
+                    synops += np.isfinite(spike_times[sc.source]).reshape(n, -1) @ sc.fanout
+            previous = stage.name
+        return synops
+
     def _neuron_updates_per_sample(self) -> float:
         """Every neuron of the chip updates in every time step of the inference: the input
         window and one window per hidden layer (Loihi updates all neurons of a core each
@@ -873,13 +904,12 @@ class EmulatorDeployment(Deployment):
         steps = self.profile.timing.steps_per_window
         return float(sum(p.neurons for p in self.programs.values()) * windows * steps)
 
-    def _active_updates(self, trace: Trace) -> np.ndarray:
-        """Active neuron updates per sample: a neuron is active during its input window
-        when any presynaptic spike reaches it (counted for the whole window: an upper
-        bound, its first input may arrive late) and during its own window up to and
-        including the step it fires (all K steps when it stays silent)."""
+    def _active_updates(self, spike_times: dict, n: int) -> np.ndarray:
+        """Active neuron updates per sample of n samples' spike times: a neuron is active
+        during its input window when any presynaptic spike reaches it (counted for the
+        whole window: an upper bound, its first input may arrive late) and during its own
+        window up to and including the step it fires (all K steps when it stays silent)."""
         steps = self.profile.timing.steps_per_window
-        n = trace.num_samples
         active = np.zeros(n)
         previous = "input"
         for stage in self.snn.stages:
@@ -887,14 +917,14 @@ class EmulatorDeployment(Deployment):
             if prog is None:
                 previous = stage.name
                 continue
-            fired = np.isfinite(trace.spike_times[previous]).astype(np.float64)
+            fired = np.isfinite(spike_times[previous]).astype(np.float64)
             reached = apply_synapses(prog.indicator, fired).reshape(n, -1) > 0
             for sc in prog.shortcuts:
-                src = np.isfinite(trace.spike_times[sc.source]).astype(np.float64)
+                src = np.isfinite(spike_times[sc.source]).astype(np.float64)
                 reached |= apply_synapses(sc.indicator, src).reshape(n, -1) > 0
             active += steps * reached.sum(axis=1)
             if isinstance(stage, SpikingLayer):
-                t = trace.spike_times[stage.name].reshape(n, -1)
+                t = spike_times[stage.name].reshape(n, -1)
                 m = np.where(np.isfinite(t), np.rint((t - stage.t_min) / prog.dt) + 1, steps)
                 active += m.sum(axis=1)
             previous = stage.name

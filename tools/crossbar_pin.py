@@ -1,0 +1,68 @@
+"""Write tests/data/crossbar_pin.npz: crossbar (pcm) traces of digits_mlp and digits_cnn.
+
+The pin is the regression guard of tests/test_crossbar.py::test_pinned_read_noise_bits:
+the outputs, spike times, overflow counts and energies the crossbar backend gave for fixed
+seeds, computed by running this script on the code before a change that must keep every
+noise draw (written by running it with PYTHONPATH at a checkout of commit 770d675, the
+code before the per-call speed-ups). Regenerate only for a change that is meant to alter
+the draws, and say so in its commit message.
+
+    PYTHONPATH=/path/to/checkout .venv/bin/python tools/crossbar_pin.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+import neurodeploy as nd
+from neurodeploy.deploy import deploy
+from neurodeploy.threads import one_blas_thread
+
+OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "crossbar_pin.npz"
+CASES = (  # (model, deployment seed, read_seed, test digits)
+    ("digits_mlp", 0, 0, 540),
+    ("digits_mlp", 7, 3, 540),
+    ("digits_cnn", 1, 2, 40),
+)
+
+
+def spike_digest(t: np.ndarray) -> str:
+    """SHA-256 of a spike-time array's float64 bytes (C order) and shape."""
+    t = np.ascontiguousarray(t, dtype=np.float64)
+    return hashlib.sha256(repr(t.shape).encode() + t.tobytes()).hexdigest()
+
+
+def traces() -> dict[str, np.ndarray]:
+    """name -> array of every case's trace (outputs, spike-time digests, overflow, energy),
+    computed with one BLAS thread (the bits of a product depend on the thread count)."""
+    with one_blas_thread():
+        return _traces()
+
+
+def _traces() -> dict[str, np.ndarray]:
+    x_test, _ = nd.datasets.digits("test")
+    x_train, _ = nd.datasets.digits("train")
+    arrays = {}
+    for model, seed, read_seed, n in CASES:
+        net = nd.load_model(model)
+        shape = net.input_shape
+        snn = nd.convert(net, calibration=x_train.reshape(-1, *shape))
+        dep = deploy(snn, "pcm", backend="crossbar", seed=seed)
+        trace = dep.run(x_test[:n].reshape(-1, *shape), read_seed=read_seed)
+        key = f"{model}_s{seed}_r{read_seed}"
+        arrays[f"{key}/output"] = trace.output
+        arrays[f"{key}/energy_j"] = trace.energy_j
+        for name, t in trace.spike_times.items():  # their digest: the file stays small
+            arrays[f"{key}/spikes/{name}"] = np.array(spike_digest(t))
+        for name, count in trace.overflow.items():
+            arrays[f"{key}/overflow/{name}"] = np.array(count)
+    return arrays
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(OUT, **traces())
+    print(f"wrote {OUT}")
