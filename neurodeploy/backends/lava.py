@@ -253,11 +253,13 @@ class LavaDeployment(EmulatorDeployment):
         snn, steps = self.snn, self.profile.timing.steps_per_window
         samples = input_steps.shape[0]
         batch = self.chunk_size(samples)
-        # Lava's Dense delays by one step: one step more per synapse layer
+        # a pipeline: batch c spikes in window c, hidden layer n fires it in window c + n,
+        # the output layer reads it at the end of window c + L; Lava's Dense delays by
+        # one step, so with it every synapse layer adds a step
+        hidden = len(snn.spiking_layers)
         hops = len(self.programs) if self.lava_dense else 0
-        chunk_steps = steps * (1 + len(snn.spiking_layers)) + hops
         chunks = -(-samples // batch)
-        total = chunks * chunk_steps
+        total = (chunks + hidden) * steps + hops
         errors = tmp / "errors"
         errors.mkdir()
         count = iter(range(10**6))
@@ -265,21 +267,15 @@ class LavaDeployment(EmulatorDeployment):
         def error_path() -> str:  # where a failing model leaves its traceback
             return str(errors / f"{next(count)}.txt")
 
-        common = {
-            "batch": batch,
-            "chunk_steps": chunk_steps,
-            "samples": samples,
-            "total_steps": total,
-            "steps": steps,
-        }
+        common = {"batch": batch, "samples": samples, "total_steps": total, "steps": steps}
         source = SpikeSource(
             spike_steps=input_steps,
             batch=batch,
             steps=steps,
-            chunk_steps=chunk_steps,
+            samples=samples,
             error_path=error_path(),
         )
-        port, window_start, layer = source.s_out, 0, 0
+        port, layer = source.s_out, 0
         recorders = {}
         outputs = {"input": source.s_out}  # every stage's spikes: shortcut sources
         for stage in snn.stages:
@@ -292,7 +288,7 @@ class LavaDeployment(EmulatorDeployment):
                     stride=stage.stride,
                     padding=stage.padding,
                     sign=stage.sign.astype(float),
-                    first_step=window_start,
+                    lag=layer,  # the pooled layer's firing window
                     result_path=path,
                     error_path=error_path(),
                     **common,
@@ -314,18 +310,16 @@ class LavaDeployment(EmulatorDeployment):
                     out_shape=stage.output_shape,
                     weight=_dendritic(prog, affine.weight),
                     ops=prog.synapses,
-                    chunk_steps=chunk_steps,
                     error_path=error_path(),
                 )
                 port.connect(synapses.s_in)
             groups = [synapses] + [
-                self._shortcut_group(stage, shortcut, sc, outputs, batch, chunk_steps, error_path)
+                self._shortcut_group(stage, shortcut, sc, outputs, batch, error_path)
                 for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
             ]
             limit = prog.limit or 0
             size = int(np.prod(stage.output_shape))
             if isinstance(stage, SpikingLayer):
-                layer += 1
                 neuron = TTFSNeuron(
                     size=size,
                     threshold=(prog.vth if prog.loihi else prog.threshold).reshape(-1),
@@ -333,14 +327,16 @@ class LavaDeployment(EmulatorDeployment):
                     start=np.broadcast_to(prog.start, stage.output_shape).reshape(-1),
                     loihi=prog.loihi,
                     limit=limit,
-                    first_step=(layer - 1) * steps + delay,
+                    lag=layer,
+                    offset=delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
                 )
+                layer += 1
                 for group in groups:  # the InPort sums its inputs
                     _connect_drive(group, neuron, size)
-                port, window_start = neuron.s_out, layer * steps
+                port = neuron.s_out
                 outputs[stage.name] = port
             else:
                 assert isinstance(stage, OutputLayer)
@@ -349,7 +345,8 @@ class LavaDeployment(EmulatorDeployment):
                     bias=prog.bias.reshape(-1),
                     loihi=prog.loihi,
                     limit=limit,
-                    first_step=layer * steps + delay,
+                    lag=layer,
+                    offset=delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
@@ -357,17 +354,30 @@ class LavaDeployment(EmulatorDeployment):
                 for group in groups:
                     _connect_drive(group, readout, size)
             recorders[stage.name] = path
-        config = Loihi2SimCfg(select_tag=self.tag)
+        from lava.magma.compiler.compiler_graphs import find_processes
+
+        from ..lava.models import process_models
+
+        models = process_models(self.tag)  # our processes skip Lava's model search
+        config = Loihi2SimCfg(
+            select_tag=self.tag,
+            exception_proc_model_map={
+                proc: models[type(proc)] for proc in find_processes(source) if type(proc) in models
+            },
+        )
         # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
         # processes included; one of them dying would hang the runtime's stop. While
         # the runtime lives, a terminating signal only sets a flag (Lava forks its
         # processes, which inherit the handler); the run stops after the current
         # chunk, the runtime is stopped, and the signal is acted on by the caller.
+        # Batch c is complete after (c + 1 + L) K + hops steps: a run of that many
+        # steps for the first chunk, then one window per chunk.
         caught: list[int] = []
         previous = _catch_signals(caught)
         try:
             for chunk in range(chunks):
-                source.run(condition=RunSteps(num_steps=chunk_steps), run_cfg=config)
+                window = (1 + hidden) * steps + hops if chunk == 0 else steps
+                source.run(condition=RunSteps(num_steps=window), run_cfg=config)
                 if progress is not None:
                     progress(min(samples, (chunk + 1) * batch), samples)
                 if caught or any(errors.iterdir()):
@@ -383,7 +393,7 @@ class LavaDeployment(EmulatorDeployment):
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
 
-    def _shortcut_group(self, stage, shortcut, program, outputs, batch, chunk_steps, error_path):
+    def _shortcut_group(self, stage, shortcut, program, outputs, batch, error_path):
         """The synapse process of one shortcut group, fed by its source's spikes delayed by
         the group's whole windows."""
         from ..lava.process import SpikeDelay, Synapses
@@ -395,7 +405,7 @@ class LavaDeployment(EmulatorDeployment):
                 batch=batch,
                 size=int(np.prod(shortcut.input_shape)),
                 delay=program.delay_steps,
-                chunk_steps=chunk_steps,
+                steps=self.profile.timing.steps_per_window,
                 error_path=error_path(),
             )
             port.connect(delay.s_in)
@@ -406,7 +416,6 @@ class LavaDeployment(EmulatorDeployment):
             out_shape=stage.output_shape,
             weight=_dendritic(layer_program, program.synapses[-1].weight),
             ops=program.synapses,
-            chunk_steps=chunk_steps,
             error_path=error_path(),
         )
         port.connect(synapses.s_in)
