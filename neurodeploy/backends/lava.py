@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..threads import one_blas_thread
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
 from .emulator import LOIHI_ACT_SHIFT, EmulatorDeployment
@@ -125,6 +126,7 @@ def _redeliver(signum: int) -> None:
 # takes about 0.25 s per chunk of 128 samples and runs 1620 samples faster in chunks
 # of 128 (4.4 s) than of 1024 (6.4 s); CHUNK_WORK is about 1 s of such work.
 CHUNK_WORK = 6 * 10**8  # synapses x steps x samples of one chunk
+CHANNEL_SLOTS = 2  # messages per Lava channel (see _run_graph)
 MIN_CHUNK = 8  # below this Lava's per-chunk overhead (~0.1 s) dominates
 MAX_CHUNK = 128
 
@@ -356,15 +358,21 @@ class LavaDeployment(EmulatorDeployment):
             recorders[stage.name] = path
         from lava.magma.compiler.compiler_graphs import find_processes
 
-        from ..lava.models import process_models
+        from ..lava import process as ours
+        from ..lava.models import process_model
 
-        models = process_models(self.tag)  # our processes skip Lava's model search
-        config = Loihi2SimCfg(
+        config = Loihi2SimCfg(  # our processes skip Lava's model search
             select_tag=self.tag,
             exception_proc_model_map={
-                proc: models[type(proc)] for proc in find_processes(source) if type(proc) in models
+                proc: process_model(proc, self.tag)
+                for proc in find_processes(source)
+                if type(proc).__module__ == ours.__name__
             },
         )
+        # Every channel (data and management) holds CHANNEL_SLOTS messages instead of
+        # Lava's 64: in lockstep a channel never holds more than one, and the sender
+        # cycles through the slots, so few slots stay in cache.
+        compile_config = {"pypy_channel_size": CHANNEL_SLOTS}
         # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
         # processes included; one of them dying would hang the runtime's stop. While
         # the runtime lives, a terminating signal only sets a flag (Lava forks its
@@ -372,18 +380,24 @@ class LavaDeployment(EmulatorDeployment):
         # chunk, the runtime is stopped, and the signal is acted on by the caller.
         # Batch c is complete after (c + 1 + L) K + hops steps: a run of that many
         # steps for the first chunk, then one window per chunk.
+        # Lava forks its processes at the first run: under one BLAS thread, which they
+        # inherit; their products are small, and more threads would only contend with
+        # the other processes for the cores (the sums are exact integers in any order).
         caught: list[int] = []
         previous = _catch_signals(caught)
         try:
-            for chunk in range(chunks):
-                window = (1 + hidden) * steps + hops if chunk == 0 else steps
-                source.run(condition=RunSteps(num_steps=window), run_cfg=config)
-                if progress is not None:
-                    progress(min(samples, (chunk + 1) * batch), samples)
-                if caught or any(errors.iterdir()):
-                    break
+            with one_blas_thread():
+                try:
+                    for chunk in range(chunks):
+                        window = (1 + hidden) * steps + hops if chunk == 0 else steps
+                        source.run(RunSteps(num_steps=window), config, compile_config)
+                        if progress is not None:
+                            progress(min(samples, (chunk + 1) * batch), samples)
+                        if caught or any(errors.iterdir()):
+                            break
+                finally:
+                    source.stop()
         finally:
-            source.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if caught:

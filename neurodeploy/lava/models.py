@@ -37,7 +37,6 @@ from lava.magma.core.model.py.ports import PyInPort, PyOutPort
 from lava.magma.core.model.py.type import LavaPyType
 from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
-from threadpoolctl import threadpool_limits
 
 from neurodeploy.backends.emulator import (
     LOIHI_ACT_SHIFT,
@@ -271,13 +270,19 @@ class PySynapsesModel(_Windowed):
         if not hasattr(self, "_ops"):
             *linear, affine = p["ops"]
             self._ops = (*linear, replace(affine, weight=self.weight))
-            # this process's products are small, and BLAS threads only contend with the
-            # other processes for the cores (the sums are exact integers in any order)
-            self._blas = threadpool_limits(limits=1)
-        out = np.zeros(self.a_out.shape)
+        out = np.zeros(self.a_out.shape, self.a_out._d_type)
         x = spikes[active].reshape(len(active), *p["in_shape"]).astype(np.float64)
         out[active] = apply_synapses(self._ops, x).reshape(len(active), -1)
         self._send("a_out", out)
+
+
+class PySynapsesInt32Model(PySynapsesModel):
+    """fixed_pt synapses whose drive fits 31 bits (``bound`` < 2^31): int32 messages,
+    half the bytes of float64 (Lava's own Dense sends its sums as int32 too). Chosen
+    per process by :func:`process_model`, not by tag."""
+
+    tags = ["fixed_pt_int32"]  # not the inherited tags: never picked by a tag search
+    a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=32)
 
 
 class _NeuronBase(_Windowed):
@@ -396,15 +401,17 @@ class _NeuronModel(_NeuronBase):
 
 
 class _FixedState:
-    """fixed_pt: int64 membrane state (the emulator's integers); drives arrive exact."""
+    """fixed_pt: int64 membrane state (the emulator's integers); drives arrive exact,
+    summed over the synapse groups as int64 (or float64 from float64 messages)."""
 
+    a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64, precision=52)
     limit: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
     u: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
     v: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
 
     @staticmethod
     def _as_state(a):
-        return np.rint(a).astype(np.int64)
+        return a if a.dtype == np.int64 else np.rint(a).astype(np.int64)
 
 
 class _FloatState:
@@ -474,13 +481,23 @@ class PyTTFSReadoutFloat(_FloatState, _ReadoutModel):
     bias: np.ndarray = LavaPyType(np.ndarray, float)
 
 
-def process_models(tag: str) -> dict:
-    """{Process class: its ProcessModel under ``tag``} for the processes of process.py.
-    Handing these to the run config spares Lava's compiler its model search, which
-    imports every module beside a process on every compile."""
-    models = {}
-    for cls in list(globals().values()):
-        if isinstance(cls, type) and getattr(cls, "implements_process", None) is not None:
-            if tag in getattr(cls, "tags", ()):
-                models[cls.implements_process] = cls
-    return models
+
+_MODELS = {
+    "fixed_pt": (PyTTFSNeuronFixed, PyTTFSReadoutFixed),
+    "floating_pt": (PyTTFSNeuronFloat, PyTTFSReadoutFloat),
+}
+
+
+def process_model(proc, tag: str) -> type:
+    """The ProcessModel of one of process.py's processes under ``tag``: handed to the
+    run config for every process, it spares Lava's compiler its model search (which
+    imports every module beside a process on every compile) and picks the int32
+    drive for synapses whose ``bound`` allows it."""
+    routing = (PySpikeSourceModel, PySpikePoolModel, PySpikeDelayModel, PySynapsesModel)
+    for model in routing + _MODELS[tag]:
+        if type(proc) is model.implements_process:
+            if model is PySynapsesModel and tag == "fixed_pt":
+                if proc.proc_params["bound"] < 2**31:
+                    return PySynapsesInt32Model
+            return model
+    raise KeyError(f"no ProcessModel for {type(proc).__name__}")

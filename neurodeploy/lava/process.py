@@ -33,12 +33,15 @@ one piece at the end of the run, as .npy files in ``result_dir``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from lava.magma.core.process.ports.ports import InPort, OutPort
 from lava.magma.core.process.process import AbstractProcess
 from lava.magma.core.process.variable import Var
 
 from neurodeploy.errors import DeployError
+from neurodeploy.ttfs import apply_synapses
 
 
 class SpikeSource(AbstractProcess):
@@ -131,6 +134,9 @@ class Synapses(AbstractProcess):
     weight: the dense (out, in) or conv (O, C, k, k) weight, integer-valued in
     fixed point. ops: the linear ops the weight belongs to (flatten, sum pool,
     then the dense or conv op), as the emulator's layer program holds them.
+    ``bound`` (proc param): the largest |a_out| any spikes can give (every input
+    spiking, absolute weights; the ops before the weight have no negative
+    coefficients), which decides whether the drive fits an int32 message.
     """
 
     def __init__(
@@ -143,11 +149,15 @@ class Synapses(AbstractProcess):
         ops: tuple,
         **kwargs,
     ):
+        *linear, affine = ops
+        every_input = np.ones((1, *in_shape))
+        bound = apply_synapses((*linear, replace(affine, weight=np.abs(weight))), every_input)
         super().__init__(
             batch=batch,
             in_shape=tuple(in_shape),
             out_shape=tuple(out_shape),
             ops=ops,
+            bound=float(np.abs(bound).max()),
             **kwargs,
         )
         self.weight = Var(shape=weight.shape, init=weight)
