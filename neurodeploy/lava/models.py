@@ -297,13 +297,16 @@ class _NeuronBase(_Windowed):
         self.spike_step = np.full(shape, p["steps"], dtype=np.int64)
         self.early = np.zeros(shape, dtype=bool)
         self.clipped = np.zeros(shape, dtype=bool)
-        self.fired = np.zeros((p["batch"], p["size"]), dtype=bool)
-        self.step_record = np.full((p["batch"], p["size"]), p["steps"], dtype=np.int64)
+        # the firing batch: which neurons have not fired yet, and per neuron the count of
+        # steps after which it still had not (its spike step: K for none)
+        self.silent = np.ones((p["batch"], p["size"]), dtype=bool)
+        self.step_record = np.zeros((p["batch"], p["size"]), dtype=np.int32)
+        self.fire = np.zeros((p["batch"], p["size"]), dtype=bool)
         self.chunk_clipped = np.zeros((p["batch"], p["size"]), dtype=bool)
         self.v_fire = None  # the firing batch's membranes
 
     def _saturate(self, x, flag: bool):
-        limit = self.limit[0]
+        limit = self.limit[0].item()
         if limit and (x.max(initial=0) > limit or x.min(initial=0) < -limit):
             if flag:
                 self.chunk_clipped |= np.abs(x) > limit
@@ -364,8 +367,8 @@ class _NeuronModel(_NeuronBase):
                 self.v_fire = self.v.copy()
                 rows = self._rows(firing)
                 self.clipped[rows] = self.chunk_clipped[: rows.stop - rows.start]
-                self.fired[:] = False
-                self.step_record[:] = p["steps"]
+                self.silent[:] = True
+                self.step_record[:] = 0
             if integrating is not None:
                 self._reset(p["start"] if loihi else 0)
         if integrating is not None:
@@ -381,19 +384,20 @@ class _NeuronModel(_NeuronBase):
         if not hasattr(self, "_threshold"):  # the Vars are set by the first step
             # Loihi fires when v > vth << 6, i.e. v >= (vth << 6) + 1
             if p.get("loihi", False):
-                self._threshold = np.left_shift(self.threshold, LOIHI_VTH_SHIFT) + 1
+                threshold = np.left_shift(self.threshold, LOIHI_VTH_SHIFT) + 1
+                self._threshold = threshold.astype(self.v.dtype)  # <= 2^23 + 1: exact
             else:
                 self._threshold = self.threshold.copy()
         v = self.v_fire
         rows = self._rows(chunk)
         n = rows.stop - rows.start
         if m == 0:  # value beyond the window: over threshold by more than half a step
-            self.early[rows] = (2 * (v - self._threshold) > self.ramp[0])[:n]
-        fire = v >= self._threshold
-        fire &= ~self.fired
-        self.step_record[fire] = m
-        self.fired |= fire
-        v += self.ramp[0]
+            self.early[rows] = (2 * (v - self._threshold) > self.ramp[0].item())[:n]
+        fire = np.greater_equal(v, self._threshold, out=self.fire)
+        fire &= self.silent
+        self.silent ^= fire
+        self.step_record += self.silent  # a neuron firing at step m counts m steps
+        v += self.ramp[0].item()
         self._saturate(v, False)
         if m == p["steps"] - 1:  # end of the window: silent neurons stay silent
             self.spike_step[rows] = self.step_record[:n]
@@ -432,6 +436,17 @@ class _FloatState:
 class PyTTFSNeuronFixed(_FixedState, _NeuronModel):
     threshold: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
     ramp: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
+
+
+class PyTTFSNeuronLoihi(PyTTFSNeuronFixed):
+    """fixed_pt neurons in Loihi's formats hold u and v as int32, half the bytes of
+    int64 per pass: every value stays below 2^25 (u in (-2^23, 2^23] plus a wrapped
+    16-bit a << 6, v within +-(2^23 - 1) plus u or a ramp of at most 2^12 2^7, the
+    threshold at most 2^17 2^6 + 1). Chosen per process by :func:`process_model`."""
+
+    tags = ["fixed_pt_loihi"]  # not the inherited tags: never picked by a tag search
+    u: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
+    v: np.ndarray = LavaPyType(np.ndarray, np.int32, precision=24)
 
 
 @implements(proc=TTFSNeuron, protocol=LoihiProtocol)
@@ -492,12 +507,14 @@ def process_model(proc, tag: str) -> type:
     """The ProcessModel of one of process.py's processes under ``tag``: handed to the
     run config for every process, it spares Lava's compiler its model search (which
     imports every module beside a process on every compile) and picks the int32
-    drive for synapses whose ``bound`` allows it."""
+    drive for synapses whose ``bound`` allows it and int32 membranes for Loihi's formats."""
     routing = (PySpikeSourceModel, PySpikePoolModel, PySpikeDelayModel, PySynapsesModel)
     for model in routing + _MODELS[tag]:
         if type(proc) is model.implements_process:
             if model is PySynapsesModel and tag == "fixed_pt":
                 if proc.proc_params["bound"] < 2**31:
                     return PySynapsesInt32Model
+            if model is PyTTFSNeuronFixed and proc.proc_params["loihi"]:
+                return PyTTFSNeuronLoihi
             return model
     raise KeyError(f"no ProcessModel for {type(proc).__name__}")
