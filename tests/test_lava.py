@@ -294,18 +294,23 @@ def test_floating_point_lava_on_a_residual_net_stays_within_the_step_grid_bound(
 
 
 def test_chunk_size_keeps_a_progress_bar_moving():
-    """Without a batch, a chunk holds about a second of work (digits_cnn: 128 samples of
-    12 704 synapses x 96 steps), never more samples than the run has; a batch given is
-    honoured; the progress callback is called once per chunk."""
+    """Without a batch, a chunk (the batch entering the pipeline each window) holds at
+    most CHUNK_WORK of one window's work (synapses x 32 steps x samples) and MAX_CHUNK
+    samples, spread evenly (all 1797 digits through digits_cnn: two chunks of 899),
+    never more samples than the run has; a batch given is honoured; the progress
+    callback is called once per chunk."""
     from neurodeploy.backends.lava import CHUNK_WORK, MAX_CHUNK, MIN_CHUNK
 
     snn, x = converted("digits_cnn", 40)
     auto = nd.deploy(snn, "loihi2", backend="lava")
-    assert auto.chunk_size(540) == MAX_CHUNK and auto.chunk_size(40) == 40
+    assert auto.chunk_size(1797) == 899 and auto.chunk_size(40) == 40
     assert nd.deploy(snn, "loihi2", backend="lava", batch=300).chunk_size(540) == 300
     synapses = sum(p.synapse_count for p in auto.programs.values())
-    assert synapses * 96 * MAX_CHUNK <= CHUNK_WORK  # digits_cnn is well inside the budget
-    assert MIN_CHUNK <= MAX_CHUNK
+    for samples in (1797, 5000, 10**5):
+        chunk = auto.chunk_size(samples)
+        chunks = -(-samples // chunk)
+        assert MIN_CHUNK <= chunk <= MAX_CHUNK and synapses * 32 * chunk <= CHUNK_WORK
+        assert chunks * chunk - samples < chunks  # even: no small last chunk
     calls = []
     nd.deploy(snn, "loihi2", backend="lava", batch=16).run(x, progress=lambda *a: calls.append(a))
     assert calls == [(16, 40), (32, 40), (40, 40)]

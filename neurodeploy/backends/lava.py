@@ -122,13 +122,17 @@ def _redeliver(signum: int) -> None:
 
 
 # Chunk sizes when no batch is given (measured on this project's 2-core machines,
-# lava-nc 0.10, loihi2 fixed_pt): digits_cnn (12 704 synapses, 96 steps per sample)
-# takes about 0.25 s per chunk of 128 samples and runs 1620 samples faster in chunks
-# of 128 (4.4 s) than of 1024 (6.4 s); CHUNK_WORK is about 1 s of such work.
-CHUNK_WORK = 6 * 10**8  # synapses x steps x samples of one chunk
+# lava-nc 0.10, loihi2 fixed_pt, the pipelined graph): every step costs each Lava
+# process a fixed ~0.6 ms of messaging, so few steps - large batches - win until the
+# silent windows' messages (the pipeline filling and draining) cost more. All 1797
+# digits through digits_cnn (12 704 synapses, K = 32), CPU seconds of a run, median of
+# 3, machine loaded: chunks of 256 3.6 s, 512 3.1 s, 899 2.6 s, 1797 3.4 s.
+# CHUNK_WORK (synapses x K x samples of one window of the pipeline) gives digits_cnn
+# and digits_mlp two chunks of 899; a chunk then takes about a second.
+CHUNK_WORK = 5 * 10**8
 CHANNEL_SLOTS = 2  # messages per Lava channel (see _run_graph)
-MIN_CHUNK = 8  # below this Lava's per-chunk overhead (~0.1 s) dominates
-MAX_CHUNK = 128
+MIN_CHUNK = 8  # below this the per-step messaging dominates
+MAX_CHUNK = 1024
 
 
 def _lava_dense(program, port):
@@ -208,19 +212,21 @@ class LavaDeployment(EmulatorDeployment):
             self._build_programs(None, None)
 
     def chunk_size(self, samples: int) -> int:
-        """Samples per chunk of a run of ``samples``: the ``batch`` given, else as many as
-        keep one chunk's work (synapses x steps x samples) within CHUNK_WORK, between
-        MIN_CHUNK and MAX_CHUNK samples, so that a progress bar moves every second or
-        so; never more than ``samples``."""
+        """Samples per chunk (the batch that enters the pipeline each window) of a run of
+        ``samples``: the ``batch`` given, else as many as keep one window's work
+        (synapses x steps per window x samples) within CHUNK_WORK, between MIN_CHUNK and
+        MAX_CHUNK samples, and then spread evenly over the chunks that takes (no small
+        last chunk); never more than ``samples``."""
         if self.batch is not None:
             return max(1, min(self.batch, samples))
         synapses = sum(
             p.synapse_count + sum(sc.synapse_count for sc in p.shortcuts)
             for p in self.programs.values()
         )
-        steps = self.profile.timing.steps_per_window * (1 + len(self.snn.spiking_layers))
+        steps = self.profile.timing.steps_per_window
         fitting = CHUNK_WORK // max(1, synapses * steps)
-        return max(1, min(samples, MAX_CHUNK, max(MIN_CHUNK, fitting)))
+        largest = max(1, min(samples, MAX_CHUNK, max(MIN_CHUNK, fitting)))
+        return -(-samples // -(-samples // largest))  # ceil(samples / chunks)
 
     def run(self, x, progress=None) -> Trace:
         """Run raw inputs x (N, *input_shape) on Lava. progress(done, total) is called

@@ -37,6 +37,7 @@ from lava.magma.core.model.py.ports import PyInPort, PyOutPort
 from lava.magma.core.model.py.type import LavaPyType
 from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
+from scipy.sparse import csr_matrix
 
 from neurodeploy.backends.emulator import (
     LOIHI_ACT_SHIFT,
@@ -284,6 +285,35 @@ class PySynapsesInt32Model(PySynapsesModel):
     tags = ["fixed_pt_int32"]  # not the inherited tags: never picked by a tag search
     a_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, np.int32, precision=32)
 
+    def step(self):
+        if not hasattr(self, "_matrix"):
+            self._matrix = self._as_matrix()
+        if self._matrix is None:
+            return super().step()
+        spikes = self._recv("s_in")
+        rows, cols = np.nonzero(spikes)
+        if not rows.size:
+            self._send("a_out", self._silence("a_out"))
+            return
+        # event-driven: each spike adds its row of the map (integer sums: exact)
+        events = csr_matrix((np.ones(rows.size), (rows, cols)), shape=spikes.shape)
+        self._send("a_out", (events @ self._matrix).astype(np.int32))
+
+    def _as_matrix(self) -> np.ndarray | None:
+        """The ops as one (N_in, N_out) matrix (the map applied to every unit input),
+        when it holds at most MATRIX_ENTRIES; None otherwise."""
+        p = self.proc_params
+        n_in, n_out = self.s_in.shape[1], self.a_out.shape[1]
+        if n_in * n_out > MATRIX_ENTRIES:
+            return None
+        *linear, affine = p["ops"]
+        ops = (*linear, replace(affine, weight=self.weight))
+        units = np.eye(n_in).reshape(n_in, *p["in_shape"])
+        return apply_synapses(ops, units).reshape(n_in, n_out)
+
+
+MATRIX_ENTRIES = 2**22  # 32 MiB of float64: a larger map stays a conv or dense op
+
 
 class _NeuronBase(_Windowed):
     """Shared B1 stepping; subclasses fix the number type and saturation. The Vars u
@@ -494,7 +524,6 @@ class PyTTFSReadoutFixed(_FixedState, _ReadoutModel):
 @tag("floating_pt")
 class PyTTFSReadoutFloat(_FloatState, _ReadoutModel):
     bias: np.ndarray = LavaPyType(np.ndarray, float)
-
 
 
 _MODELS = {

@@ -52,9 +52,7 @@ class SpikeSource(AbstractProcess):
     goes out at time step c K + k + 1.
     """
 
-    def __init__(
-        self, *, spike_steps: np.ndarray, batch: int, steps: int, samples: int, **kwargs
-    ):
+    def __init__(self, *, spike_steps: np.ndarray, batch: int, steps: int, samples: int, **kwargs):
         super().__init__(batch=batch, steps=steps, samples=samples, **kwargs)
         self.spike_steps = Var(shape=spike_steps.shape, init=spike_steps)
         self.s_out = OutPort(shape=(batch, spike_steps.shape[1]))
