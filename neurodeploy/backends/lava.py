@@ -5,9 +5,13 @@ The layer programs (integer weights, thresholds, ramps, saturation bounds)
 are the emulator's, so the ``fixed_pt`` models reproduce the emulator's spike
 steps exactly; ``floating_pt`` runs the same graph in float64 with float
 weights. One ``run(x)`` builds the process graph, compiles it once and
-streams all samples through it in chunks (every process has a batch dimension;
-:meth:`LavaDeployment.chunk_size` chooses how many samples a chunk holds); the
-recording models hand their results over in one piece at the end. The Lava
+streams all samples through it as a pipeline of chunks, as the chip would: every
+process has a batch dimension, a new chunk enters every window of K steps and
+each layer works on a different chunk in each window (neurons hold two sets of
+membranes), so C chunks through L hidden layers take (C + L) K steps, not
+C (L + 1) K (:meth:`LavaDeployment.chunk_size` chooses how many samples a chunk
+holds); the recording models hand their results over in one piece at the end.
+Spikes travel as bool messages, drives as int32 where their bound allows. The Lava
 runtime is stopped in every case, also when a model fails or the user presses
 Ctrl-C, so no Lava process outlives a run.
 

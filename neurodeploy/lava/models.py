@@ -8,7 +8,9 @@ emulator's layer programs, so both produce identical spike steps. Tag
 saturation. Source, pooling and synapse models serve both tags: they only
 route spikes and sum weights, exactly in either case (integer-valued
 weights are summed exactly in float64 below 2^53). Spikes travel as bool
-arrays, drives as float64.
+arrays, drives as float64, or as int32 under fixed_pt where the synapses' bound
+allows (:func:`process_model` picks such narrower models per process: int32
+drives, event-driven synapses, int32 membranes for Loihi's formats).
 
 Time: the run is a pipeline of windows of K steps. A process's local step
 is ``local = time_step - 1 - offset`` (``offset``: the steps Lava's Dense
