@@ -35,7 +35,7 @@ from dataclasses import replace
 import numpy as np
 from lava.magma.core.decorator import implements, requires, tag
 from lava.magma.core.model.py.model import PyLoihiProcessModel
-from lava.magma.core.model.py.ports import PyInPort, PyOutPort
+from lava.magma.core.model.py.ports import IdentityTransformer, PyInPort, PyOutPort
 from lava.magma.core.model.py.type import LavaPyType
 from lava.magma.core.resources import CPU
 from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
@@ -92,8 +92,15 @@ class _Windowed(PyLoihiProcessModel):
                 getattr(self, name).recv()
 
     def _recv(self, name: str) -> np.ndarray:
+        """The port's message. Lava's InPort.recv adds its channels' messages into a
+        fresh zero array of the port's type; with one channel and no reshape the
+        message itself (a fresh copy, in the sender's type) is that sum."""
         self._received.add(name)
-        return getattr(self, name).recv()
+        port = getattr(self, name)
+        channels = port.csp_ports
+        if len(channels) == 1 and isinstance(port._transformer, IdentityTransformer):
+            return channels[0].recv()
+        return port.recv()
 
     def _send(self, name: str, data: np.ndarray) -> None:
         getattr(self, name).send(data)
@@ -353,6 +360,7 @@ class _NeuronBase(_Windowed):
             a = self._as_state(a)
             half = 2 ** (LOIHI_DENDRITE_BITS - 1)
             if a.max(initial=0) >= half or a.min(initial=0) < -half:
+                a = a.astype(np.int64)  # an int32 a + half could overflow
                 wrapped = np.mod(a + half, 2 * half) - half
                 self.chunk_clipped |= wrapped != a
                 a = wrapped
@@ -447,7 +455,8 @@ class _FixedState:
 
     @staticmethod
     def _as_state(a):
-        return a if a.dtype == np.int64 else np.rint(a).astype(np.int64)
+        """Integer drives as they come (int32 or int64: the state adds them exactly)."""
+        return a if a.dtype.kind == "i" else np.rint(a).astype(np.int64)
 
 
 class _FloatState:
