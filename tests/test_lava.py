@@ -314,3 +314,26 @@ def test_chunk_size_keeps_a_progress_bar_moving():
     calls = []
     nd.deploy(snn, "loihi2", backend="lava", batch=16).run(x, progress=lambda *a: calls.append(a))
     assert calls == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_synapse_messages_are_int32_only_where_the_bound_allows():
+    """A drive goes out as int32 only when every spike pattern gives |a| < 2^31 (all
+    inputs spiking, absolute weights); floating_pt keeps float64."""
+    from neurodeploy.backends.lava import import_lava_runtime
+
+    import_lava_runtime()
+    from neurodeploy.lava.models import PySynapsesInt32Model, PySynapsesModel, process_model
+    from neurodeploy.lava.process import Synapses
+
+    def synapses(weight):
+        layer = nd.Dense("fc", weight, np.zeros(len(weight)))
+        return Synapses(
+            batch=2, in_shape=(3,), out_shape=(2,), weight=weight, ops=(layer,), error_path="-"
+        )
+
+    narrow = synapses(np.array([[2.0**29, -(2.0**29), 2.0**29], [1.0, 2.0, 3.0]]))
+    wide = synapses(np.array([[2.0**29, -(2.0**30), 2.0**29], [1.0, 2.0, 3.0]]))
+    assert narrow.proc_params["bound"] == 3 * 2**29 and wide.proc_params["bound"] == 2**31
+    assert process_model(narrow, "fixed_pt") is PySynapsesInt32Model
+    assert process_model(wide, "fixed_pt") is PySynapsesModel
+    assert process_model(narrow, "floating_pt") is PySynapsesModel

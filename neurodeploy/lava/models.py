@@ -445,8 +445,9 @@ class _NeuronModel(_NeuronBase):
 
 
 class _FixedState:
-    """fixed_pt: int64 membrane state (the emulator's integers); drives arrive exact,
-    summed over the synapse groups as int64 (or float64 from float64 messages)."""
+    """fixed_pt: int64 membrane state (the emulator's integers); drives arrive exact:
+    one group's message as sent (int32 or float64), several groups summed by Lava's
+    InPort as int64 (float64 if a message is)."""
 
     a_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, np.int64, precision=52)
     limit: np.ndarray = LavaPyType(np.ndarray, np.int64, precision=52)
