@@ -50,10 +50,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_backends.py
 
-# VGG-16 and ResNet-18 at 224x224 against their GEMMs (several minutes on 2 cores).
+# VGG-16, ResNet-18 and ResNet-50 at 224x224 against their GEMMs (ResNet-50 also: exact) (several minutes on 2 cores).
 bench-imagenet: $(STAMP)
 	$(PY) benchmarks/bench_limit.py --only vgg16
 	$(PY) benchmarks/bench_limit.py --only resnet18
+	$(PY) benchmarks/bench_limit.py --only resnet50
+	$(PY) benchmarks/bench_resnet.py --arch resnet50 --images 1 --repeats 3
 	$(PY) benchmarks/bench_limit.py --peak vgg16 --images 64 --what forward
 
 bench-all: bench bench-imagenet

@@ -9,7 +9,7 @@ the crossbar backend (pcm) against a bare numpy float forward of the same net, a
 float32 error against float64.
 
     .venv/bin/python benchmarks/bench_limit.py                 # digits_mlp, digits_cnn, CIFAR VGG
-    .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18 at 224^2
+    .venv/bin/python benchmarks/bench_limit.py --imagenet      # + VGG-16, ResNet-18/50 at 224^2
     .venv/bin/python benchmarks/bench_limit.py --layers --images 1 --repeats 3  # per conv
     .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --budget 2G
 """
@@ -208,8 +208,10 @@ def layer_rows(net: nd.Network, x: np.ndarray, repeats: int, dtype: str) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--imagenet", action="store_true", help="add VGG-16 and ResNet-18")
-    parser.add_argument("--only", choices=["vgg16", "resnet18"], help="only this ImageNet net")
+    parser.add_argument("--imagenet", action="store_true", help="add VGG-16, ResNet-18, ResNet-50")
+    parser.add_argument(
+        "--only", choices=["vgg16", "resnet18", "resnet50"], help="only this ImageNet net"
+    )
     parser.add_argument("--images", type=int, default=2, help="batch of the 224^2 nets")
     parser.add_argument("--peak", choices=["vgg16", "cifar_vgg"])
     parser.add_argument("--what", choices=["forward", "simulate"], default="forward")
@@ -248,6 +250,10 @@ def main() -> None:
             from bench_resnet import resnet18
 
             limit_rows("resnet18", resnet18(), x, max(1, args.repeats // 2), dtypes)
+        if args.only in (None, "resnet50"):
+            from bench_resnet import resnet50
+
+            limit_rows("resnet50", resnet50(), x, max(1, args.repeats // 2), dtypes)
 
 
 if __name__ == "__main__":

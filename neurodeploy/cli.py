@@ -223,9 +223,11 @@ def _run_on_hardware(args) -> _HardwareRun:
     backend = args.backend or DEFAULT_BACKEND[profile.hardware]
     if args.tag != "fixed_pt" and backend != "lava":
         raise UsageError("--tag applies to the lava backend only")
+    if args.synapses != "batched" and backend != "lava":
+        raise UsageError("--synapses applies to the lava backend only")
     x_cal, x, y, data_desc = load_model_data(net, args.data, args.calibration_size, args.samples)
     snn = convert(net, calibration=x_cal, zeta=args.zeta, neuron=args.neuron)
-    options = {"tag": args.tag} if backend == "lava" else {}
+    options = {"tag": args.tag, "synapses": args.synapses} if backend == "lava" else {}
     dep = deploy(snn, profile, backend=backend, seed=args.seed, **options)
     if backend == "lava":
         chunk = dep.chunk_size(len(x))
@@ -294,6 +296,15 @@ def _cmd_run(args) -> int:
     in_steps = f"{steps} steps = " if steps else ""
     print(f"latency          {in_steps}{report['latency_s'] * 1e6:.4g} us per inference")
     print(f"energy           {report['energy_j'] * 1e9:.4g} nJ per inference")
+    breakdown = payload["mapping"].get("energy_breakdown")
+    if breakdown:
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {breakdown['counts'][name]:.4g} x "
+            f"{breakdown['per_operation_j'][name] * 1e12:.4g} pJ = {joules * 1e9:.4g} nJ"
+            for name, joules in breakdown["energy_j"].items()
+        )
+        print(f"                 {parts}")
+        print(f"                 ({breakdown['figures_from'] or 'no source given'})")
     print(
         f"saturated        {report['saturated']}   early {report['early']}   "
         f"overflow {report['overflow']}"
@@ -771,6 +782,13 @@ def hardware_options(p) -> None:
         choices=("fixed_pt", "floating_pt"),
         default="fixed_pt",
         help="lava backend: the ProcessModels to run (integer or float64 arithmetic)",
+    )
+    p.add_argument(
+        "--synapses",
+        choices=("batched", "lava"),
+        default="batched",
+        help="lava backend: our batched synapse process (default) or Lava's own Dense/Sparse "
+        "with their bit-accurate models, one sample per step (fixed_pt, loihi2 formats; slow)",
     )
     _progress_options(p, "no progress bar (lava backend)")
     p.add_argument("--profile", required=True, help=_PROFILE_HELP)

@@ -132,6 +132,8 @@ class CrossCheckReport:
     bound_sigmas: float | None = None  # k of the statistical bound (None: quantisation only)
     attribution: dict | None = None  # Attribution as a dict (None: not run)
     metrics: dict | None = None  # NeuroBench-style metrics of the hardware run
+    # energy per inference by kind of operation (Deployment.energy_breakdown; None: not priced)
+    energy_breakdown: dict | None = None
     schema_version: int = SCHEMA_VERSION
     plots: dict = field(default_factory=dict, repr=False)  # figure data, not serialised
 
@@ -397,6 +399,7 @@ def crosscheck(
         metrics=neurobench_metrics(dep.snn, hardware, profile, dep.backend, dep),
         latency_s=None if hardware.latency_s is None else float(np.mean(hardware.latency_s)),
         energy_j=None if hardware.energy_j is None else float(np.mean(hardware.energy_j)),
+        energy_breakdown=None if hardware.energy_j is None else dep.energy_breakdown(hardware),
         ok=divergence is None and agreement >= profile.crosscheck.required_agreement,
         reasons=reasons,
         layers=layers,

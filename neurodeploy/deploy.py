@@ -76,6 +76,13 @@ class Deployment(ABC):
         the backend cannot compute a stage on its own (the cross-check then models it)."""
         return None
 
+    def energy_breakdown(self, trace: Trace) -> dict | None:
+        """The mean energy per inference of ``trace`` (a run of this deployment) by kind of
+        operation: {"energy_j": {part: J}, "counts": {part: operations}, "per_operation_j":
+        {part: J}, "figures_from": citation}; None when the backend prices no operations
+        apart."""
+        return None
+
     @abstractmethod
     def summary(self) -> dict:
         """The mapping: per layer resources, weight format, window steps; latency and energy."""

@@ -162,17 +162,35 @@ class Neuron:
 
 @dataclass(frozen=True)
 class Cores:
+    """One core holds a slice of a layer's neurons with all their input synapses."""
+
     neurons_per_core: int = field(
         default=8192,
         metadata=_spec("neurons one core holds", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
     )
-    synapses_per_core: int = field(
-        default=1_000_000,
-        metadata=_spec("synapses one core holds", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
+    synaptic_memory_bits: int = field(
+        default=937_500,
+        metadata=_spec(
+            "synaptic memory of one core (bits): a neuron's input synapses take its fan-in x "
+            "weights.bits (32 for float weights), all on the neuron's core",
+            minimum=1,
+            maximum=MAX_CORE_COUNT,
+            kinds=DIGITAL,
+        ),
     )
     cores_per_chip: int = field(
         default=128,
         metadata=_spec("cores on one chip", minimum=1, maximum=MAX_CORE_COUNT, kinds=DIGITAL),
+    )
+    input_axons_per_core: int | None = field(
+        default=None,
+        metadata=_spec(
+            "input axons of one core: the distinct presynaptic neurons whose spikes reach "
+            "its neurons (Loihi 1: 4,096 distribution lists); null = not limited",
+            minimum=1,
+            maximum=MAX_CORE_COUNT,
+            kinds=DIGITAL,
+        ),
     )
 
 
@@ -334,6 +352,13 @@ class Energy:
         ),
     )
     spike_j: float = field(default=0.0, metadata=_spec("energy to route one spike (J)", minimum=0))
+    figures_from: str = field(
+        default="",
+        metadata=_spec(
+            "where the per-operation energies come from: paper, table and the chip "
+            "generation it measures (shown with the energy breakdown)"
+        ),
+    )
     adc_conversion_j: float = field(
         default=0.0, metadata=_spec("energy per ADC conversion (J)", minimum=0, kinds=CROSSBAR)
     )

@@ -384,6 +384,41 @@ def _metrics_table(report: CrossCheckReport) -> str:
     )
 
 
+_ENERGY_PARTS = (
+    ("synaptic_ops", "synaptic operations"),
+    ("active_neuron_updates", "active neuron updates"),
+    ("inactive_neuron_updates", "inactive neuron updates"),
+    ("spikes", "spikes routed"),
+)
+
+
+def _energy_table(report: CrossCheckReport) -> str:
+    """The energy per inference by kind of operation, with the figures' source."""
+    breakdown = report.energy_breakdown
+    if not breakdown:
+        return ""
+    header = (
+        "<tr><th>operation</th><th>count per inference</th><th>energy per operation</th>"
+        "<th>energy per inference</th><th>share</th></tr>"
+    )
+    total = sum(breakdown["energy_j"].values())
+    rows = []
+    for key, label in _ENERGY_PARTS:
+        energy = breakdown["energy_j"][key]
+        rows.append(
+            f"<tr><td>{label}</td><td>{breakdown['counts'][key]:,.1f}</td>"
+            f"<td>{breakdown['per_operation_j'][key] * 1e12:.4g} pJ</td>"
+            f"<td>{energy * 1e9:.4g} nJ</td><td>{_pct(energy / total if total else None)}</td></tr>"
+        )
+    rows.append(f"<tr><td>total</td><td></td><td></td><td>{total * 1e9:.4g} nJ</td><td></td></tr>")
+    source = breakdown.get("figures_from") or "no source given in the profile"
+    return (
+        "<h2>Energy per inference</h2><p class='muted'>Mean over "
+        f"{report.samples} samples. Energies per operation: {html.escape(source)}.</p>"
+        f"<table>{header}{''.join(rows)}</table>"
+    )
+
+
 def crosscheck_html(report: CrossCheckReport) -> str:
     """The whole page as a string."""
     ok = report.ok
@@ -545,6 +580,7 @@ def crosscheck_html(report: CrossCheckReport) -> str:
 {headline}{"" if ok else "<small>" + reasons_block + "</small>"}{cause}</div>
 <table>{summary}</table>
 <h2>Layers</h2><table>{header}{"".join(rows)}</table>
+{_energy_table(report)}
 {_metrics_table(report)}
 {figure_html}
 </body></html>

@@ -174,6 +174,12 @@ def test_deploy_with_overrides_on_the_crossbar(capsys):
         (["--profile", "pcm", "--set", "crossbar.levels"], "expected KEY=VALUE"),
         (["--profile", "loihi2", "--seed", "-1"], "--seed"),
         (["--profile", "loihi2", "--tag", "floating_pt"], "--tag applies to the lava backend"),
+        (["--profile", "loihi2", "--synapses", "lava"], "--synapses applies to the lava backend"),
+        (
+            ["--profile", "loihi2", "--backend", "lava", "--synapses", "lava"]
+            + ["--tag", "floating_pt"],
+            "synapses='lava': layer 'fc1' is not in Loihi formats",
+        ),
         (["--profile", "pcm", "--backend", "lava"], "lava backend runs digital"),
     ],
 )
@@ -191,6 +197,18 @@ def test_run_on_lava_prints_the_figures(capsys):
     for text in ("accuracy", "agreement", "spikes/neuron", "96 steps = 96 us", "energy"):
         assert text in out
     assert "lava" in out
+
+
+def test_run_on_lavas_own_synapses_agrees_with_the_emulator(capsys):
+    argv = ("run", "digits_cnn", "--profile", "loihi2", "--samples", "3", "--json")
+    code, out, _ = run(capsys, *argv, "--backend", "lava", "--synapses", "lava")
+    assert code == 0
+    lava = json.loads(out)
+    code, out, _ = run(capsys, *argv, "--backend", "emulator")
+    emulator = json.loads(out)
+    assert lava["mapping"]["synapses"] == "lava"
+    for key in ("accuracy_hardware", "spikes_per_neuron_hardware", "overflow", "energy_j"):
+        assert lava[key] == emulator[key]
 
 
 def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch, capsys):

@@ -379,7 +379,7 @@ def test_residual_energy_and_summary_count_the_shortcut_synapses(resnets):
     dep_chain = deploy(snn, "loihi2")
     dep_chain.programs = chain_programs
     np.testing.assert_allclose(
-        trace.energy_j - dep_chain._energy(trace), shortcut_events * e.synop_j, rtol=1e-12
+        trace.energy_j - dep_chain._energy(trace)[0], shortcut_events * e.synop_j, rtol=1e-12
     )
 
 

@@ -475,12 +475,15 @@ SPECS = [
     Spec("loihi2", "weights.bits", st.integers(1, 8), 1, 32),
     Spec("loihi2", "neuron.membrane_bits", st.just(24), 2, 52),
     Spec("loihi2", "cores.neurons_per_core", st.integers(1, 10**9), 1, None),
+    Spec("loihi2", "cores.synaptic_memory_bits", st.integers(1, 10**9), 1, None),
+    Spec("loihi2", "cores.input_axons_per_core", st.integers(1, 10**9), 1, None),
     Spec("loihi2", "energy.synop_j", _floats(0, 1), 0, None),
     Spec("ideal", "timing.time_unit_s", _floats(0, 1, exclude_min=True), 0, None),
     Spec("ideal", "crosscheck.required_agreement", _floats(0, 1), 0, 1),
 ]
 INT_KEYS = {s.key for s in SPECS if isinstance(PROFILES[s.profile].get(s.key), int)} | {
-    "crossbar.levels"
+    "crossbar.levels",
+    "cores.input_axons_per_core",
 }
 
 

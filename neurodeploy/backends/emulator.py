@@ -56,12 +56,13 @@ With the ``ideal`` profile the emulator runs the reference simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 
 from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
-from ..network import Conv2d, Dense
+from ..network import Conv2d, Dense, Flatten
 from ..simulate import encode_input, neuron_layers, run_stages, simulate, time_pool
 from ..trace import Trace
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
@@ -178,16 +179,32 @@ class ShortcutProgram:
 
 
 def _fanout(indicator: tuple, input_shape) -> np.ndarray:
-    """Synapses leaving each input neuron: the column sums of the layer's connectivity."""
-    n_in = int(np.prod(input_shape))
-    sums = np.empty(n_in)
-    for lo in range(0, n_in, 256):  # identity basis in blocks bounds the memory
-        hi = min(n_in, lo + 256)
-        basis = np.zeros((hi - lo, n_in))
-        basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
-        out = apply_synapses(indicator, basis.reshape(hi - lo, *input_shape))
-        sums[lo:hi] = out.reshape(hi - lo, -1).sum(axis=1)
-    return sums
+    """Synapses leaving each input neuron: the column sums of the layer's connectivity,
+    i.e. its transpose applied to a vector of ones, op by op in reverse (one pass; the
+    sums are integers, exact in float64). Returns (prod(input_shape),)."""
+    from .. import ops as kernels
+
+    shapes = [tuple(input_shape)]
+    for op in indicator[:-1]:
+        shapes.append(tuple(op.output_shape(shapes[-1])))
+    affine = indicator[-1]
+    grad = np.ones((1, *affine.output_shape(shapes[-1])))
+    for op, shape in zip(reversed(indicator), reversed(shapes), strict=True):
+        if isinstance(op, Dense):
+            grad = kernels.dense_grad_input(grad, op.weight)
+        elif isinstance(op, Conv2d):
+            grad = kernels.conv2d_grad_input(grad, op.weight, shape, op.stride, op.padding,
+                                             op.groups)
+        elif isinstance(op, SumPool2d) and op.multiplicity is None:
+            # a sum pool is k^2 times an average pool counting its padding; g k^2 / k^2 = g
+            window = op.kernel * op.kernel
+            grad = kernels.avgpool2d_grad_input(grad * window, shape, op.kernel, op.stride,
+                                                op.padding, count_include_pad=True)
+        elif isinstance(op, Flatten):
+            grad = grad.reshape(1, *shape)
+        else:  # pragma: no cover - the indicator holds only the ops above
+            raise TypeError(f"no transpose for {type(op).__name__}")
+    return grad.reshape(-1)
 
 
 def _weight_exponent(w: np.ndarray, bits: int) -> int:
@@ -507,6 +524,80 @@ def _shortcut_durations(stage, program: LayerProgram, shortcut_in: tuple) -> tup
     )
 
 
+def synapse_bits(profile) -> int:
+    """Bits of synaptic memory one synapse takes: its weight mantissa (``weights.bits``,
+    sign included), 32 for float weights; no per-synapse index or delay bits are counted
+    (a dense weight list; Loihi's own synapse encodings are not published in bits)."""
+    return 32 if profile.weights.bits is None else int(profile.weights.bits)
+
+
+def presynaptic_neurons(groups: list, neurons: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct presynaptic neurons of each of a layer's neurons, as (indptr, ids):
+    neuron j's are ids[indptr[j]:indptr[j + 1]], sorted. groups: (source name, indicator
+    ops, input shape) per synapse group; groups of one source share its ids (one axon per
+    source neuron), other sources are numbered after it."""
+    offsets: dict[str, int] = {}  # source -> id of its first neuron
+    next_id = 0
+    rows, cols = [], []
+    for name, indicator, input_shape in groups:
+        n_in = int(np.prod(input_shape))
+        if name not in offsets:
+            offsets[name], next_id = next_id, next_id + n_in
+        offset = offsets[name]
+        for lo in range(0, n_in, 256):  # identity basis in blocks bounds the memory
+            hi = min(n_in, lo + 256)
+            basis = np.zeros((hi - lo, n_in))
+            basis[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
+            out = apply_synapses(indicator, basis.reshape(hi - lo, *input_shape))
+            src, dst = np.nonzero(out.reshape(hi - lo, -1))
+            rows.append(dst)
+            cols.append(src + lo + offset)
+    dst = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    src = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    pairs = np.unique(np.stack([dst, src]), axis=1)  # sorted by neuron, then source
+    indptr = np.searchsorted(pairs[0], np.arange(neurons + 1))
+    return indptr, pairs[1]
+
+
+def partition_into_cores(
+    memory_bits: np.ndarray,
+    neurons_per_core: int,
+    memory_per_core: int,
+    presynaptic: tuple[np.ndarray, np.ndarray] | None = None,
+    axons_per_core: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy partition of a layer's neurons, in order, into cores.
+
+    memory_bits: (neurons,) synaptic memory each neuron's input synapses take (bits), each
+    at most memory_per_core. Each core takes the longest run of the next neurons that holds
+    at most neurons_per_core neurons and memory_per_core bits and, with axons_per_core,
+    receives from at most that many distinct presynaptic neurons (presynaptic: (indptr,
+    ids) of :func:`presynaptic_neurons`; each neuron's own at most axons_per_core). Returns
+    (neurons, bits) per core, two int64 arrays of one entry per core (empty for a layer of
+    no neurons)."""
+    total = np.concatenate(([0], np.cumsum(memory_bits, dtype=np.int64)))
+    n = len(memory_bits)
+    counts, used = [], []
+    start = 0
+    while start < n:
+        # last end with total[end] - total[start] <= memory_per_core (total is nondecreasing)
+        end = int(np.searchsorted(total, total[start] + memory_per_core, side="right")) - 1
+        end = min(end, start + neurons_per_core, n)
+        if axons_per_core is not None:
+            indptr, ids = presynaptic
+            # distinct inputs grow with the run: bisect for the longest run that fits
+            lo, hi = start + 1, end  # the run [start, lo) fits: one neuron's inputs do
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                inputs = len(np.unique(ids[indptr[start] : indptr[mid]]))
+                lo, hi = (mid, hi) if inputs <= axons_per_core else (lo, mid - 1)
+            end = lo
+        counts.append(end - start)
+        used.append(int(total[end] - total[start]))
+        start = end
+    return np.array(counts, dtype=np.int64), np.array(used, dtype=np.int64)
+
+
 class EmulatorDeployment(Deployment):
     """Vectorised fixed-point emulation of the digital core; see the module docstring."""
 
@@ -516,7 +607,12 @@ class EmulatorDeployment(Deployment):
     def __init__(self, snn, profile, seed: int = 0):
         super().__init__(snn, profile, seed)
         self.programs: dict[str, LayerProgram] = {}
+        # layer -> (neurons, synaptic memory bits) of each of its cores, in neuron order
+        self.core_slices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # layer -> input axons of each of its cores (with cores.input_axons_per_core only)
+        self.core_axons: dict[str, np.ndarray] = {}
         self._last_energy: float | None = None
+        self._last_breakdown: dict | None = None
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
@@ -526,26 +622,65 @@ class EmulatorDeployment(Deployment):
         steps = self.profile.timing.steps_per_window
         self.step_size = step_sizes(self.snn, steps)
         loihi = bits is not None and self.profile.neuron.number_format == "loihi2"
+        previous = "input"
         for stage in self.snn.stages:
             if isinstance(stage, (SpikingLayer, OutputLayer)):
                 self.programs[stage.name] = program_layer(
                     stage, steps, bits, membrane_bits, self._shortcut_sources(stage), loihi
                 )
-                self._check_fits_a_core(stage, self.programs[stage.name])
+                self._map_to_cores(stage, self.programs[stage.name], previous)
+            previous = stage.name
 
-    def _check_fits_a_core(self, stage, prog: LayerProgram) -> None:
-        """A neuron and all its input synapses live on one core: a neuron whose fan-in
-        exceeds a core's synapses (cores.synapses_per_core) cannot be mapped."""
+    def _map_to_cores(self, stage, prog: LayerProgram, source: str) -> None:
+        """Partition the layer into cores (see :func:`partition_into_cores`): a neuron and
+        all its input synapses (shortcut groups included) live on one core, each synapse
+        taking ``weights.bits`` of the core's synaptic memory (32 for float weights); with
+        ``cores.input_axons_per_core`` a core also receives from at most that many distinct
+        presynaptic neurons. ``source``: the stage feeding the layer's own synapses. A
+        neuron that alone exceeds a core cannot be mapped."""
         fan_in = apply_synapses(prog.indicator, np.ones((1, *stage.input_shape)))[0]
         for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True):
             fan_in = fan_in + apply_synapses(sc.indicator, np.ones((1, *shortcut.input_shape)))[0]
-        largest = float(np.max(fan_in))
-        limit = self.profile.cores.synapses_per_core
-        if largest > limit:
+        cores = self.profile.cores
+        bits = synapse_bits(self.profile)
+        memory = np.rint(fan_in.reshape(-1)).astype(np.int64) * bits
+        largest = int(memory.max(initial=0))
+        if largest > cores.synaptic_memory_bits:
             raise DeployError(
-                f"layer '{stage.name}': a neuron has {int(largest)} input synapses, more than "
-                f"one core holds (cores.synapses_per_core = {limit}); the network cannot be "
-                "mapped"
+                f"layer '{stage.name}': a neuron has {largest // bits} input synapses x "
+                f"{bits} bits = {largest} bits, more than one core's synaptic memory "
+                f"(cores.synaptic_memory_bits = {cores.synaptic_memory_bits}); the network "
+                "cannot be mapped"
+            )
+        axons = None
+        if cores.input_axons_per_core is not None:
+            groups = [(source, prog.indicator, stage.input_shape)]
+            groups += [
+                (sc.source, sc.indicator, shortcut.input_shape)
+                for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
+            ]
+            axons = presynaptic_neurons(groups, len(memory))
+            widest = int(np.diff(axons[0]).max(initial=0))
+            if widest > cores.input_axons_per_core:
+                raise DeployError(
+                    f"layer '{stage.name}': a neuron receives spikes from {widest} presynaptic "
+                    f"neurons, more input axons than one core has (cores.input_axons_per_core"
+                    f" = {cores.input_axons_per_core}); the network cannot be mapped"
+                )
+        per_core, used = partition_into_cores(
+            memory,
+            cores.neurons_per_core,
+            cores.synaptic_memory_bits,
+            axons,
+            cores.input_axons_per_core,
+        )
+        self.core_slices[stage.name] = (per_core, used)
+        if axons is not None:
+            indptr, ids = axons
+            bounds = np.concatenate(([0], np.cumsum(per_core)))
+            self.core_axons[stage.name] = np.array(
+                [len(np.unique(ids[indptr[a] : indptr[b]])) for a, b in pairwise(bounds)],
+                dtype=np.int64,
             )
 
     def _shortcut_sources(self, stage) -> dict[str, tuple[float, int]]:
@@ -679,12 +814,19 @@ class EmulatorDeployment(Deployment):
         windows = 1 + len(self.snn.spiking_layers)  # input window + one per hidden layer
         steps = self.profile.timing.steps_per_window
         latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
-        energy = self._energy(trace)
+        energy, self._last_breakdown = self._energy(trace)
         self._last_energy = float(energy.mean()) if n else None
         return replace(trace, latency_s=latency_s, energy_j=energy)
 
-    def _energy(self, trace: Trace) -> np.ndarray:
-        """Synaptic events x synop_j + neuron updates x neuron_update_j + spikes x spike_j."""
+    def energy_breakdown(self, trace: Trace) -> dict | None:
+        if self.profile.hardware == "ideal":
+            return None
+        return self._energy(trace)[1]
+
+    def _energy(self, trace: Trace) -> tuple[np.ndarray, dict]:
+        """Energy per sample (J): synaptic events x synop_j + active neuron updates x
+        neuron_active_update_j + inactive ones x neuron_update_j + spikes x spike_j; and
+        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`)."""
         e = self.profile.energy
         n = trace.num_samples
         synops = np.zeros(n)
@@ -705,7 +847,7 @@ class EmulatorDeployment(Deployment):
             "inactive_neuron_updates": inactive * e.neuron_update_j,
             "spikes": trace.spike_count * e.spike_j,
         }
-        self._last_breakdown = {
+        breakdown = {
             "energy_j": {k: float(v.mean()) if n else 0.0 for k, v in parts.items()},
             "counts": {
                 "synaptic_ops": float(synops.mean()) if n else 0.0,
@@ -713,8 +855,15 @@ class EmulatorDeployment(Deployment):
                 "inactive_neuron_updates": float(inactive.mean()) if n else 0.0,
                 "spikes": float(trace.spike_count.mean()) if n else 0.0,
             },
+            "per_operation_j": {
+                "synaptic_ops": e.synop_j,
+                "active_neuron_updates": e.neuron_active_update_j,
+                "inactive_neuron_updates": e.neuron_update_j,
+                "spikes": e.spike_j,
+            },
+            "figures_from": e.figures_from,
         }
-        return sum(parts.values())
+        return sum(parts.values()), breakdown
 
     def _neuron_updates_per_sample(self) -> float:
         """Every neuron of the chip updates in every time step of the inference: the input
@@ -811,22 +960,31 @@ class EmulatorDeployment(Deployment):
                 "layers": [],
             }
         cores = p.cores
+        bits = synapse_bits(p)
         layers = []
         for prog in self.programs.values():
             synapses = prog.synapse_count + sum(sc.synapse_count for sc in prog.shortcuts)
-            n_cores = max(
-                -(-prog.neurons // cores.neurons_per_core),
-                -(-synapses // cores.synapses_per_core),
-            )
+            per_core, memory = self.core_slices[prog.name]
+            n_cores = len(per_core)
             layers.append(
                 {
                     "name": prog.name,
                     "neurons": prog.neurons,
                     "synapses": synapses,  # the shortcut groups' included
+                    "synaptic_memory_bits": int(memory.sum()),  # synapses x bits_per_synapse
+                    "bits_per_synapse": bits,
                     "cores": n_cores,
                     "chips": -(-n_cores // cores.cores_per_chip),
-                    "neuron_utilisation": prog.neurons / (n_cores * cores.neurons_per_core),
-                    "synapse_utilisation": synapses / (n_cores * cores.synapses_per_core),
+                    "neurons_per_core_max": int(per_core.max(initial=0)),
+                    "synaptic_memory_bits_per_core_max": int(memory.max(initial=0)),
+                    "input_axons_per_core_max": (
+                        int(self.core_axons[prog.name].max(initial=0))
+                        if prog.name in self.core_axons
+                        else None  # counted with cores.input_axons_per_core only
+                    ),
+                    "neuron_utilisation": prog.neurons / max(1, n_cores * cores.neurons_per_core),
+                    "synaptic_memory_utilisation": float(memory.sum())
+                    / max(1, n_cores * cores.synaptic_memory_bits),
                     "weight_bits": p.weights.bits,
                     "weight_exponent": prog.exponent,
                     "membrane_shift": prog.shift,
@@ -860,5 +1018,5 @@ class EmulatorDeployment(Deployment):
             "latency_s": windows * p.timing.steps_per_window * p.timing.step_time_s,
             "neuron_updates_per_inference": self._neuron_updates_per_sample(),
             "energy_j_per_inference": self._last_energy,
-            "energy_breakdown": getattr(self, "_last_breakdown", None),
+            "energy_breakdown": self._last_breakdown,
         }

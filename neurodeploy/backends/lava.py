@@ -21,6 +21,13 @@ the global multiprocessing start method (see there).
 Residual joins: each shortcut group of a layer program is its own synapse
 process, fed by the source stage's spikes through a delay process of the
 group's ``delay_steps`` (whole windows), and adds into the join's input port.
+
+``synapses="lava"``: every synapse group runs on Lava's own Dense or Sparse process
+(bit-accurate models, one sample per step) instead, lowered by
+neurodeploy/backends/lava_synapses.py. Each such hop delays by one step, so hidden
+layer n integrates n steps late, a pool's window opens as late as its layer's, and a
+shortcut from window w into a join integrating in window w' is held back by its
+delay_steps plus w' - w steps.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ from ..ttfs import OutputLayer, SpikingLayer, TimePool
 from .emulator import LOIHI_ACT_SHIFT, EmulatorDeployment
 
 LAVA_TAGS = ("fixed_pt", "floating_pt")
+# batched: our Synapses process, a chunk of samples per step; lava: Lava's own Dense and
+# Sparse with their bit-accurate models, one sample per step (neurodeploy/backends/
+# lava_synapses.py)
+SYNAPSE_KINDS = ("batched", "lava")
 
 
 _LAVA_MULTIPROCESSING = "lava.magma.runtime.message_infrastructure.multiprocessing"
@@ -139,26 +150,6 @@ MIN_CHUNK = 8  # below this the per-step messaging dominates
 MAX_CHUNK = 1024
 
 
-def _lava_dense(program, port):
-    """Lava's Dense (PyDenseModelBitAcc under fixed_pt) holding the layer's mantissas: m
-    enters as m 2^(8 - bits + 1) in mixed sign mode, shifted by the layer's weight_exp;
-    fed by ``port`` (1, N) reshaped to Lava's per-sample (N,)."""
-    from lava.proc.dense.process import Dense
-    from lava.utils.weightutils import SignMode
-
-    weight = program.synapses[-1].weight
-    bits = 15 - (program.shift - program.weight_exp)  # s = weight_exp + 15 - bits
-    mantissa = weight / 2.0**program.shift
-    dense = Dense(
-        weights=(mantissa * 2.0 ** (9 - bits)).astype(np.int32),
-        weight_exp=program.weight_exp,
-        num_weight_bits=bits,
-        sign_mode=SignMode.MIXED,
-    )
-    port.reshape((weight.shape[1],)).connect(dense.s_in)
-    return dense
-
-
 def _connect_drive(group, neuron, size: int) -> None:
     if group.a_out.shape == (size,):  # Lava's Dense: one sample
         group.a_out.reshape((1, size)).connect(neuron.a_in)
@@ -185,35 +176,55 @@ class LavaDeployment(EmulatorDeployment):
         seed: int = 0,
         tag: str = "fixed_pt",
         batch: int | None = None,
+        synapses: str = "batched",
         lava_dense: bool = False,
     ):
-        """lava_dense: run the synapses on Lava's own ``Dense`` process with its
-        bit-accurate model (PyDenseModelBitAcc) instead of our batched process; Lava's
-        Dense takes one sample per step (batch 1) and delays by one step, which each
-        layer's window absorbs. Dense layers only, Loihi formats (fixed_pt) only.
+        """synapses: "batched" (our Synapses process, whole chunks of samples per step)
+        or "lava": every synapse group on Lava's own Dense / Sparse process with its
+        bit-accurate model (PyDenseModelBitAcc / PySparseModelBitAcc), each layer's
+        flatten, sum pools and dense or conv op lowered to one integer mantissa matrix
+        (neurodeploy/backends/lava_synapses.py); one sample per step (batch 1), and each
+        hop's one-step delay absorbed by the windows after it. Loihi formats (tag
+        fixed_pt, neuron.number_format loihi2) only. lava_dense=True: the same as
+        synapses="lava" (its former name).
         batch: samples per chunk (None: chosen by :meth:`chunk_size`)."""
         if tag not in LAVA_TAGS:
             raise UsageError(f"tag: unknown {tag!r}; choose one of {', '.join(LAVA_TAGS)}")
+        if synapses not in SYNAPSE_KINDS:
+            raise UsageError(
+                f"synapses: unknown {synapses!r}; choose one of {', '.join(SYNAPSE_KINDS)}"
+            )
+        if lava_dense:
+            synapses = "lava"
         bad_batch = isinstance(batch, bool) or not isinstance(batch, int) or batch < 1
         if batch is not None and bad_batch:
             raise UsageError(f"batch must be a positive integer or None, got {batch!r}")
         super().__init__(snn, profile, seed)
         self.tag = tag
-        self.batch = 1 if lava_dense else batch
-        self.lava_dense = lava_dense
-        if lava_dense:
+        self.synapses = synapses
+        self.lava_dense = synapses == "lava"  # one sample per step, a delay per hop
+        self.batch = 1 if self.lava_dense else batch
+        self.lowered = {}  # layer -> its synapse groups on Lava's processes
+        if self.lava_dense:
+            from .lava_synapses import lower_layer
+
             for stage in snn.stages:
+                if isinstance(stage, TimePool):
+                    continue  # our SpikePool
                 prog = self.programs.get(stage.name)
                 if tag != "fixed_pt" or prog is None or not prog.loihi:
                     raise UsageError(
-                        f"lava_dense: layer '{stage.name}' is not a Loihi-format dense layer "
-                        "(needs tag fixed_pt, neuron.number_format loihi2, no pools)"
+                        f"synapses='lava': layer '{stage.name}' is not in Loihi formats (needs "
+                        "tag fixed_pt and neuron.number_format loihi2)"
                     )
-                if len(prog.synapses) != 1 or prog.shortcuts or prog.synapses[0].weight.ndim != 2:
-                    raise UsageError(f"lava_dense: layer '{stage.name}' is not a plain dense layer")
+                self.lowered[stage.name] = lower_layer(stage, prog)
         if tag == "floating_pt":  # float weights and membrane on the same step grid
             self.programs = {}
             self._build_programs(None, None)
+
+    def summary(self) -> dict:
+        """The emulator's summary, and which synapse processes ran ("batched" or "lava")."""
+        return {**super().summary(), "synapses": self.synapses}
 
     def chunk_size(self, samples: int) -> int:
         """Samples per chunk (the batch that enters the pipeline each window) of a run of
@@ -287,7 +298,7 @@ class LavaDeployment(EmulatorDeployment):
             samples=samples,
             error_path=error_path(),
         )
-        port, layer = source.s_out, 0
+        port, layer, offset = source.s_out, 0, 0  # offset: hops before the last layer's spikes
         recorders = {}
         outputs = {"input": source.s_out}  # every stage's spikes: shortcut sources
         for stage in snn.stages:
@@ -301,6 +312,7 @@ class LavaDeployment(EmulatorDeployment):
                     padding=stage.padding,
                     sign=stage.sign.astype(float),
                     lag=layer,  # the pooled layer's firing window
+                    offset=offset,
                     result_path=path,
                     error_path=error_path(),
                     **common,
@@ -312,8 +324,8 @@ class LavaDeployment(EmulatorDeployment):
             prog = self.programs[stage.name]
             *_, affine = prog.synapses
             if self.lava_dense:
-                synapses = _lava_dense(prog, port)
-                delay = layer + 1  # steps the Dense processes so far have delayed
+                delay = layer + 1  # steps the Dense / Sparse hops so far have delayed
+                groups = self._lava_groups(stage, port, outputs, delay, error_path)
             else:
                 delay = 0
                 synapses = Synapses(
@@ -325,10 +337,10 @@ class LavaDeployment(EmulatorDeployment):
                     error_path=error_path(),
                 )
                 port.connect(synapses.s_in)
-            groups = [synapses] + [
-                self._shortcut_group(stage, shortcut, sc, outputs, batch, error_path)
-                for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
-            ]
+                groups = [synapses] + [
+                    self._shortcut_group(stage, shortcut, sc, outputs, batch, error_path)
+                    for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
+                ]
             limit = prog.limit or 0
             size = int(np.prod(stage.output_shape))
             if isinstance(stage, SpikingLayer):
@@ -348,7 +360,7 @@ class LavaDeployment(EmulatorDeployment):
                 layer += 1
                 for group in groups:  # the InPort sums its inputs
                     _connect_drive(group, neuron, size)
-                port = neuron.s_out
+                port, offset = neuron.s_out, delay
                 outputs[stage.name] = port
             else:
                 assert isinstance(stage, OutputLayer)
@@ -417,6 +429,25 @@ class LavaDeployment(EmulatorDeployment):
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
 
+    def _lava_groups(self, stage, port, outputs, delay, error_path) -> list:
+        """Lava's Dense / Sparse processes of a layer's lowered synapse groups. ``delay``:
+        the hops up to and including this layer's, so its input window starts ``delay``
+        steps late; a shortcut source in window w (w hops late) is held back by the
+        group's delay_steps (whole windows between) plus the w' - w hops those windows
+        added (w' = delay - 1, the main path's spikes into this layer)."""
+        from .lava_synapses import build_group
+
+        steps = self.profile.timing.steps_per_window
+        processes = []
+        for group in self.lowered[stage.name]:
+            if group.source is None:
+                processes += build_group(group, port, 0, error_path)
+            else:
+                hold = group.delay_steps + group.delay_steps // steps
+                source = outputs[group.source]
+                processes += build_group(group, source, hold, error_path)
+        return processes
+
     def _shortcut_group(self, stage, shortcut, program, outputs, batch, error_path):
         """The synapse process of one shortcut group, fed by its source's spikes delayed by
         the group's whole windows."""
@@ -429,7 +460,6 @@ class LavaDeployment(EmulatorDeployment):
                 batch=batch,
                 size=int(np.prod(shortcut.input_shape)),
                 delay=program.delay_steps,
-                steps=self.profile.timing.steps_per_window,
                 error_path=error_path(),
             )
             port.connect(delay.s_in)

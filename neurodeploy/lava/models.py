@@ -232,32 +232,21 @@ class PySpikePoolModel(_Windowed):
 @requires(CPU)
 @tag("fixed_pt", "floating_pt")
 class PySpikeDelayModel(_Windowed):
-    """Window slot w % (D + 1) holds the spike steps (K: none) that arrived in window w
-    and go out in window w + D."""
+    """Frame (t - 1) % D of the ring goes out at step t and takes in step t's spikes."""
 
-    due: np.ndarray = LavaPyType(np.ndarray, np.int64)
+    frames: np.ndarray = LavaPyType(np.ndarray, bool)
     s_in: PyInPort = LavaPyType(PyInPort.VEC_DENSE, bool)
     s_out: PyOutPort = LavaPyType(PyOutPort.VEC_DENSE, bool)
     in_ports = ("s_in",)
     out_ports = ("s_out",)
 
     def step(self):
-        p = self.proc_params
         arrived = self._recv("s_in")
-        window, m = self._clock()
-        windows = p["delay"] // p["steps"]
-        slots = self.due.reshape(windows + 1, *self.s_in.shape)
-        if window < 0:
-            self._send("s_out", self._silence("s_out"))
-            return
-        now, due = slots[window % (windows + 1)], slots[(window - windows) % (windows + 1)]
-        if m == 0:
-            now[:] = p["steps"]
-        if arrived.any():
-            if np.any(arrived & (now < p["steps"])):
-                raise RuntimeError("a neuron spiked twice in one window")
-            now[arrived] = m
-        self._send("s_out", due == m if window >= windows else self._silence("s_out"))
+        delay = self.proc_params["delay"]
+        frames = self.frames.reshape(delay, *self.s_in.shape)
+        frame = frames[(self.time_step - 1) % delay]
+        self._send("s_out", frame)  # sending copies it: the frame can be refilled
+        frame[:] = arrived
 
 
 @implements(proc=Synapses, protocol=LoihiProtocol)

@@ -16,7 +16,9 @@ one sample per time step (s_in of shape (N,)), while this network streams a
 batch per step; and lava's Dense delays its output by one step (its a_buff),
 which the TTFS windows would have to absorb layer by layer. The synapses here
 compute the same fixed-point product (integer weights, exact sums) for a
-(B, N_in) spike matrix in the step the spikes arrive.
+(B, N_in) spike matrix in the step the spikes arrive. (``synapses="lava"`` of the
+backend runs Lava's own Dense/Sparse instead, one sample per step, and absorbs those
+delays: neurodeploy/backends/lava_synapses.py.)
 
 A layer that joins a residual branch takes a second synapse group per
 shortcut (a :class:`Synapses` process fed by a :class:`SpikeDelay` on the
@@ -40,7 +42,6 @@ from lava.magma.core.process.ports.ports import InPort, OutPort
 from lava.magma.core.process.process import AbstractProcess
 from lava.magma.core.process.variable import Var
 
-from neurodeploy.errors import DeployError
 from neurodeploy.ttfs import apply_synapses
 
 
@@ -109,19 +110,17 @@ class SpikePool(AbstractProcess):
 
 class SpikeDelay(AbstractProcess):
     """Holds spikes back by ``delay`` time steps: a residual shortcut's source spikes,
-    delayed by whole windows so they arrive in the join layer's input window.
+    delayed by whole windows (plus, on Lava's own synapses, the hops between) so they
+    arrive in the join layer's input window.
 
-    Every neuron spikes at most once per window, so the arrival step of each
-    neuron and sample per window is the whole buffer: ``due`` holds D + 1 such
-    (B, N) slots for a delay of D windows (``delay`` = D K steps), not D K x B x N
-    spike frames.
+    In the pipeline several batches are under way in the delay at once, so the buffer
+    is ``frames``: the last ``delay`` steps' (B, N) spikes, a ring of delay x B x N
+    booleans.
     """
 
-    def __init__(self, *, batch: int, size: int, delay: int, steps: int, **kwargs):
-        if delay % steps:  # the emulator's delay_steps are whole windows by construction
-            raise DeployError(f"SpikeDelay: delay {delay} is not whole {steps}-step windows")
-        super().__init__(batch=batch, size=size, delay=delay, steps=steps, **kwargs)
-        self.due = Var(shape=((delay // steps + 1) * batch, size), init=steps)
+    def __init__(self, *, batch: int, size: int, delay: int, **kwargs):
+        super().__init__(batch=batch, size=size, delay=delay, **kwargs)
+        self.frames = Var(shape=(delay * batch, size), init=0)
         self.s_in = InPort(shape=(batch, size))
         self.s_out = OutPort(shape=(batch, size))
 
