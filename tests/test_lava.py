@@ -294,18 +294,46 @@ def test_floating_point_lava_on_a_residual_net_stays_within_the_step_grid_bound(
 
 
 def test_chunk_size_keeps_a_progress_bar_moving():
-    """Without a batch, a chunk holds about a second of work (digits_cnn: 128 samples of
-    12 704 synapses x 96 steps), never more samples than the run has; a batch given is
-    honoured; the progress callback is called once per chunk."""
+    """Without a batch, a chunk (the batch entering the pipeline each window) holds at
+    most CHUNK_WORK of one window's work (synapses x 32 steps x samples) and MAX_CHUNK
+    samples, spread evenly (all 1797 digits through digits_cnn: two chunks of 899),
+    never more samples than the run has; a batch given is honoured; the progress
+    callback is called once per chunk."""
     from neurodeploy.backends.lava import CHUNK_WORK, MAX_CHUNK, MIN_CHUNK
 
     snn, x = converted("digits_cnn", 40)
     auto = nd.deploy(snn, "loihi2", backend="lava")
-    assert auto.chunk_size(540) == MAX_CHUNK and auto.chunk_size(40) == 40
+    assert auto.chunk_size(1797) == 899 and auto.chunk_size(40) == 40
     assert nd.deploy(snn, "loihi2", backend="lava", batch=300).chunk_size(540) == 300
     synapses = sum(p.synapse_count for p in auto.programs.values())
-    assert synapses * 96 * MAX_CHUNK <= CHUNK_WORK  # digits_cnn is well inside the budget
-    assert MIN_CHUNK <= MAX_CHUNK
+    for samples in (1797, 5000, 10**5):
+        chunk = auto.chunk_size(samples)
+        chunks = -(-samples // chunk)
+        assert MIN_CHUNK <= chunk <= MAX_CHUNK and synapses * 32 * chunk <= CHUNK_WORK
+        assert chunks * chunk - samples < chunks  # even: no small last chunk
     calls = []
     nd.deploy(snn, "loihi2", backend="lava", batch=16).run(x, progress=lambda *a: calls.append(a))
     assert calls == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_synapse_messages_are_int32_only_where_the_bound_allows():
+    """A drive goes out as int32 only when every spike pattern gives |a| < 2^31 (all
+    inputs spiking, absolute weights); floating_pt keeps float64."""
+    from neurodeploy.backends.lava import import_lava_runtime
+
+    import_lava_runtime()
+    from neurodeploy.lava.models import PySynapsesInt32Model, PySynapsesModel, process_model
+    from neurodeploy.lava.process import Synapses
+
+    def synapses(weight):
+        layer = nd.Dense("fc", weight, np.zeros(len(weight)))
+        return Synapses(
+            batch=2, in_shape=(3,), out_shape=(2,), weight=weight, ops=(layer,), error_path="-"
+        )
+
+    narrow = synapses(np.array([[2.0**29, -(2.0**29), 2.0**29], [1.0, 2.0, 3.0]]))
+    wide = synapses(np.array([[2.0**29, -(2.0**30), 2.0**29], [1.0, 2.0, 3.0]]))
+    assert narrow.proc_params["bound"] == 3 * 2**29 and wide.proc_params["bound"] == 2**31
+    assert process_model(narrow, "fixed_pt") is PySynapsesInt32Model
+    assert process_model(wide, "fixed_pt") is PySynapsesModel
+    assert process_model(narrow, "floating_pt") is PySynapsesModel

@@ -5,9 +5,13 @@ The layer programs (integer weights, thresholds, ramps, saturation bounds)
 are the emulator's, so the ``fixed_pt`` models reproduce the emulator's spike
 steps exactly; ``floating_pt`` runs the same graph in float64 with float
 weights. One ``run(x)`` builds the process graph, compiles it once and
-streams all samples through it in chunks (every process has a batch dimension;
-:meth:`LavaDeployment.chunk_size` chooses how many samples a chunk holds); the
-recording models hand their results over in one piece at the end. The Lava
+streams all samples through it as a pipeline of chunks, as the chip would: every
+process has a batch dimension, a new chunk enters every window of K steps and
+each layer works on a different chunk in each window (neurons hold two sets of
+membranes), so C chunks through L hidden layers take (C + L) K steps, not
+C (L + 1) K (:meth:`LavaDeployment.chunk_size` chooses how many samples a chunk
+holds); the recording models hand their results over in one piece at the end.
+Spikes travel as bool messages, drives as int32 where their bound allows. The Lava
 runtime is stopped in every case, also when a model fails or the user presses
 Ctrl-C, so no Lava process outlives a run.
 
@@ -40,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..threads import one_blas_thread
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
 from .emulator import LOIHI_ACT_SHIFT, EmulatorDeployment
@@ -132,12 +137,17 @@ def _redeliver(signum: int) -> None:
 
 
 # Chunk sizes when no batch is given (measured on this project's 2-core machines,
-# lava-nc 0.10, loihi2 fixed_pt): digits_cnn (12 704 synapses, 96 steps per sample)
-# takes about 0.25 s per chunk of 128 samples and runs 1620 samples faster in chunks
-# of 128 (4.4 s) than of 1024 (6.4 s); CHUNK_WORK is about 1 s of such work.
-CHUNK_WORK = 6 * 10**8  # synapses x steps x samples of one chunk
-MIN_CHUNK = 8  # below this Lava's per-chunk overhead (~0.1 s) dominates
-MAX_CHUNK = 128
+# lava-nc 0.10, loihi2 fixed_pt, the pipelined graph): every step costs each Lava
+# process a fixed ~0.6 ms of messaging, so few steps - large batches - win until the
+# silent windows' messages (the pipeline filling and draining) cost more. All 1797
+# digits through digits_cnn (12 704 synapses, K = 32), CPU seconds of a run, median of
+# 3, machine loaded: chunks of 256 3.6 s, 512 3.1 s, 899 2.6 s, 1797 3.4 s.
+# CHUNK_WORK (synapses x K x samples of one window of the pipeline) gives digits_cnn
+# and digits_mlp two chunks of 899; a chunk then takes about a second.
+CHUNK_WORK = 5 * 10**8
+CHANNEL_SLOTS = 2  # messages per Lava channel (see _run_graph)
+MIN_CHUNK = 8  # below this the per-step messaging dominates
+MAX_CHUNK = 1024
 
 
 def _connect_drive(group, neuron, size: int) -> None:
@@ -217,19 +227,21 @@ class LavaDeployment(EmulatorDeployment):
         return {**super().summary(), "synapses": self.synapses}
 
     def chunk_size(self, samples: int) -> int:
-        """Samples per chunk of a run of ``samples``: the ``batch`` given, else as many as
-        keep one chunk's work (synapses x steps x samples) within CHUNK_WORK, between
-        MIN_CHUNK and MAX_CHUNK samples, so that a progress bar moves every second or
-        so; never more than ``samples``."""
+        """Samples per chunk (the batch that enters the pipeline each window) of a run of
+        ``samples``: the ``batch`` given, else as many as keep one window's work
+        (synapses x steps per window x samples) within CHUNK_WORK, between MIN_CHUNK and
+        MAX_CHUNK samples, and then spread evenly over the chunks that takes (no small
+        last chunk); never more than ``samples``."""
         if self.batch is not None:
             return max(1, min(self.batch, samples))
         synapses = sum(
             p.synapse_count + sum(sc.synapse_count for sc in p.shortcuts)
             for p in self.programs.values()
         )
-        steps = self.profile.timing.steps_per_window * (1 + len(self.snn.spiking_layers))
+        steps = self.profile.timing.steps_per_window
         fitting = CHUNK_WORK // max(1, synapses * steps)
-        return max(1, min(samples, MAX_CHUNK, max(MIN_CHUNK, fitting)))
+        largest = max(1, min(samples, MAX_CHUNK, max(MIN_CHUNK, fitting)))
+        return -(-samples // -(-samples // largest))  # ceil(samples / chunks)
 
     def run(self, x, progress=None) -> Trace:
         """Run raw inputs x (N, *input_shape) on Lava. progress(done, total) is called
@@ -264,11 +276,13 @@ class LavaDeployment(EmulatorDeployment):
         snn, steps = self.snn, self.profile.timing.steps_per_window
         samples = input_steps.shape[0]
         batch = self.chunk_size(samples)
-        # Lava's Dense delays by one step: one step more per synapse layer
+        # a pipeline: batch c spikes in window c, hidden layer n fires it in window c + n,
+        # the output layer reads it at the end of window c + L; Lava's Dense delays by
+        # one step, so with it every synapse layer adds a step
+        hidden = len(snn.spiking_layers)
         hops = len(self.programs) if self.lava_dense else 0
-        chunk_steps = steps * (1 + len(snn.spiking_layers)) + hops
         chunks = -(-samples // batch)
-        total = chunks * chunk_steps
+        total = (chunks + hidden) * steps + hops
         errors = tmp / "errors"
         errors.mkdir()
         count = iter(range(10**6))
@@ -276,21 +290,15 @@ class LavaDeployment(EmulatorDeployment):
         def error_path() -> str:  # where a failing model leaves its traceback
             return str(errors / f"{next(count)}.txt")
 
-        common = {
-            "batch": batch,
-            "chunk_steps": chunk_steps,
-            "samples": samples,
-            "total_steps": total,
-            "steps": steps,
-        }
+        common = {"batch": batch, "samples": samples, "total_steps": total, "steps": steps}
         source = SpikeSource(
             spike_steps=input_steps,
             batch=batch,
             steps=steps,
-            chunk_steps=chunk_steps,
+            samples=samples,
             error_path=error_path(),
         )
-        port, window_start, layer = source.s_out, 0, 0
+        port, layer, offset = source.s_out, 0, 0  # offset: hops before the last layer's spikes
         recorders = {}
         outputs = {"input": source.s_out}  # every stage's spikes: shortcut sources
         for stage in snn.stages:
@@ -303,7 +311,8 @@ class LavaDeployment(EmulatorDeployment):
                     stride=stage.stride,
                     padding=stage.padding,
                     sign=stage.sign.astype(float),
-                    first_step=window_start,
+                    lag=layer,  # the pooled layer's firing window
+                    offset=offset,
                     result_path=path,
                     error_path=error_path(),
                     **common,
@@ -316,7 +325,7 @@ class LavaDeployment(EmulatorDeployment):
             *_, affine = prog.synapses
             if self.lava_dense:
                 delay = layer + 1  # steps the Dense / Sparse hops so far have delayed
-                groups = self._lava_groups(stage, port, outputs, delay, chunk_steps, error_path)
+                groups = self._lava_groups(stage, port, outputs, delay, error_path)
             else:
                 delay = 0
                 synapses = Synapses(
@@ -325,20 +334,16 @@ class LavaDeployment(EmulatorDeployment):
                     out_shape=stage.output_shape,
                     weight=_dendritic(prog, affine.weight),
                     ops=prog.synapses,
-                    chunk_steps=chunk_steps,
                     error_path=error_path(),
                 )
                 port.connect(synapses.s_in)
                 groups = [synapses] + [
-                    self._shortcut_group(
-                        stage, shortcut, sc, outputs, batch, chunk_steps, error_path
-                    )
+                    self._shortcut_group(stage, shortcut, sc, outputs, batch, error_path)
                     for shortcut, sc in zip(stage.shortcuts, prog.shortcuts, strict=True)
                 ]
             limit = prog.limit or 0
             size = int(np.prod(stage.output_shape))
             if isinstance(stage, SpikingLayer):
-                layer += 1
                 neuron = TTFSNeuron(
                     size=size,
                     threshold=(prog.vth if prog.loihi else prog.threshold).reshape(-1),
@@ -346,14 +351,16 @@ class LavaDeployment(EmulatorDeployment):
                     start=np.broadcast_to(prog.start, stage.output_shape).reshape(-1),
                     loihi=prog.loihi,
                     limit=limit,
-                    first_step=(layer - 1) * steps + delay,
+                    lag=layer,
+                    offset=delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
                 )
+                layer += 1
                 for group in groups:  # the InPort sums its inputs
                     _connect_drive(group, neuron, size)
-                port, window_start = neuron.s_out, layer * steps + delay
+                port, offset = neuron.s_out, delay
                 outputs[stage.name] = port
             else:
                 assert isinstance(stage, OutputLayer)
@@ -362,7 +369,8 @@ class LavaDeployment(EmulatorDeployment):
                     bias=prog.bias.reshape(-1),
                     loihi=prog.loihi,
                     limit=limit,
-                    first_step=layer * steps + delay,
+                    lag=layer,
+                    offset=delay,
                     result_path=path,
                     error_path=error_path(),
                     **common,
@@ -370,23 +378,48 @@ class LavaDeployment(EmulatorDeployment):
                 for group in groups:
                     _connect_drive(group, readout, size)
             recorders[stage.name] = path
-        config = Loihi2SimCfg(select_tag=self.tag)
+        from lava.magma.compiler.compiler_graphs import find_processes
+
+        from ..lava import process as ours
+        from ..lava.models import process_model
+
+        config = Loihi2SimCfg(  # our processes skip Lava's model search
+            select_tag=self.tag,
+            exception_proc_model_map={
+                proc: process_model(proc, self.tag)
+                for proc in find_processes(source)
+                if type(proc).__module__ == ours.__name__
+            },
+        )
+        # Every channel (data and management) holds CHANNEL_SLOTS messages instead of
+        # Lava's 64: in lockstep a channel never holds more than one, and the sender
+        # cycles through the slots, so few slots stay in cache.
+        compile_config = {"pypy_channel_size": CHANNEL_SLOTS}
         # Ctrl-C (and a closed terminal) goes to the whole process group, Lava's
         # processes included; one of them dying would hang the runtime's stop. While
         # the runtime lives, a terminating signal only sets a flag (Lava forks its
         # processes, which inherit the handler); the run stops after the current
         # chunk, the runtime is stopped, and the signal is acted on by the caller.
+        # Batch c is complete after (c + 1 + L) K + hops steps: a run of that many
+        # steps for the first chunk, then one window per chunk.
+        # Lava forks its processes at the first run: under one BLAS thread, which they
+        # inherit; their products are small, and more threads would only contend with
+        # the other processes for the cores (the sums are exact integers in any order).
         caught: list[int] = []
         previous = _catch_signals(caught)
         try:
-            for chunk in range(chunks):
-                source.run(condition=RunSteps(num_steps=chunk_steps), run_cfg=config)
-                if progress is not None:
-                    progress(min(samples, (chunk + 1) * batch), samples)
-                if caught or any(errors.iterdir()):
-                    break
+            with one_blas_thread():
+                try:
+                    for chunk in range(chunks):
+                        window = (1 + hidden) * steps + hops if chunk == 0 else steps
+                        source.run(RunSteps(num_steps=window), config, compile_config)
+                        if progress is not None:
+                            progress(min(samples, (chunk + 1) * batch), samples)
+                        if caught or any(errors.iterdir()):
+                            break
+                finally:
+                    source.stop()
         finally:
-            source.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         if caught:
@@ -396,7 +429,7 @@ class LavaDeployment(EmulatorDeployment):
             raise LavaRunError(failures[0].read_text())
         return {name: dict(np.load(path)) for name, path in recorders.items()}
 
-    def _lava_groups(self, stage, port, outputs, delay, chunk_steps, error_path) -> list:
+    def _lava_groups(self, stage, port, outputs, delay, error_path) -> list:
         """Lava's Dense / Sparse processes of a layer's lowered synapse groups. ``delay``:
         the hops up to and including this layer's, so its input window starts ``delay``
         steps late; a shortcut source in window w (w hops late) is held back by the
@@ -408,14 +441,14 @@ class LavaDeployment(EmulatorDeployment):
         processes = []
         for group in self.lowered[stage.name]:
             if group.source is None:
-                processes += build_group(group, port, 0, chunk_steps, error_path)
+                processes += build_group(group, port, 0, error_path)
             else:
                 hold = group.delay_steps + group.delay_steps // steps
                 source = outputs[group.source]
-                processes += build_group(group, source, hold, chunk_steps, error_path)
+                processes += build_group(group, source, hold, error_path)
         return processes
 
-    def _shortcut_group(self, stage, shortcut, program, outputs, batch, chunk_steps, error_path):
+    def _shortcut_group(self, stage, shortcut, program, outputs, batch, error_path):
         """The synapse process of one shortcut group, fed by its source's spikes delayed by
         the group's whole windows."""
         from ..lava.process import SpikeDelay, Synapses
@@ -427,7 +460,6 @@ class LavaDeployment(EmulatorDeployment):
                 batch=batch,
                 size=int(np.prod(shortcut.input_shape)),
                 delay=program.delay_steps,
-                chunk_steps=chunk_steps,
                 error_path=error_path(),
             )
             port.connect(delay.s_in)
@@ -438,7 +470,6 @@ class LavaDeployment(EmulatorDeployment):
             out_shape=stage.output_shape,
             weight=_dendritic(layer_program, program.synapses[-1].weight),
             ops=program.synapses,
-            chunk_steps=chunk_steps,
             error_path=error_path(),
         )
         port.connect(synapses.s_in)

@@ -241,7 +241,7 @@ def lower_layer(stage, program) -> tuple[LoweredGroup, ...]:
     return tuple(groups)
 
 
-def build_group(group: LoweredGroup, port, delay: int, chunk_steps: int, error_path):
+def build_group(group: LoweredGroup, port, delay: int, error_path):
     """Lava processes of one lowered group fed by ``port`` ((1, N) spikes of its source)
     after ``delay`` steps (a SpikeDelay when > 0); returns the connection processes,
     whose (outputs,) a_out ports drive the layer's neurons. Call after
@@ -254,9 +254,7 @@ def build_group(group: LoweredGroup, port, delay: int, chunk_steps: int, error_p
 
     n_in = group.parts[0].shape[1]
     if delay:
-        held = SpikeDelay(
-            batch=1, size=n_in, delay=delay, chunk_steps=chunk_steps, error_path=error_path()
-        )
+        held = SpikeDelay(batch=1, size=n_in, delay=delay, error_path=error_path())
         port.connect(held.s_in)
         port = held.s_out
     processes = []

@@ -1,9 +1,15 @@
 """Lava Process interfaces of a batched TTFS network (B1 neuron on a step grid).
 
 Every process carries a batch dimension: ports and state are (B, N), one row
-per sample, so one compiled network runs B samples at once, and a run of
-several chunks of T = K (L + 1) steps streams any number of samples through
-the same graph (state resets at the start of each chunk).
+per sample, so one compiled network runs B samples at once. A run streams
+any number of samples through the same graph as a pipeline, as the chip
+would: a new batch enters every window of K steps, and in each window every
+layer works on a different batch (a neuron integrates batch c + 1 while it
+fires batch c, so it holds two sets of membranes). L hidden layers and C
+batches take (C + L) K steps. ``lag`` (the window, counted from a batch's
+input window, in which a process works on that batch) and ``offset`` (steps
+of delay upstream, from Lava's Dense) place a process in that pipeline; see
+models.py.
 
 Why our own synapse process instead of lava's ``Dense``/``Conv``: those take
 one sample per time step (s_in of shape (N,)), while this network streams a
@@ -29,24 +35,26 @@ one piece at the end of the run, as .npy files in ``result_dir``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from lava.magma.core.process.ports.ports import InPort, OutPort
 from lava.magma.core.process.process import AbstractProcess
 from lava.magma.core.process.variable import Var
 
+from neurodeploy.ttfs import apply_synapses
+
 
 class SpikeSource(AbstractProcess):
-    """Emits the encoded input spikes of chunk after chunk of samples.
+    """Emits the encoded input spikes of batch after batch of samples, one batch per window.
 
     spike_steps: (samples, N) int, the step k in [0, K) of the input window at
-    which each input spikes, K for no spike. Step k goes out at chunk-local
-    time step k + 1.
+    which each input spikes, K for no spike. Batch c spikes in window c: step k
+    goes out at time step c K + k + 1.
     """
 
-    def __init__(
-        self, *, spike_steps: np.ndarray, batch: int, steps: int, chunk_steps: int, **kwargs
-    ):
-        super().__init__(batch=batch, steps=steps, chunk_steps=chunk_steps, **kwargs)
+    def __init__(self, *, spike_steps: np.ndarray, batch: int, steps: int, samples: int, **kwargs):
+        super().__init__(batch=batch, steps=steps, samples=samples, **kwargs)
         self.spike_steps = Var(shape=spike_steps.shape, init=spike_steps)
         self.s_out = OutPort(shape=(batch, spike_steps.shape[1]))
 
@@ -57,9 +65,9 @@ class SpikePool(AbstractProcess):
 
     geometry: (C, H, W) input, kernel, stride, padding (padded positions never
     spike; a sign -1 window completes when its in-bounds inputs have all spiked);
-    sign: (C,) +1 or -1. first_step:
-    chunk-local step at which the pooled layer's window opens; the step of each
-    output spike in that window is recorded per sample.
+    sign: (C,) +1 or -1. lag: the pooled layer's firing window, counted from
+    a batch's input window; the step of each output spike in that window is
+    recorded per sample.
     """
 
     def __init__(
@@ -72,9 +80,8 @@ class SpikePool(AbstractProcess):
         stride: int,
         padding: int,
         sign: np.ndarray,
-        first_step: int,
+        lag: int,
         steps: int,
-        chunk_steps: int,
         samples: int,
         result_path: str,
         total_steps: int,
@@ -87,9 +94,8 @@ class SpikePool(AbstractProcess):
             kernel=kernel,
             stride=stride,
             padding=padding,
-            first_step=first_step,
+            lag=lag,
             steps=steps,
-            chunk_steps=chunk_steps,
             samples=samples,
             result_path=result_path,
             total_steps=total_steps,
@@ -104,16 +110,17 @@ class SpikePool(AbstractProcess):
 
 class SpikeDelay(AbstractProcess):
     """Holds spikes back by ``delay`` time steps: a residual shortcut's source spikes,
-    delayed by whole windows so they arrive in the join layer's input window.
+    delayed by whole windows (plus, on Lava's own synapses, the hops between) so they
+    arrive in the join layer's input window.
 
-    Every neuron spikes at most once per chunk, so one pending arrival step per
-    neuron and sample is the whole buffer ((B, N) integers, not delay x B x N
-    spike frames).
+    In the pipeline several batches are under way in the delay at once, so the buffer
+    is ``frames``: the last ``delay`` steps' (B, N) spikes, a ring of delay x B x N
+    booleans.
     """
 
-    def __init__(self, *, batch: int, size: int, delay: int, chunk_steps: int, **kwargs):
-        super().__init__(batch=batch, size=size, delay=delay, chunk_steps=chunk_steps, **kwargs)
-        self.due = Var(shape=(batch, size), init=-1)
+    def __init__(self, *, batch: int, size: int, delay: int, **kwargs):
+        super().__init__(batch=batch, size=size, delay=delay, **kwargs)
+        self.frames = Var(shape=(delay * batch, size), init=0)
         self.s_in = InPort(shape=(batch, size))
         self.s_out = OutPort(shape=(batch, size))
 
@@ -124,6 +131,9 @@ class Synapses(AbstractProcess):
     weight: the dense (out, in) or conv (O, C, k, k) weight, integer-valued in
     fixed point. ops: the linear ops the weight belongs to (flatten, sum pool,
     then the dense or conv op), as the emulator's layer program holds them.
+    ``bound`` (proc param): the largest |a_out| any spikes can give (every input
+    spiking, absolute weights; the ops before the weight have no negative
+    coefficients), which decides whether the drive fits an int32 message.
     """
 
     def __init__(
@@ -134,15 +144,17 @@ class Synapses(AbstractProcess):
         out_shape: tuple,
         weight: np.ndarray,
         ops: tuple,
-        chunk_steps: int,
         **kwargs,
     ):
+        *linear, affine = ops
+        every_input = np.ones((1, *in_shape))
+        bound = apply_synapses((*linear, replace(affine, weight=np.abs(weight))), every_input)
         super().__init__(
             batch=batch,
             in_shape=tuple(in_shape),
             out_shape=tuple(out_shape),
             ops=ops,
-            chunk_steps=chunk_steps,
+            bound=float(np.abs(bound).max()),
             **kwargs,
         )
         self.weight = Var(shape=weight.shape, init=weight)
@@ -152,8 +164,9 @@ class Synapses(AbstractProcess):
 
 class _Membranes(AbstractProcess):
     """What TTFSNeuron and TTFSReadout share: a batch of (u, v) pairs that integrate
-    weighted spikes from ``first_step`` on, saturating at ``limit``, and record per
-    sample into ``result_path`` once the ``total_steps`` have run (never instantiated)."""
+    weighted spikes in window ``lag`` of each batch (after ``offset`` steps of upstream
+    delay), saturating at ``limit``, and record per sample into ``result_path`` once
+    the ``total_steps`` have run (never instantiated)."""
 
     def __init__(
         self,
@@ -161,9 +174,8 @@ class _Membranes(AbstractProcess):
         batch: int,
         size: int,
         limit: float,
-        first_step: int,
+        lag: int,
         steps: int,
-        chunk_steps: int,
         samples: int,
         result_path: str,
         total_steps: int,
@@ -172,9 +184,8 @@ class _Membranes(AbstractProcess):
         super().__init__(
             batch=batch,
             size=size,
-            first_step=first_step,
+            lag=lag,
             steps=steps,
-            chunk_steps=chunk_steps,
             samples=samples,
             result_path=result_path,
             total_steps=total_steps,
@@ -189,12 +200,13 @@ class _Membranes(AbstractProcess):
 class TTFSNeuron(_Membranes):
     """B1 neurons on the step grid, one layer, batched.
 
-    During the K steps of the previous layer's window (chunk-local steps
-    first_step .. first_step + K - 1) the current u integrates the incoming
-    weighted spikes and the membrane v integrates u. During its own window
-    (the next K steps) v rises by ``ramp`` per step; a neuron fires in the
-    first step with v >= threshold and never again; at the end of the window
-    it is silent for good (forced no spike). State resets every chunk.
+    During the K steps of the previous layer's window (window ``lag`` of a
+    batch) the current u integrates the incoming weighted spikes and the
+    membrane v integrates u. During its own window (the next K steps, while
+    u and v integrate the next batch) v rises by ``ramp`` per step; a neuron
+    fires in the first step with v >= threshold and never again; at the end
+    of the window it is silent for good (forced no spike). u and v reset for
+    every batch.
     ``limit``: saturation bound of u and v (0: none, floating point).
     Records per sample the spike step (K: none), whether the value exceeded
     the window (already above threshold by more than half a ramp step when
@@ -202,7 +214,7 @@ class TTFSNeuron(_Membranes):
 
     ``loihi=True`` (proc param): Loihi's formats (neurodeploy.backends.emulator):
     ``threshold`` is the unsigned mantissa vth and a neuron fires when v > vth 2^6;
-    v starts each chunk at ``start`` (a negative threshold's offset); the input a is
+    v starts each batch at ``start`` (a negative threshold's offset); the input a is
     a 16-bit dendritic sum that wraps, enters u as a 2^6, u wraps at 24 bits and v
     saturates at +-limit, as PyLifModelBitAcc does.
     """
@@ -217,7 +229,7 @@ class TTFSNeuron(_Membranes):
         start: np.ndarray | float = 0,
         **kwargs,
     ):
-        # start is a proc param: the model reads it once per chunk
+        # start is a proc param: the model reads it once per batch
         super().__init__(batch=batch, size=size, start=np.asarray(start), **kwargs)
         self.threshold = Var(shape=(size,), init=threshold)
         self.ramp = Var(shape=(1,), init=ramp)
