@@ -101,14 +101,21 @@ def channels_last(x: np.ndarray) -> bool:
     return x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
-def _padded_channels_last(x: np.ndarray, padding: int, dtype, fill: float = 0.0) -> np.ndarray:
+def _padded_channels_last(
+    x: np.ndarray, padding: int, dtype, fill: float = 0.0, out: np.ndarray | None = None
+) -> np.ndarray:
     """x (N, C, H, W) as a C-contiguous (N, H + 2p, W + 2p, C) buffer of ``dtype``,
-    border filled with ``fill``: one copy (a plain copy when x is channels-last)."""
+    border filled with ``fill``: one copy (a plain copy when x is channels-last).
+    out: a buffer of that shape and dtype to fill instead of a new one."""
     n, c, h, w = x.shape
     nhwc = x.transpose(0, 2, 3, 1)
-    if not padding:
+    if not padding and out is None:
         return np.ascontiguousarray(nhwc, dtype=dtype)
-    out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    if out is None:
+        out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    if not padding:
+        np.copyto(out, nhwc)
+        return out
     out[:, :padding] = fill
     out[:, h + padding :] = fill
     out[:, padding : h + padding, :padding] = fill
@@ -136,17 +143,25 @@ def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -
     wo = conv_output_size(w, k, stride, padding)
     matrix = _gemm_matrix(weight, dtype)
     out = np.empty((n, ho, wo, out_ch), dtype)
-    xp = _padded_channels_last(x, padding, dtype)
-    if k == 1 and stride == 1:  # pointwise: the input is its own im2col; one product a sample
+    row_bytes = k * k * c * dtype.itemsize
+    block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
+    sample_rows = ho * wo
+    pointwise = k == 1 and stride == 1
+    # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
+    # instead of a padded copy of the whole batch); small ones all at once.
+    if pointwise or sample_rows <= block_rows:
+        xp = _padded_channels_last(x, padding, dtype)
+    else:  # a buffer of its own (never a view of x: it is refilled per sample)
+        xp = np.empty((min(n, 1), h + 2 * padding, w + 2 * padding, c), dtype)
+        _padded_channels_last(x[:1], padding, dtype, out=xp)
+    if pointwise:  # the input is its own im2col; one product a sample
         np.matmul(xp.reshape(n, h * w, c), matrix, out=out.reshape(n, h * w, out_ch))
         return out.transpose(0, 3, 1, 2)
     sn, sh, sw, sc = xp.strides
     windows = as_strided(
-        xp, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc), writeable=False
+        xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
+        writeable=False,
     )
-    row_bytes = k * k * c * dtype.itemsize
-    block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
-    sample_rows = ho * wo
     if sample_rows <= block_rows:  # whole samples per block, one product per sample
         per = block_rows // sample_rows
         buf = np.empty((min(per, n), sample_rows, k * k * c), dtype)
@@ -161,10 +176,12 @@ def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -
     lines = max(1, block_rows // wo)
     buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
     for i in range(n):
+        if i:  # the padded copy of sample i, in the buffer of sample 0
+            _padded_channels_last(x[i : i + 1], padding, dtype, out=xp)
         for r0 in range(0, ho, lines):
             r1 = min(ho, r0 + lines)
             cols = buf[: (r1 - r0) * wo]
-            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[i, r0:r1])
+            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
             np.matmul(cols, matrix, out=out[i, r0:r1].reshape(-1, out_ch))
     return out.transpose(0, 3, 1, 2)
 

@@ -53,18 +53,25 @@ def encode_input(snn: TTFSNetwork, x, dtype="float64") -> tuple[np.ndarray, int]
     return t, outside
 
 
-def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
-    """Values t_end - t of spikes in a window ending at t_end; silent neurons (inf) give 0."""
-    values = np.subtract(t_end, t)  # inf -> -inf; spikes before t_end give >= 0
+def spike_values(t: np.ndarray, t_end: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Values t_end - t of spikes in a window ending at t_end; silent neurons (inf) give 0.
+    out: where to write them (may be t itself)."""
+    values = np.subtract(t_end, t, out=out)  # inf -> -inf; spikes before t_end give >= 0
     return np.maximum(values, 0.0, out=values)
 
 
 def _b1_layer(
-    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
+    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = (), overwrite: bool = False
 ) -> tuple[np.ndarray, int, int]:
-    v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
+    """overwrite: t_in is read by nothing else; its values may take its memory."""
+    values = spike_values(t_in, layer.t_min, out=t_in if overwrite else None)
+    v = apply_synapses(layer.synapses, values)  # V(t_min)
     v = add_shortcuts(layer, v, shortcut_in)
     return b1_fire(layer, v)
+
+
+# run_stages may pass overwrite=True when no one else reads the input spike times.
+_b1_layer.may_overwrite_input = True
 
 
 def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
@@ -260,6 +267,8 @@ def run_stages(
 
     record("input", t_input, 0)
     t = t_input
+    previous = "input"
+    may_overwrite = getattr(spiking_layer, "may_overwrite_input", False)
     for i, stage in enumerate(stages):
         if isinstance(stage, TimePool):
             t = time_pool(stage, t)
@@ -270,13 +279,22 @@ def run_stages(
                     if last_read[sc.source] == i and sc.source not in keep:
                         spike_times.pop(sc.source, None)
             if isinstance(stage, SpikingLayer):
-                t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
+                # The times of the stage before, read by nothing else (not the caller's
+                # input, not kept, no later shortcut's source), may be overwritten.
+                free = keep is not None and previous != "input" and previous not in spike_times
+                if free and may_overwrite:
+                    t, saturated[stage.name], *fired_early = spiking_layer(
+                        stage, t, shortcut_in, overwrite=True
+                    )
+                else:
+                    t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
                 early[stage.name] = int(fired_early[0]) if fired_early else 0
             else:
                 output = output_layer(stage, t, shortcut_in)
                 break
             del shortcut_in
         record(stage.name, t, i)
+        previous = stage.name
     return output, spike_times, saturated
 
 

@@ -100,3 +100,24 @@ def test_the_grouped_conv_path_does_not_depend_on_the_batch_size():
     whole = layer.linear(x)
     for i in (0, 41, 79):
         assert np.array_equal(layer.linear(x[i : i + 1])[0], whole[i])
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_large_samples_are_padded_one_at_a_time_and_the_input_is_left_alone(padding):
+    """Maps above one im2col block (64 channels, 40 x 40) go sample by sample through one
+    padded buffer: the result equals the plain im2col product, a channels-last input (which
+    an unpadded copy could alias) is not written to."""
+    from neurodeploy import ops
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 40, 40, 64)).transpose(0, 3, 1, 2)  # channels-last view
+    before = x.copy()
+    w = rng.standard_normal((5, 64, 3, 3))
+    got = ops.conv2d(x, w, 1, padding)
+    cols, ho, wo = ops.im2col(x, 3, 1, padding)
+    assert ho * wo * 64 * 9 * 8 > ops._IM2COL_BLOCK_BYTES  # the per-sample path
+    exact = (cols @ w.reshape(5, -1).T).reshape(3, ho, wo, 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12 * np.abs(exact).max())
+    np.testing.assert_array_equal(x, before)
+    for i in range(3):
+        np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], w, 1, padding)[0], got[i])
