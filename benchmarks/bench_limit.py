@@ -13,6 +13,7 @@ float32 run's error), and the float32 error against float64.
     .venv/bin/python benchmarks/bench_limit.py --layers --images 1 --repeats 3  # per conv
     .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --budget 2G
     .venv/bin/python benchmarks/bench_limit.py --crossbar --repeats 50  # crossbar vs bare only
+    .venv/bin/python benchmarks/bench_limit.py --peak vgg16 --images 64 --what simulate --keep ""
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ def crossbar_row(repeats: int) -> None:
         )
 
 
-def peak(name: str, images: int, budget: str | None, what: str, dtype: str) -> None:
-    """Peak resident memory of one forward or simulate of ``images`` inputs (this process)."""
+def peak(name: str, images: int, budget: str | None, what: str, dtype: str, keep) -> None:
+    """Peak resident memory of one forward or simulate of ``images`` inputs (this process);
+    keep: the stages whose spike times simulate keeps (None: all)."""
     net = {"vgg16": vgg, "cifar_vgg": cifar_vgg}[name]()
     x = np.random.default_rng(1).uniform(0.0, 1.0, (images, *net.input_shape))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -183,10 +185,11 @@ def peak(name: str, images: int, budget: str | None, what: str, dtype: str) -> N
         net.forward(x, dtype=dtype, memory_budget=budget)
     else:
         snn = nd.convert(net, calibration=x[:2])
-        nd.simulate(snn, x, dtype=dtype, memory_budget=budget)
+        nd.simulate(snn, x, dtype=dtype, memory_budget=budget, keep=keep)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kept = "" if what == "forward" else f" keep={'all' if keep is None else list(keep)}"
     print(
-        f"{name} {what} {dtype} N={images} budget={budget or 'default'}: "
+        f"{name} {what} {dtype} N={images} budget={budget or 'default'}{kept}: "
         f"{time.perf_counter() - start:.1f} s, peak RSS {after / 2**20:.2f} GiB "
         f"(before the call {before / 2**20:.2f} GiB)"
     )
@@ -229,6 +232,11 @@ def main() -> None:
     parser.add_argument("--what", choices=["forward", "simulate"], default="forward")
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--budget", help="memory budget for --peak, e.g. 2G")
+    parser.add_argument(
+        "--keep",
+        help="--what simulate: comma-separated stages whose spike times the trace keeps "
+        "('' for none; default all)",
+    )
     parser.add_argument("--layers", action="store_true", help="VGG-16 conv layers one by one")
     parser.add_argument("--crossbar", action="store_true", help="only the crossbar row")
     args = parser.parse_args()
@@ -243,7 +251,8 @@ def main() -> None:
             layer_rows(net, x, args.repeats, dtype)
         return
     if args.peak:
-        peak(args.peak, args.images, args.budget, args.what, args.dtype)
+        keep = None if args.keep is None else tuple(k for k in args.keep.split(",") if k)
+        peak(args.peak, args.images, args.budget, args.what, args.dtype, keep)
         return
     dtypes = ("float64", "float32")
     if not args.only:

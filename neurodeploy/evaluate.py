@@ -44,8 +44,10 @@ def layer_table(snn: TTFSNetwork, trace: Trace | None = None) -> list[dict]:
         rows.append(row)
     if trace is not None:
         for row in rows:
-            if row["name"] in trace.spike_times:
-                row["spikes_per_neuron"] = float(np.isfinite(trace.spike_times[row["name"]]).mean())
+            if trace.has_spikes_of(row["name"]):
+                pairs = trace.num_samples * trace.layer_neurons(row["name"])
+                spikes = int(trace.layer_spikes(row["name"]).sum())
+                row["spikes_per_neuron"] = spikes / pairs if pairs else float("nan")
                 row["saturated"] = int(trace.saturated_per_layer.get(row["name"], 0))
                 row["early"] = int(trace.early_per_layer.get(row["name"], 0))
     return rows

@@ -4,6 +4,17 @@ All functions are vectorised over the leading batch axis and work on
 channels-first tensors: images are (N, C, H, W), feature vectors (N, F).
 Keeping one implementation here is what lets the SNN simulators claim the
 same cost as the ReLU pass: they call the very same products.
+
+Row independence: every matrix product of :func:`dense` and :func:`conv2d` is one BLAS
+call per sample, of a shape that depends on the layer alone (numpy's stacked matmul
+loops over the samples in C), so a sample's output is the same bits whichever samples
+share its batch or chunk. A product over the rows of several samples is not: OpenBLAS
+picks its micro-kernels by a row's position in the call (measured on an AMD EPYC,
+OpenBLAS 0.3.23, Haswell/Zen kernels: in one float32 540-row product the rows fall into
+three classes of last bits by position modulo 12; in float64 the last row of an odd
+row count, and a single row, differ), and a multi-threaded call splits its rows by the
+row count. Everything else here is elementwise or a fixed sequence of elementwise
+passes, the same for every sample.
 """
 
 from __future__ import annotations
@@ -90,14 +101,21 @@ def channels_last(x: np.ndarray) -> bool:
     return x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
-def _padded_channels_last(x: np.ndarray, padding: int, dtype, fill: float = 0.0) -> np.ndarray:
+def _padded_channels_last(
+    x: np.ndarray, padding: int, dtype, fill: float = 0.0, out: np.ndarray | None = None
+) -> np.ndarray:
     """x (N, C, H, W) as a C-contiguous (N, H + 2p, W + 2p, C) buffer of ``dtype``,
-    border filled with ``fill``: one copy (a plain copy when x is channels-last)."""
+    border filled with ``fill``: one copy (a plain copy when x is channels-last).
+    out: a buffer of that shape and dtype to fill instead of a new one."""
     n, c, h, w = x.shape
     nhwc = x.transpose(0, 2, 3, 1)
-    if not padding:
+    if not padding and out is None:
         return np.ascontiguousarray(nhwc, dtype=dtype)
-    out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    if out is None:
+        out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    if not padding:
+        np.copyto(out, nhwc)
+        return out
     out[:, :padding] = fill
     out[:, h + padding :] = fill
     out[:, padding : h + padding, :padding] = fill
@@ -125,34 +143,45 @@ def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -
     wo = conv_output_size(w, k, stride, padding)
     matrix = _gemm_matrix(weight, dtype)
     out = np.empty((n, ho, wo, out_ch), dtype)
-    xp = _padded_channels_last(x, padding, dtype)
-    if k == 1 and stride == 1:  # pointwise: the input is its own im2col
-        np.matmul(xp.reshape(n * h * w, c), matrix, out=out.reshape(-1, out_ch))
-        return out.transpose(0, 3, 1, 2)
-    sn, sh, sw, sc = xp.strides
-    windows = as_strided(
-        xp, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc), writeable=False
-    )
     row_bytes = k * k * c * dtype.itemsize
     block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
     sample_rows = ho * wo
-    if sample_rows <= block_rows:  # whole samples per block
+    pointwise = k == 1 and stride == 1
+    # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
+    # instead of a padded copy of the whole batch); small ones all at once.
+    if pointwise or sample_rows <= block_rows:
+        xp = _padded_channels_last(x, padding, dtype)
+    else:  # a buffer of its own (never a view of x: it is refilled per sample)
+        xp = np.empty((min(n, 1), h + 2 * padding, w + 2 * padding, c), dtype)
+        _padded_channels_last(x[:1], padding, dtype, out=xp)
+    if pointwise:  # the input is its own im2col; one product a sample
+        np.matmul(xp.reshape(n, h * w, c), matrix, out=out.reshape(n, h * w, out_ch))
+        return out.transpose(0, 3, 1, 2)
+    sn, sh, sw, sc = xp.strides
+    windows = as_strided(
+        xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
+        writeable=False,
+    )
+    if sample_rows <= block_rows:  # whole samples per block, one product per sample
         per = block_rows // sample_rows
-        buf = np.empty((min(per, n) * sample_rows, k * k * c), dtype)
-        flat_out = out.reshape(n * sample_rows, out_ch)
+        buf = np.empty((min(per, n), sample_rows, k * k * c), dtype)
+        flat_out = out.reshape(n, sample_rows, out_ch)
         for lo in range(0, n, per):
             b = min(per, n - lo)
-            cols = buf[: b * sample_rows]
+            cols = buf[:b]
             np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
-            np.matmul(cols, matrix, out=flat_out[lo * sample_rows : (lo + b) * sample_rows])
+            np.matmul(cols, matrix, out=flat_out[lo : lo + b])
         return out.transpose(0, 3, 1, 2)
-    lines = max(1, block_rows // wo)  # output rows per block within one sample
+    # Output rows per block within one sample: the blocks of every sample are the same.
+    lines = max(1, block_rows // wo)
     buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
     for i in range(n):
+        if i:  # the padded copy of sample i, in the buffer of sample 0
+            _padded_channels_last(x[i : i + 1], padding, dtype, out=xp)
         for r0 in range(0, ho, lines):
             r1 = min(ho, r0 + lines)
             cols = buf[: (r1 - r0) * wo]
-            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[i, r0:r1])
+            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
             np.matmul(cols, matrix, out=out[i, r0:r1].reshape(-1, out_ch))
     return out.transpose(0, 3, 1, 2)
 
@@ -174,7 +203,7 @@ def conv2d(
         return _depthwise_conv2d(x, weight, stride, padding)
     ho = conv_output_size(x.shape[2], k, stride, padding)
     wo = conv_output_size(x.shape[3], k, stride, padding)
-    if x.shape[0] * ho * wo >= _GROUP_LOOP_MIN_ROWS:  # large products: one per group
+    if ho * wo >= _GROUP_LOOP_MIN_ROWS:  # large products: one per group (and sample)
         c_in, o_per = x.shape[1] // groups, out_ch // groups
         parts = [
             conv2d(x[:, g * c_in : (g + 1) * c_in], weight[g * o_per : (g + 1) * o_per],
@@ -182,20 +211,21 @@ def conv2d(
             for g in range(groups)
         ]
         return np.concatenate(parts, axis=1)
-    # Small products: one im2col, whose columns are group-major, so each group is one
-    # slice of a batched product (G, P, r) @ (G, r, O/G).
+    # Small products: one im2col, whose columns are group-major, so each group of each
+    # sample is one slice of a batched product (N, G, Ho Wo, r) @ (G, r, O/G).
     cols, ho, wo = im2col(x, k, stride, padding)
-    rows, r = cols.shape[0], c_per_group * k * k
-    per_group = cols.reshape(rows, groups, r).transpose(1, 0, 2)
+    n, r = x.shape[0], c_per_group * k * k
+    per_group = cols.reshape(n, ho * wo, groups, r).transpose(0, 2, 1, 3)
     w = param_as(weight, compute_dtype(x)).reshape(groups, out_ch // groups, r)
-    out = np.matmul(per_group, w.transpose(0, 2, 1))  # (G, P, O/G)
-    return out.transpose(1, 0, 2).reshape(x.shape[0], ho, wo, out_ch).transpose(0, 3, 1, 2)
+    out = np.matmul(per_group, w.transpose(0, 2, 1))  # (N, G, Ho Wo, O/G)
+    return out.transpose(0, 2, 1, 3).reshape(n, ho, wo, out_ch).transpose(0, 3, 1, 2)
 
 
-# Patch rows (N Ho Wo) from which a grouped conv's per-group products are large enough
-# that one BLAS product per group (cache-sized im2cols) beats one batched product: below
-# it the batched product is ~3x faster (1 image, 64 groups), above it 1.1-1.5x slower
-# (benchmarks/bench_ops.py).
+# Patch rows of one sample (Ho Wo) from which a grouped conv's per-group products are
+# large enough that one BLAS product per group (cache-sized im2cols) beats one batched
+# product: below it the batched product is ~3x faster (1 image, 64 groups), above it
+# 1.1-1.5x slower (benchmarks/bench_ops.py). Per sample, not per batch: the two paths
+# sum in different orders, so the choice must not depend on the batch.
 _GROUP_LOOP_MIN_ROWS = 4096
 # Output elements per block of the depthwise kernel: the block and its product buffer
 # (2 x 128 KiB of float64) stay in a core's L2 cache through the k*k passes; measured
@@ -326,8 +356,12 @@ def avgpool2d(
 
 
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out)."""
-    return x @ weight.T
+    """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out), one product per
+    sample (see the module docstring)."""
+    x = np.ascontiguousarray(x)
+    out = np.empty((x.shape[0], weight.shape[0]), np.result_type(x, weight))
+    np.matmul(x[:, None, :], weight.T, out=out[:, None, :])
+    return out
 
 
 # -- vector-Jacobian products (gradients of the kernels above) ------------------------------

@@ -53,18 +53,25 @@ def encode_input(snn: TTFSNetwork, x, dtype="float64") -> tuple[np.ndarray, int]
     return t, outside
 
 
-def spike_values(t: np.ndarray, t_end: float) -> np.ndarray:
-    """Values t_end - t of spikes in a window ending at t_end; silent neurons (inf) give 0."""
-    values = np.subtract(t_end, t)  # inf -> -inf; spikes before t_end give >= 0
+def spike_values(t: np.ndarray, t_end: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Values t_end - t of spikes in a window ending at t_end; silent neurons (inf) give 0.
+    out: where to write them (may be t itself)."""
+    values = np.subtract(t_end, t, out=out)  # inf -> -inf; spikes before t_end give >= 0
     return np.maximum(values, 0.0, out=values)
 
 
 def _b1_layer(
-    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()
+    layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = (), overwrite: bool = False
 ) -> tuple[np.ndarray, int, int]:
-    v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))  # V(t_min)
+    """overwrite: t_in is read by nothing else; its values may take its memory."""
+    values = spike_values(t_in, layer.t_min, out=t_in if overwrite else None)
+    v = apply_synapses(layer.synapses, values)  # V(t_min)
     v = add_shortcuts(layer, v, shortcut_in)
     return b1_fire(layer, v)
+
+
+# run_stages may pass overwrite=True when no one else reads the input spike times.
+_b1_layer.may_overwrite_input = True
 
 
 def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
@@ -219,6 +226,8 @@ def run_stages(
     time_pool,
     output_layer,
     early: dict[str, int] | None = None,
+    keep=None,
+    spike_counts: dict[str, np.ndarray] | None = None,
 ):
     """Run every stage in order; the backends supply how each kind of stage computes.
 
@@ -232,26 +241,87 @@ def run_stages(
     early: filled with the early count of "input" (0: the encoding spikes in its
     window) and of every spiking layer. A two-value callback is a b1 neuron's,
     which ramps from t_min and cannot fire early: its layers count 0.
+
+    keep: names of the stages (and "input") whose spike times the returned dict holds;
+    None (the default): every stage. The others are dropped as soon as no later stage
+    reads them (a shortcut's source lives until its join). spike_counts: filled with the
+    (N,) spike counts of "input" and of every stage with spike times, kept or not.
     """
-    spike_times = {"input": t_input}
+    stages = snn.stages
+    last_read = {"input": 0}  # stage index after which no stage reads a name's spikes
+    for i, stage in enumerate(stages):
+        for sc in getattr(stage, "shortcuts", ()):
+            last_read[sc.source] = i
+    spike_times = {}
     saturated = {}
     early = {} if early is None else early
     early["input"] = 0
-    t = t_input
     output = None
-    for stage in snn.stages:
+
+    def record(name: str, times: np.ndarray, index: int) -> None:
+        if spike_counts is not None:
+            n = times.shape[0]
+            spike_counts[name] = np.count_nonzero(np.isfinite(times).reshape(n, -1), axis=1)
+        if keep is None or name in keep or last_read.get(name, -1) > index:
+            spike_times[name] = times
+
+    record("input", t_input, 0)
+    t = t_input
+    previous = "input"
+    may_overwrite = getattr(spiking_layer, "may_overwrite_input", False)
+    for i, stage in enumerate(stages):
         if isinstance(stage, TimePool):
             t = time_pool(stage, t)
         else:
             shortcut_in = tuple(spike_times[sc.source] for sc in stage.shortcuts)
+            if keep is not None:  # sources read for the last time here: drop them now
+                for sc in stage.shortcuts:
+                    if last_read[sc.source] == i and sc.source not in keep:
+                        spike_times.pop(sc.source, None)
             if isinstance(stage, SpikingLayer):
-                t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
+                # The times of the stage before, read by nothing else (not the caller's
+                # input, not kept, no later shortcut's source), may be overwritten.
+                free = keep is not None and previous != "input" and previous not in spike_times
+                if free and may_overwrite:
+                    t, saturated[stage.name], *fired_early = spiking_layer(
+                        stage, t, shortcut_in, overwrite=True
+                    )
+                else:
+                    t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
                 early[stage.name] = int(fired_early[0]) if fired_early else 0
             else:
                 output = output_layer(stage, t, shortcut_in)
                 break
-        spike_times[stage.name] = t
+            del shortcut_in
+        record(stage.name, t, i)
+        previous = stage.name
     return output, spike_times, saturated
+
+
+def stages_with_spike_times(snn: TTFSNetwork) -> tuple[str, ...]:
+    """Names of the stages a trace can hold spike times of: "input", every hidden layer
+    and pool (the output layer is read out as membranes: ``Trace.output``)."""
+    return ("input", *(s.name for s in snn.stages if not isinstance(s, OutputLayer)))
+
+
+def _check_keep(snn: TTFSNetwork, keep) -> frozenset | None:
+    """``keep`` as a set of stage names (None: every stage); raises UsageError naming an
+    unknown one."""
+    if keep is None:
+        return None
+    names = (keep,) if isinstance(keep, str) else tuple(keep)
+    valid = stages_with_spike_times(snn)
+    for name in names:
+        if name not in valid:
+            what = (
+                "is the output layer (its values are Trace.output, always kept)"
+                if name == snn.output.name
+                else "is no stage of the network"
+            )
+            raise UsageError(
+                f"keep: '{name}' {what}; stages with spike times: {', '.join(valid)}"
+            )
+    return frozenset(names)
 
 
 def neuron_layers(snn: TTFSNetwork) -> tuple[str, ...]:
@@ -268,7 +338,9 @@ def working_bytes(snn: TTFSNetwork, dtype="float64") -> int:
     return (3 + branches) * max(sizes) * compute_dtype_of(dtype).itemsize
 
 
-def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
+def simulate(
+    snn: TTFSNetwork, x, dtype="float64", memory_budget=None, keep=None
+) -> Trace:
     """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`.
 
     dtype: "float64" (the exact reference) or "float32" (b1 only: faster for large
@@ -276,36 +348,57 @@ def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
     memory_budget: bytes (or "8G") for the working set of one chunk of samples besides
     the returned spike times; large batches run in chunks that fit it
     (:mod:`neurodeploy.memory`). The trace does not depend on the chunk size.
+    keep: names of the stages whose spike times the trace holds (of
+    :func:`stages_with_spike_times`: "input", hidden layers, pools); None (the default):
+    every stage; ``()``: none. The trace's spike counts per stage
+    (``Trace.spikes_per_layer``, hence ``spike_count`` and ``spikes_per_neuron``) are
+    always complete; the stages not kept take no memory beyond one chunk's working set.
     """
     dt = compute_dtype_of(dtype)
     if snn.neuron != "b1" and dt != np.float64:
         raise UsageError(f"dtype={dt.name}: only b1 networks simulate in float32")
+    kept = _check_keep(snn, keep)
     t, outside = encode_input(snn, x, dt)
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
     n = t.shape[0]
     per = chunk_samples(working_bytes(snn, dt), memory_budget)
     early: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
     if n <= per:
         output, spike_times, saturated = run_stages(
-            snn, t, layer_step, time_pool, output_potential, early
+            snn, t, layer_step, time_pool, output_potential, early, kept, counts
         )
+        if kept is not None:
+            spike_times = {name: v for name, v in spike_times.items() if name in kept}
     else:
         output, spike_times, saturated = None, None, {}
         for lo, hi in chunks(n, per):
             part_early: dict[str, int] = {}
+            part_counts: dict[str, np.ndarray] = {}
             part_out, part_times, part_sat = run_stages(
-                snn, t[lo:hi], layer_step, time_pool, output_potential, part_early
+                snn, t[lo:hi], layer_step, time_pool, output_potential, part_early, kept,
+                part_counts,
             )
             if output is None:
                 output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
-                spike_times = {name: _like(v, n) for name, v in part_times.items()}
+                spike_times = {
+                    name: _like(v, n)
+                    for name, v in part_times.items()
+                    if kept is None or name in kept
+                }
+                counts = {name: np.empty(n, np.int64) for name in part_counts}
             output[lo:hi] = part_out
-            for name, v in part_times.items():
-                spike_times[name][lo:hi] = v
+            for name, v in spike_times.items():
+                v[lo:hi] = part_times[name]
+            for name, c in part_counts.items():
+                counts[name][lo:hi] = c
             for name, count in part_sat.items():
                 saturated[name] = saturated.get(name, 0) + count
             for name, count in part_early.items():
                 early[name] = early.get(name, 0) + count
+            del part_times
+    sizes = {"input": int(np.prod(snn.input_shape))}
+    sizes.update((s.name, int(np.prod(s.output_shape))) for s in snn.stages)
     return Trace(
         output=output,
         spike_times=spike_times,
@@ -314,6 +407,8 @@ def simulate(snn: TTFSNetwork, x, dtype="float64", memory_budget=None) -> Trace:
         latency=np.full(n, snn.latency),
         backend="reference",
         early_per_layer=early,
+        spikes_per_layer={name: counts[name] for name in counts},
+        neurons_per_layer={name: sizes[name] for name in counts},
     )
 
 

@@ -18,7 +18,9 @@ class Trace:
 
     output: (N, classes) decoded logits. predictions: (N,) argmax of output.
     spike_times: stage name -> (N, *stage shape) spike times in time units,
-    ``inf`` where a neuron does not spike; "input" holds the encoded input.
+    ``inf`` where a neuron does not spike; "input" holds the encoded input. A run
+    may keep only some stages (``simulate(..., keep=...)``): their counts stay in
+    spikes_per_layer.
     neuron_layers: names of the stages whose neurons spike (the input and
     the hidden layers; pools only route spikes, the output layer does not spike).
     spike_count: (N,) spikes per sample over the neuron layers.
@@ -42,6 +44,9 @@ class Trace:
     backends (empty in continuous time).
     overflow: stage name -> count of hardware saturations that are not window
     saturations (membrane or current clipping, ADC clipping).
+    spikes_per_layer: stage name -> (N,) spikes per sample of the stage, for every stage
+    with spike times, kept or not (filled by the reference simulator; empty: counted
+    from spike_times). neurons_per_layer: stage name -> neurons per sample, alike.
     """
 
     output: np.ndarray
@@ -55,6 +60,8 @@ class Trace:
     step_size: dict[str, float] = field(default_factory=dict)
     overflow: dict[str, int] = field(default_factory=dict)
     early_per_layer: dict[str, int] = field(default_factory=dict)
+    spikes_per_layer: dict[str, np.ndarray] = field(default_factory=dict)
+    neurons_per_layer: dict[str, int] = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -64,18 +71,35 @@ class Trace:
     def num_samples(self) -> int:
         return int(self.output.shape[0])
 
+    def layer_spikes(self, name: str) -> np.ndarray:
+        """(N,) spikes per sample of one stage (from spikes_per_layer when it has it)."""
+        if name in self.spikes_per_layer:
+            return self.spikes_per_layer[name]
+        return np.count_nonzero(
+            np.isfinite(self.spike_times[name].reshape(self.num_samples, -1)), axis=1
+        )
+
+    def layer_neurons(self, name: str) -> int:
+        """Neurons per sample of one stage."""
+        if name in self.neurons_per_layer:
+            return int(self.neurons_per_layer[name])
+        return int(np.prod(self.spike_times[name].shape[1:]))
+
+    def has_spikes_of(self, name: str) -> bool:
+        """True when the trace has spike counts of stage ``name`` (kept or not)."""
+        return name in self.spikes_per_layer or name in self.spike_times
+
     @cached_property
     def spike_count(self) -> np.ndarray:
-        n = self.num_samples
-        counts = np.zeros(n, dtype=np.int64)
+        counts = np.zeros(self.num_samples, dtype=np.int64)
         for name in self.neuron_layers:
-            counts += np.isfinite(self.spike_times[name].reshape(n, -1)).sum(axis=1)
+            counts += self.layer_spikes(name)
         return counts
 
     @property
     def neuron_count(self) -> int:
         """Neurons per sample in the neuron layers."""
-        return sum(int(np.prod(self.spike_times[name].shape[1:])) for name in self.neuron_layers)
+        return sum(self.layer_neurons(name) for name in self.neuron_layers)
 
     @property
     def spikes_per_neuron(self) -> float:

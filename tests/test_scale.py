@@ -81,28 +81,28 @@ def test_a_truncated_uncompressed_weights_file_is_refused(tmp_path):
         nd.load_model(model)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
-def test_chunked_forward_and_simulate_equal_one_pass(model):
-    """Equal to float64 rounding: multi-threaded OpenBLAS splits a product's rows over
-    its threads by the row count, so a row's last bits depend on the chunk's size (a
-    measured 1e-13 relative); every decision (spike or silence, class) is the same."""
+def test_chunked_forward_and_simulate_equal_one_pass(model, dtype):
+    """The same bits: every product is one BLAS call per sample (neurodeploy.ops), so the
+    chunk size cannot change a sample's arithmetic (tests/test_batch_independence.py
+    checks any batch composition)."""
     net = nd.load_model(model)
     x = nd.datasets.digits("test")[0][:37].reshape(-1, *net.input_shape)
     snn = nd.convert(net, calibration=x)
-    whole = net.forward(x)
-    trace = nd.simulate(snn, x)
+    whole = net.forward(x, dtype=dtype)
+    trace = nd.simulate(snn, x, dtype=dtype)
     for per in (1, 5, 16):
-        budget = per * net.working_bytes()
-        np.testing.assert_allclose(net.forward(x, memory_budget=budget), whole, rtol=0,
-                                   atol=1e-12 * np.abs(whole).max())
-        chunked = nd.simulate(snn, x, memory_budget=per * sim_working_bytes(snn))
-        np.testing.assert_allclose(chunked.output, trace.output, rtol=0,
-                                   atol=1e-12 * np.abs(trace.output).max())
+        budget = per * net.working_bytes(dtype)
+        np.testing.assert_array_equal(net.forward(x, dtype=dtype, memory_budget=budget), whole)
+        chunked = nd.simulate(snn, x, dtype=dtype,
+                              memory_budget=per * sim_working_bytes(snn, dtype))
+        np.testing.assert_array_equal(chunked.output, trace.output)
         assert chunked.saturated_per_layer == trace.saturated_per_layer
         assert chunked.early_per_layer == trace.early_per_layer
+        assert chunked.spike_times.keys() == trace.spike_times.keys()
         for name, times in trace.spike_times.items():
-            assert np.array_equal(np.isinf(chunked.spike_times[name]), np.isinf(times))
-            np.testing.assert_allclose(chunked.spike_times[name], times, rtol=1e-12)
+            np.testing.assert_array_equal(chunked.spike_times[name], times)
 
 
 def test_memory_budget_parses_and_refuses_bad_values(monkeypatch):
@@ -199,9 +199,82 @@ def test_chunked_alpha1_simulation_equals_one_pass():
     snn = nd.convert(net, calibration=x, neuron="alpha1")
     whole = nd.simulate(snn, x)
     chunked = nd.simulate(snn, x, memory_budget=7 * sim_working_bytes(snn))
-    np.testing.assert_allclose(chunked.output, whole.output, rtol=0,
-                               atol=1e-12 * np.abs(whole.output).max())
+    np.testing.assert_array_equal(chunked.output, whole.output)
+    for name, times in whole.spike_times.items():
+        np.testing.assert_array_equal(chunked.spike_times[name], times)
     assert chunked.early_per_layer == whole.early_per_layer
     assert chunked.saturated_per_layer == whole.saturated_per_layer
     with pytest.raises(nd.UsageError, match="float32"):
         nd.simulate(snn, x, dtype="float32")
+
+
+@pytest.mark.parametrize("per", [None, 7])
+def test_simulate_keeps_only_the_chosen_stages_and_every_spike_count(per):
+    from neurodeploy.evaluate import layer_table
+    from neurodeploy.metrics import neurobench_metrics
+    from neurodeploy.simulate import stages_with_spike_times
+
+    net = nd.load_model("digits_cnn")
+    x = nd.datasets.digits("test")[0][:40].reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x)
+    budget = None if per is None else per * sim_working_bytes(snn)
+    full = nd.simulate(snn, x, memory_budget=budget)
+    hidden = snn.spiking_layers[0].name
+    for keep in ((), ("input", hidden), hidden):
+        part = nd.simulate(snn, x, memory_budget=budget, keep=keep)
+        names = {keep} if isinstance(keep, str) else set(keep)
+        assert set(part.spike_times) == names
+        for name in names:
+            np.testing.assert_array_equal(part.spike_times[name], full.spike_times[name])
+        np.testing.assert_array_equal(part.output, full.output)
+        assert part.saturated_per_layer == full.saturated_per_layer
+        assert part.early_per_layer == full.early_per_layer
+        assert set(part.spikes_per_layer) == set(stages_with_spike_times(snn))
+        for name in stages_with_spike_times(snn):
+            counts = np.isfinite(full.spike_times[name].reshape(len(x), -1)).sum(axis=1)
+            np.testing.assert_array_equal(part.spikes_per_layer[name], counts)
+        np.testing.assert_array_equal(part.spike_count, full.spike_count)
+        assert part.spikes_per_neuron == full.spikes_per_neuron
+        assert layer_table(snn, part) == layer_table(snn, full)
+        with pytest.raises(nd.UsageError, match="keep"):
+            neurobench_metrics(snn, part)
+    for bad, message in (("nope", "no stage"), (snn.output.name, "output layer")):
+        with pytest.raises(nd.UsageError, match=message):
+            nd.simulate(snn, x, keep=(bad,))
+
+
+def test_simulate_with_keep_holds_shortcut_sources_until_their_join():
+    from residual import conv_resnet
+
+    snn, x = conv_resnet(0, samples=30)
+    full = nd.simulate(snn, x)
+    for budget in (None, 4 * sim_working_bytes(snn)):
+        part = nd.simulate(snn, x, memory_budget=budget, keep=())
+        assert part.spike_times == {}
+        np.testing.assert_array_equal(part.output, full.output)
+        np.testing.assert_array_equal(part.spike_count, full.spike_count)
+
+
+def test_chunked_simulate_with_keep_never_holds_the_dropped_stages_of_the_whole_batch():
+    """Peak traced memory of a chunked run keeping nothing stays below what the dropped
+    stages' spike times of the whole batch would take (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    net = nd.load_model("digits_cnn")
+    x = np.tile(nd.datasets.digits("all")[0], (2, 1)).reshape(-1, *net.input_shape)
+    snn = nd.convert(net, calibration=x[:100])
+    budget = 16 * sim_working_bytes(snn)
+    full = nd.simulate(snn, x, memory_budget=budget)
+    dropped = sum(t.nbytes for name, t in full.spike_times.items() if name != "input")
+    del full
+
+    def peak(keep) -> int:
+        tracemalloc.start()
+        try:
+            nd.simulate(snn, x, memory_budget=budget, keep=keep)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert peak(None) > dropped  # the measure sees the kept spike times
+    assert peak(()) < x.nbytes + dropped / 4  # the encoded times, then one chunk at a time

@@ -1,0 +1,123 @@
+"""A sample's result is the same bits whatever batch and chunk it is computed in.
+
+``Network.forward`` and ``simulate`` make one BLAS product per sample (neurodeploy.ops),
+so neither the samples that share a batch nor the memory budget's chunk size can change
+a sample's last bits: checked here on random batch compositions (repeats, any order) and
+chunk sizes against each sample computed alone, in float64 and float32, with one and
+two BLAS threads (the limit is set for the call), on digits_cnn, a residual CNN, a small
+VGG and a network of every conv kind (grouped, depthwise, pointwise, padded pools).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netgen import cifar_vgg, random_inputs, random_network, random_residual_network
+from residual import conv_resnet
+from threadpoolctl import threadpool_limits
+
+import neurodeploy as nd
+from neurodeploy.simulate import working_bytes as sim_working_bytes
+
+POOL = 12  # distinct samples a batch is drawn from
+
+
+@functools.cache
+def _case(name: str):
+    """(network or None, b1 SNN, POOL raw samples) of one test network."""
+    if name == "digits_cnn":
+        net = nd.load_model("digits_cnn")
+        x = nd.datasets.digits("test")[0][:POOL].reshape(-1, *net.input_shape)
+        return net, nd.convert(net, calibration=x), x
+    if name == "conv_resnet":  # shortcuts into a conv, a dense and the output layer
+        snn, x = conv_resnet(0, samples=POOL)
+        return None, snn, x
+    if name == "residual":  # a ReLU network with Add joins (forward only needs no SNN)
+        net = random_residual_network(3)
+        x = random_inputs(net, POOL, 1)
+        return net, None, x
+    if name == "vgg":
+        net = cifar_vgg(0, widths=(8, 16, 16))
+        x = np.random.default_rng(2).uniform(0.0, 1.0, (POOL, *net.input_shape))
+        return net, nd.convert(net, calibration=x), x
+    net = random_network(11)  # every conv kind
+    x = random_inputs(net, POOL, 2)
+    return net, nd.convert(net, calibration=x), x
+
+
+@functools.cache
+def _alone(name: str, dtype: str, threads: int):
+    """Each pool sample computed on its own: logits and the trace of each."""
+    net, snn, x = _case(name)
+    with threadpool_limits(threads):
+        logits = [net.forward(x[i : i + 1], dtype=dtype) for i in range(POOL)] if net else None
+        traces = [nd.simulate(snn, x[i : i + 1], dtype=dtype) for i in range(POOL)] if snn else None
+    return logits, traces
+
+
+CASES = ("digits_cnn", "conv_resnet", "residual", "vgg", "every_kind")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", CASES)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    picks=st.lists(st.integers(0, POOL - 1), min_size=1, max_size=23),
+    per=st.integers(1, 9),
+    dtype=st.sampled_from(["float64", "float32"]),
+)
+def test_a_sample_gives_the_same_bits_in_any_batch_and_chunk(name, threads, picks, per, dtype):
+    net, snn, x = _case(name)
+    logits, traces = _alone(name, dtype, threads)
+    batch = x[picks]
+    with threadpool_limits(threads):
+        if net is not None:
+            got = net.forward(batch, dtype=dtype, memory_budget=per * net.working_bytes(dtype))
+            for row, i in zip(got, picks, strict=True):
+                assert row.tobytes() == logits[i][0].tobytes()
+        if snn is None:
+            return
+        trace = nd.simulate(snn, batch, dtype=dtype,
+                            memory_budget=per * sim_working_bytes(snn, dtype))
+    for j, i in enumerate(picks):
+        assert trace.output[j].tobytes() == traces[i].output[0].tobytes()
+        for stage, times in trace.spike_times.items():
+            assert times[j].tobytes() == traces[i].spike_times[stage][0].tobytes(), stage
+    for stage, count in trace.saturated_per_layer.items():
+        assert count == sum(traces[i].saturated_per_layer[stage] for i in picks)
+
+
+def test_the_grouped_conv_path_does_not_depend_on_the_batch_size():
+    """Grouped convs choose between two product orders by the rows of one sample: a batch
+    large enough to cross the old per-batch threshold keeps each sample's bits."""
+    rng = np.random.default_rng(5)
+    layer = nd.Conv2d("g", rng.normal(size=(8, 2, 3, 3)), np.zeros(8), 1, 1, groups=4)
+    x = rng.uniform(size=(80, 8, 8, 8))  # 80 x 64 rows: above 4096 together, not alone
+    whole = layer.linear(x)
+    for i in (0, 41, 79):
+        assert np.array_equal(layer.linear(x[i : i + 1])[0], whole[i])
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_large_samples_are_padded_one_at_a_time_and_the_input_is_left_alone(padding):
+    """Maps above one im2col block (64 channels, 40 x 40) go sample by sample through one
+    padded buffer: the result equals the plain im2col product, a channels-last input (which
+    an unpadded copy could alias) is not written to."""
+    from neurodeploy import ops
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 40, 40, 64)).transpose(0, 3, 1, 2)  # channels-last view
+    before = x.copy()
+    w = rng.standard_normal((5, 64, 3, 3))
+    got = ops.conv2d(x, w, 1, padding)
+    cols, ho, wo = ops.im2col(x, 3, 1, padding)
+    assert ho * wo * 64 * 9 * 8 > ops._IM2COL_BLOCK_BYTES  # the per-sample path
+    exact = (cols @ w.reshape(5, -1).T).reshape(3, ho, wo, 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12 * np.abs(exact).max())
+    np.testing.assert_array_equal(x, before)
+    for i in range(3):
+        np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], w, 1, padding)[0], got[i])
