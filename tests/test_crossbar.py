@@ -313,7 +313,8 @@ def test_device_moments_match_the_programmed_devices(name):
 def test_pinned_read_noise_bits():
     """Same seeds, same bits: the pcm traces of digits_mlp (540 test digits, two seed pairs)
     and digits_cnn equal the ones tools/crossbar_pin.py recorded from the code before the
-    per-call speed-ups (commit 770d675): no noise draw is dropped, added or reordered."""
+    per-call speed-ups (commit 770d675; re-recorded once when ops' per-sample products
+    changed the last bits, see the tool): no noise draw is dropped, added or reordered."""
     import importlib.util
     from pathlib import Path
 

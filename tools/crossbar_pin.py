@@ -4,8 +4,13 @@ The pin is the regression guard of tests/test_crossbar.py::test_pinned_read_nois
 the outputs, spike times, overflow counts and energies the crossbar backend gave for fixed
 seeds, computed by running this script on the code before a change that must keep every
 noise draw (written by running it with PYTHONPATH at a checkout of commit 770d675, the
-code before the per-call speed-ups). Regenerate only for a change that is meant to alter
-the draws, and say so in its commit message.
+code before the per-call speed-ups). Re-recorded once since, on main after ops.py began
+computing one BLAS product per sample (merge of h-chunkbits): that changed the last bits
+of the float products the crossbar's calibration and reads go through (outputs moved by
+at most 7.1e-15 for logits up to 23, energies equal, spike counts equal), not any draw;
+the new pin was written after checking the old one held to that rounding. Regenerate
+only for a change that is meant to alter the draws or the rounding, and say so in its
+commit message.
 
     PYTHONPATH=/path/to/checkout .venv/bin/python tools/crossbar_pin.py
 """
