@@ -382,7 +382,7 @@ def simulate(
             if output is None:
                 output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
                 spike_times = {
-                    name: _like(v, n)
+                    name: like_batch(v, n)
                     for name, v in part_times.items()
                     if kept is None or name in kept
                 }
@@ -412,7 +412,7 @@ def simulate(
     )
 
 
-def _like(part: np.ndarray, n: int) -> np.ndarray:
+def like_batch(part: np.ndarray, n: int) -> np.ndarray:
     """An empty (n, *sample shape) array for the chunks of ``part``, in its memory layout
     (channels-last stays channels-last)."""
     if ops.channels_last(part):

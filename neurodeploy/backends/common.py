@@ -177,17 +177,6 @@ def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def like_batch(part: np.ndarray, n: int) -> np.ndarray:
-    """An empty (n, *sample shape) array for the chunks of ``part``, in its memory layout
-    (a channels-last batch stays channels-last)."""
-    from .. import ops
-
-    if part.ndim == 4 and ops.channels_last(part):
-        c, h, w = part.shape[1:]
-        return np.empty((n, h, w, c), part.dtype).transpose(0, 3, 1, 2)
-    return np.empty((n, *part.shape[1:]), part.dtype)
-
-
 def run_stages_chunked(snn: TTFSNetwork, t_input: np.ndarray, spiking, pool, output,
                        per_chunk: int, on_chunk=None):
     """:func:`~neurodeploy.simulate.run_stages` over chunks of at most per_chunk samples,
@@ -197,7 +186,7 @@ def run_stages_chunked(snn: TTFSNetwork, t_input: np.ndarray, spiking, pool, out
     a random stream a stage draws from in sample order gives every sample the same draws
     whatever the chunk size."""
     from ..memory import chunks
-    from ..simulate import run_stages
+    from ..simulate import like_batch, run_stages
 
     n = t_input.shape[0]
     logits, spike_times, saturated, early = None, None, {}, {}
