@@ -39,8 +39,8 @@ def recorded_gemms(run) -> list[tuple[int, int, int, np.dtype]]:
     shapes = []
     conv, dense = ops._conv2d_gemm, ops.dense
 
-    def conv_spy(x, weight, stride, padding):
-        out = conv(x, weight, stride, padding)
+    def conv_spy(x, weight, stride, padding, *fused):
+        out = conv(x, weight, stride, padding, *fused)
         n, o, ho, wo = out.shape
         shapes.append((n * ho * wo, weight[0].size, o, out.dtype))
         return out

@@ -102,25 +102,30 @@ def channels_last(x: np.ndarray) -> bool:
 
 
 def _padded_channels_last(
-    x: np.ndarray, padding: int, dtype, fill: float = 0.0, out: np.ndarray | None = None
+    x: np.ndarray, padding: int, dtype, fill: float = 0.0, out: np.ndarray | None = None,
+    prepare=None,
 ) -> np.ndarray:
     """x (N, C, H, W) as a C-contiguous (N, H + 2p, W + 2p, C) buffer of ``dtype``,
     border filled with ``fill``: one copy (a plain copy when x is channels-last).
-    out: a buffer of that shape and dtype to fill instead of a new one."""
+    out: a buffer of that shape and dtype to fill instead of a new one.
+    prepare(src, dst): an elementwise map written from src (an (N, H, W, C) view of x)
+    into dst (the buffer's interior) in place of the copy (see :func:`conv2d`)."""
     n, c, h, w = x.shape
     nhwc = x.transpose(0, 2, 3, 1)
-    if not padding and out is None:
+    if not padding and out is None and prepare is None:
         return np.ascontiguousarray(nhwc, dtype=dtype)
     if out is None:
         out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
-    if not padding:
-        np.copyto(out, nhwc)
-        return out
-    out[:, :padding] = fill
-    out[:, h + padding :] = fill
-    out[:, padding : h + padding, :padding] = fill
-    out[:, padding : h + padding, w + padding :] = fill
-    out[:, padding : h + padding, padding : w + padding] = nhwc
+    if padding:
+        out[:, :padding] = fill
+        out[:, h + padding :] = fill
+        out[:, padding : h + padding, :padding] = fill
+        out[:, padding : h + padding, w + padding :] = fill
+    interior = out[:, padding : h + padding, padding : w + padding] if padding else out
+    if prepare is None:
+        np.copyto(interior, nhwc)
+    else:
+        prepare(nhwc, interior)
     return out
 
 
@@ -133,9 +138,37 @@ _IM2COL_BLOCK_BYTES = 4 << 20
 _MIN_BLOCK_ROWS = 512
 
 
-def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -> np.ndarray:
+# Output elements per call of a convolution's ``finish`` (see :func:`conv2d`): 256 KiB of
+# float64, so that its passes run over a block still in a core's L2 cache from its GEMM.
+FINISH_ELEMENTS = 1 << 15
+
+
+def _finish_blocks(finish, block: np.ndarray, first: int, row0: int) -> None:
+    """finish(...) over (b, r, O) ``block`` (samples first.., rows row0..) in sub-blocks
+    of about FINISH_ELEMENTS: whole samples when a sample is small, else row ranges."""
+    b, r, o = block.shape
+    sample = r * o
+    if b * sample <= FINISH_ELEMENTS:
+        finish(block, slice(first, first + b), slice(row0, row0 + r))
+    elif sample <= FINISH_ELEMENTS:
+        per = FINISH_ELEMENTS // sample
+        for s in range(0, b, per):
+            finish(block[s : s + per], slice(first + s, first + min(b, s + per)),
+                   slice(row0, row0 + r))
+    else:
+        step = max(1, FINISH_ELEMENTS // o)
+        for s in range(b):
+            for q in range(0, r, step):
+                finish(block[s : s + 1, q : q + step], slice(first + s, first + s + 1),
+                       slice(row0 + q, row0 + min(r, q + step)))
+
+
+def _conv2d_gemm(
+    x: np.ndarray, weight: np.ndarray, stride: int, padding: int, prepare=None, finish=None
+) -> np.ndarray:
     """Ungrouped convolution as blocked channels-last im2col + GEMM; returns a
-    channels-last (N, O, Ho, Wo) view (see :func:`channels_last`)."""
+    channels-last (N, O, Ho, Wo) view (see :func:`channels_last`). prepare, finish: as
+    :func:`conv2d` takes them."""
     dtype = compute_dtype(x)
     n, c, h, w = x.shape
     out_ch, _, k, _ = weight.shape
@@ -143,51 +176,71 @@ def _conv2d_gemm(x: np.ndarray, weight: np.ndarray, stride: int, padding: int) -
     wo = conv_output_size(w, k, stride, padding)
     matrix = _gemm_matrix(weight, dtype)
     out = np.empty((n, ho, wo, out_ch), dtype)
+    flat_out = out.reshape(n, ho * wo, out_ch)
     row_bytes = k * k * c * dtype.itemsize
     block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
     sample_rows = ho * wo
-    pointwise = k == 1 and stride == 1
-    # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
-    # instead of a padded copy of the whole batch); small ones all at once.
-    if pointwise or sample_rows <= block_rows:
-        xp = _padded_channels_last(x, padding, dtype)
+    pointwise = k == 1 and stride == 1 and padding == 0
+    # A pointwise conv's input is its own im2col: read in place, or, with a prepare and a
+    # channels-last input, prepared block by block into a cache-sized buffer (staged).
+    staged = pointwise and prepare is not None and channels_last(x) and x.dtype == dtype
+    if staged:
+        patches = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+    elif pointwise or sample_rows <= block_rows:
+        # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
+        # instead of a padded copy of the whole batch); small ones all at once.
+        xp = _padded_channels_last(x, padding, dtype, prepare=prepare)
     else:  # a buffer of its own (never a view of x: it is refilled per sample)
         xp = np.empty((min(n, 1), h + 2 * padding, w + 2 * padding, c), dtype)
-        _padded_channels_last(x[:1], padding, dtype, out=xp)
-    if pointwise:  # the input is its own im2col; one product a sample
-        np.matmul(xp.reshape(n, h * w, c), matrix, out=out.reshape(n, h * w, out_ch))
-        return out.transpose(0, 3, 1, 2)
-    sn, sh, sw, sc = xp.strides
-    windows = as_strided(
-        xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
-        writeable=False,
-    )
+        _padded_channels_last(x[:1], padding, dtype, out=xp, prepare=prepare)
+    if pointwise and not staged:
+        patches = xp.reshape(n, h * w, c)
+    elif not pointwise:
+        sn, sh, sw, sc = xp.strides
+        windows = as_strided(
+            xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
+            writeable=False,
+        )
+    copied = staged or not pointwise  # the GEMMs read a block buffer
     if sample_rows <= block_rows:  # whole samples per block, one product per sample
         per = block_rows // sample_rows
-        buf = np.empty((min(per, n), sample_rows, k * k * c), dtype)
-        flat_out = out.reshape(n, sample_rows, out_ch)
+        if copied:
+            buf = np.empty((min(per, n), sample_rows, k * k * c), dtype)
         for lo in range(0, n, per):
             b = min(per, n - lo)
-            cols = buf[:b]
-            np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
+            cols = buf[:b] if copied else patches[lo : lo + b]
+            if staged:
+                prepare(patches[lo : lo + b], cols)
+            elif not pointwise:
+                np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
             np.matmul(cols, matrix, out=flat_out[lo : lo + b])
+            if finish is not None:
+                _finish_blocks(finish, flat_out[lo : lo + b], lo, 0)
         return out.transpose(0, 3, 1, 2)
     # Output rows per block within one sample: the blocks of every sample are the same.
     lines = max(1, block_rows // wo)
-    buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
+    if copied:
+        buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
     for i in range(n):
-        if i:  # the padded copy of sample i, in the buffer of sample 0
-            _padded_channels_last(x[i : i + 1], padding, dtype, out=xp)
+        if i and not pointwise:  # the padded copy of sample i, in the buffer of sample 0
+            _padded_channels_last(x[i : i + 1], padding, dtype, out=xp, prepare=prepare)
         for r0 in range(0, ho, lines):
             r1 = min(ho, r0 + lines)
-            cols = buf[: (r1 - r0) * wo]
-            np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
-            np.matmul(cols, matrix, out=out[i, r0:r1].reshape(-1, out_ch))
+            rows = slice(r0 * wo, r1 * wo)
+            cols = buf[: (r1 - r0) * wo] if copied else patches[i, rows]
+            if staged:
+                prepare(patches[i, rows], cols)
+            elif not pointwise:
+                np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
+            np.matmul(cols, matrix, out=flat_out[i, rows])
+            if finish is not None:
+                _finish_blocks(finish, flat_out[i : i + 1, rows], i, r0 * wo)
     return out.transpose(0, 3, 1, 2)
 
 
 def conv2d(
-    x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0, groups: int = 1
+    x: np.ndarray, weight: np.ndarray, stride: int = 1, padding: int = 0, groups: int = 1,
+    prepare=None, finish=None,
 ) -> np.ndarray:
     """Cross-correlation without bias, as in PyTorch/ONNX Conv.
 
@@ -195,10 +248,22 @@ def conv2d(
     padding. With groups > 1, input channels [g C/G, (g+1) C/G) feed output
     channels [g O/G, (g+1) O/G) only (depthwise: groups = C). Computes in
     :func:`compute_dtype` of x; ungrouped convolutions return channels-last views.
+
+    Ungrouped convolutions only, elementwise maps fused into the kernel's own passes
+    (what a simulator does to a layer's input and output, without passes of their own
+    over whole maps):
+    prepare(src, dst): writes f(src) into dst, an elementwise map of the input (src an
+    (n, H, W, C) view of x, dst the same shape): the convolution reads f(x), not x.
+    finish(block, samples, rows): called on every block of the output as soon as its
+    product is in (still in cache), in order; block is an (n, r, O) channels-last view of
+    the output (samples ``samples``, flattened output positions ``rows``), which it may
+    overwrite elementwise. The blocks depend on the layer alone, not on the batch.
     """
     out_ch, c_per_group, k, _ = weight.shape
     if groups == 1:
-        return _conv2d_gemm(x, weight, stride, padding)
+        return _conv2d_gemm(x, weight, stride, padding, prepare, finish)
+    if prepare is not None or finish is not None:
+        raise ValueError("conv2d: prepare and finish need an ungrouped convolution")
     if c_per_group == 1:
         return _depthwise_conv2d(x, weight, stride, padding)
     ho = conv_output_size(x.shape[2], k, stride, padding)

@@ -21,7 +21,7 @@ import numpy as np
 from . import ops
 from .errors import UsageError
 from .memory import chunk_samples, chunks
-from .network import compute_dtype_of
+from .network import Conv2d, compute_dtype_of
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
@@ -62,8 +62,14 @@ def spike_values(t: np.ndarray, t_end: float, out: np.ndarray | None = None) -> 
 
 def _b1_layer(
     layer: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = (), overwrite: bool = False
-) -> tuple[np.ndarray, int, int]:
-    """overwrite: t_in is read by nothing else; its values may take its memory."""
+) -> tuple:
+    """overwrite: t_in is read by nothing else; its values may take its memory.
+
+    Returns (spike times, saturated, early) or, for a convolution layer, also the (N,)
+    spike counts (:func:`_b1_conv_layer`)."""
+    conv = layer.synapses[0] if len(layer.synapses) == 1 else None
+    if isinstance(conv, Conv2d) and conv.groups == 1:
+        return _b1_conv_layer(layer, conv, t_in, shortcut_in)
     values = spike_values(t_in, layer.t_min, out=t_in if overwrite else None)
     v = apply_synapses(layer.synapses, values)  # V(t_min)
     v = add_shortcuts(layer, v, shortcut_in)
@@ -74,17 +80,127 @@ def _b1_layer(
 _b1_layer.may_overwrite_input = True
 
 
+def _b1_conv_layer(
+    layer: SpikingLayer, conv: Conv2d, t_in: np.ndarray, shortcut_in: tuple
+) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """A b1 layer whose synapses are one ungrouped convolution, its elementwise passes
+    fused into the convolution's (``ops.conv2d``'s prepare and finish): the input's
+    spike values are written straight into the copy the GEMMs read (the padded input or
+    a pointwise conv's cache-sized block), and each output block, still in cache, gets
+    its shortcuts, fires and is counted; the values never exist as a map. The same
+    operations in the same order as :func:`spike_values`, :func:`add_shortcuts` and
+    :func:`b1_fire` on whole maps: the same bits. Returns (spike times, saturated, 0,
+    (N,) spike counts)."""
+    n = t_in.shape[0]
+    t_min, t_max = layer.t_min, layer.t_max
+    # Shortcut terms in their order: an identity (a per-channel scale of the source's
+    # values, ``_identity_synapse``) is computed block by block from the source's spike
+    # times; any other is applied to whole maps first and added block by block.
+    adders = []
+    for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
+        scale = _identity_scale(shortcut, t_src)
+        if scale is not None:
+            adders.append((_flat_channels_last(t_src), shortcut.t_source, scale))
+        else:
+            term = values_through(shortcut.synapses, t_src, shortcut.t_source)
+            adders.append((_flat_channels_last(term), None, None))
+    fire_at, tiled = _fire_times_channels_last(layer)  # t_min + theta, channels-last
+    counts = np.zeros(n, np.int64)
+    saturated = 0
+
+    def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
+        nonlocal saturated
+        for source, t_source, scale in adders:
+            if t_source is None:  # a whole-map term
+                block += source[samples, rows]
+                continue
+            term = spike_values(source[samples, rows], t_source)
+            np.multiply(term, scale, out=term)
+            block += term
+        np.subtract(fire_at[: block.shape[1]] if tiled else fire_at[rows], block, out=block)
+        if block.min(initial=np.inf) < t_min:
+            if not layer.clipped:
+                saturated += int(np.count_nonzero(block < t_min))
+            np.maximum(block, t_min, out=block)
+        fires = np.less(block, t_max)
+        for i, sample in enumerate(range(samples.start, samples.stop)):
+            counts[sample] += np.count_nonzero(fires[i])  # whole-array count: fast
+        np.divide(block, fires, out=block)  # silence: see _silence_from
+
+    with np.errstate(divide="ignore"):
+        t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,
+                           prepare=_values_map(t_min), finish=finish)
+    return t_out, saturated, 0, counts
+
+
+def _identity_scale(shortcut, t_src: np.ndarray) -> np.ndarray | None:
+    """The (C,) per-channel scale of an identity shortcut (a unit-weight 1x1 depthwise map,
+    maybe scaled by a folded batch norm) whose source lies channels-last; else None."""
+    if len(shortcut.synapses) != 1 or not ops.channels_last(t_src):
+        return None
+    op = shortcut.synapses[0]
+    if not (isinstance(op, Conv2d) and op.kernel == 1 and op.stride == 1 and not op.padding
+            and op.groups == op.weight.shape[0] == t_src.shape[1]):
+        return None
+    return ops.param_as(op.weight, ops.compute_dtype(t_src))[:, 0, 0, 0]
+
+
+def _flat_channels_last(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) as an (N, H W, C) array: a view when x lies channels-last."""
+    n, c = x.shape[:2]
+    return x.transpose(0, 2, 3, 1).reshape(n, -1, c)
+
+
+def _fire_times_channels_last(layer: SpikingLayer) -> tuple[np.ndarray, bool]:
+    """t_min + theta (:func:`b1_fire`'s firing time at zero membrane) of a convolution
+    layer's neurons, computed once per layer: (Ho Wo, O) channels-last, or, when theta
+    is the same at every position (tiled: True), the per-channel values tiled over as
+    many rows as an ``ops.conv2d`` finish block holds (in cache with the block, not a
+    second map-sized stream from memory)."""
+    channels = layer.output_shape[0]
+
+    def make():
+        fire_at = np.broadcast_to(layer.t_min + layer.threshold, layer.output_shape)
+        per_channel = fire_at.reshape(channels, -1)
+        if np.all(per_channel == per_channel[:, :1]):
+            rows = -(-ops.FINISH_ELEMENTS // channels)
+            return np.tile(per_channel[:, 0], (rows, 1)), True
+        return np.ascontiguousarray(fire_at.transpose(1, 2, 0)).reshape(-1, channels), False
+
+    return ops.derived(layer.threshold, f"b1 fire times {layer.t_min!r}", np.dtype(np.float64),
+                       make)
+
+
 def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
     """Add the shortcut synapses' contributions to the membrane v at t_min (in place).
 
     shortcut_in: spike times of each shortcut's source, aligned with
     ``layer.shortcuts``. A source spike at t arrives at t + delay and adds its
-    weight times (t_min - t - delay) = (t_source - t): the source's own value.
+    weight times (t_min - t - delay) = (t_source - t): the source's own value,
+    computed as such (one rounding, as the crossbar backend does).
     """
     for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
-        delayed = t_src + layer.delay(shortcut)
-        v += apply_synapses(shortcut.synapses, spike_values(delayed, layer.t_min))
+        v += values_through(shortcut.synapses, t_src, shortcut.t_source)
     return v
+
+
+def values_through(synapses: tuple, t: np.ndarray, t_end: float) -> np.ndarray:
+    """apply_synapses(synapses, spike_values(t, t_end)); a single ungrouped convolution
+    computes the values as it reads its input (``ops.conv2d``'s prepare: no pass and no
+    array of their own)."""
+    op = synapses[0] if len(synapses) == 1 else None
+    if isinstance(op, Conv2d) and op.groups == 1 and t.ndim == 4:
+        return ops.conv2d(t, op.weight, op.stride, op.padding, prepare=_values_map(t_end))
+    return apply_synapses(synapses, spike_values(t, t_end))
+
+
+def _values_map(t_end: float):
+    """An ``ops.conv2d`` prepare writing the spike values (:func:`spike_values`) of a window
+    ending at t_end."""
+    def prepare(src: np.ndarray, dst: np.ndarray) -> None:
+        spike_values(src, t_end, out=dst)
+
+    return prepare
 
 
 def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -231,8 +347,9 @@ def run_stages(
 ):
     """Run every stage in order; the backends supply how each kind of stage computes.
 
-    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons) or
-    (t_out, saturated, early neurons); time_pool(stage, t_in) -> t_out;
+    spiking_layer(stage, t_in, shortcut_in) -> (t_out, saturated neurons),
+    (t_out, saturated, early neurons) or (t_out, saturated, early, (N,) spike counts of
+    t_out, when the layer counted them itself); time_pool(stage, t_in) -> t_out;
     output_layer(stage, t_in, shortcut_in) -> logits (N, classes). t_in: spike
     times of the stage before; shortcut_in: a tuple with the spike times of each
     of ``stage.shortcuts``' sources (empty for a chain). Spike times are in time
@@ -258,15 +375,15 @@ def run_stages(
     early["input"] = 0
     output = None
 
-    def record(name: str, times: np.ndarray, index: int) -> None:
+    def record(name: str, times: np.ndarray, index: int, counts=None) -> None:
         if spike_counts is not None:
-            n = times.shape[0]
-            spike_counts[name] = np.count_nonzero(np.isfinite(times).reshape(n, -1), axis=1)
+            spike_counts[name] = counts if counts is not None else count_spikes(times)
         if keep is None or name in keep or last_read.get(name, -1) > index:
             spike_times[name] = times
 
     record("input", t_input, 0)
     t = t_input
+    counts = None
     previous = "input"
     may_overwrite = getattr(spiking_layer, "may_overwrite_input", False)
     for i, stage in enumerate(stages):
@@ -283,19 +400,29 @@ def run_stages(
                 # input, not kept, no later shortcut's source), may be overwritten.
                 free = keep is not None and previous != "input" and previous not in spike_times
                 if free and may_overwrite:
-                    t, saturated[stage.name], *fired_early = spiking_layer(
+                    t, saturated[stage.name], *extra = spiking_layer(
                         stage, t, shortcut_in, overwrite=True
                     )
                 else:
-                    t, saturated[stage.name], *fired_early = spiking_layer(stage, t, shortcut_in)
-                early[stage.name] = int(fired_early[0]) if fired_early else 0
+                    t, saturated[stage.name], *extra = spiking_layer(stage, t, shortcut_in)
+                early[stage.name] = int(extra[0]) if extra else 0
+                counts = extra[1] if len(extra) > 1 else None
             else:
                 output = output_layer(stage, t, shortcut_in)
                 break
             del shortcut_in
-        record(stage.name, t, i)
+        record(stage.name, t, i, counts)
+        counts = None
         previous = stage.name
     return output, spike_times, saturated
+
+
+def count_spikes(times: np.ndarray) -> np.ndarray:
+    """(N,) spikes (finite times) per sample of times (N, ...), in any memory layout."""
+    finite = np.isfinite(times)
+    if ops.channels_last(finite):  # count in memory order: no copy for the reshape
+        finite = finite.transpose(0, 2, 3, 1)
+    return np.count_nonzero(finite.reshape(finite.shape[0], -1), axis=1)
 
 
 def stages_with_spike_times(snn: TTFSNetwork) -> tuple[str, ...]:

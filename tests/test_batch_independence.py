@@ -121,3 +121,55 @@ def test_large_samples_are_padded_one_at_a_time_and_the_input_is_left_alone(padd
     np.testing.assert_array_equal(x, before)
     for i in range(3):
         np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], w, 1, padding)[0], got[i])
+
+
+def _whole_map_b1(layer, t_in, shortcut_in):
+    """A b1 layer by the whole-map passes (what simulate's fused conv layers fuse)."""
+    from neurodeploy.simulate import add_shortcuts, b1_fire, count_spikes, spike_values
+    from neurodeploy.ttfs import apply_synapses
+
+    v = apply_synapses(layer.synapses, spike_values(t_in, layer.t_min))
+    times, saturated, _ = b1_fire(layer, add_shortcuts(layer, v, shortcut_in))
+    return times, saturated, count_spikes(times)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "conv_resnet", "every_kind", "vgg"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("gain", [1.0, 3.0])
+def test_fused_conv_layers_equal_the_whole_map_passes_bit_for_bit(name, dtype, gain, monkeypatch):
+    """simulate's conv layers (spike values written as the conv reads its input, shortcuts,
+    firing, saturation and silence on each output block in cache) give the bits, counts and
+    saturated counts of the same passes over whole maps, layer by layer: every conv kind,
+    identity and projection shortcuts, cache blocks of one and of many samples. gain 3
+    scales each layer's input times' values up so that layers saturate."""
+    from neurodeploy import ops
+    from neurodeploy.network import Conv2d
+    from neurodeploy.simulate import _b1_conv_layer, encode_input
+    from neurodeploy.ttfs import SpikingLayer
+
+    monkeypatch.setattr(ops, "FINISH_ELEMENTS", 256)  # many blocks even on small maps
+    _, snn, x = _case(name)
+    trace = nd.simulate(snn, x, dtype=dtype)
+    times = {"input": encode_input(snn, x, dtype)[0], **trace.spike_times}
+    previous = "input"
+    fused = 0
+    saturated_somewhere = False
+    for stage in snn.stages:
+        conv = stage.synapses[0] if isinstance(stage, SpikingLayer) else None
+        if isinstance(conv, Conv2d) and conv.groups == 1 and len(stage.synapses) == 1:
+            t_in = times[previous]
+            if gain != 1.0:  # values t_min - t scaled by gain: earlier spikes
+                t_in = (stage.t_min - (stage.t_min - t_in) * gain).astype(t_in.dtype)
+            shortcut_in = tuple(times[sc.source] for sc in stage.shortcuts)
+            want, want_sat, want_counts = _whole_map_b1(stage, t_in.copy(), shortcut_in)
+            got, got_sat, early, got_counts = _b1_conv_layer(stage, conv, t_in, shortcut_in)
+            assert got.dtype == want.dtype and np.array_equal(got, want), stage.name
+            assert (got_sat, early) == (want_sat, 0), stage.name
+            np.testing.assert_array_equal(got_counts, want_counts)
+            fused += 1
+            saturated_somewhere |= got_sat > 0
+        if hasattr(stage, "output_shape"):
+            previous = stage.name
+    assert fused
+    if gain != 1.0 and name != "every_kind":
+        assert saturated_somewhere  # the saturation branch ran
