@@ -177,7 +177,12 @@ def crossbar_row(repeats: int) -> None:
 def peak(name: str, images: int, budget: str | None, what: str, dtype: str, keep) -> None:
     """Peak resident memory of one forward or simulate of ``images`` inputs (this process);
     keep: the stages whose spike times simulate keeps (None: all)."""
-    net = {"vgg16": vgg, "cifar_vgg": cifar_vgg}[name]()
+    if name.startswith("resnet"):
+        from bench_resnet import ARCHITECTURES
+
+        net = ARCHITECTURES[name]()
+    else:
+        net = {"vgg16": vgg, "cifar_vgg": cifar_vgg}[name]()
     x = np.random.default_rng(1).uniform(0.0, 1.0, (images, *net.input_shape))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -228,7 +233,7 @@ def main() -> None:
         "--only", choices=["vgg16", "resnet18", "resnet50"], help="only this ImageNet net"
     )
     parser.add_argument("--images", type=int, default=2, help="batch of the 224^2 nets")
-    parser.add_argument("--peak", choices=["vgg16", "cifar_vgg"])
+    parser.add_argument("--peak", choices=["vgg16", "cifar_vgg", "resnet18", "resnet50"])
     parser.add_argument("--what", choices=["forward", "simulate"], default="forward")
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--budget", help="memory budget for --peak, e.g. 2G")

@@ -638,8 +638,16 @@ class Network:
         # Outputs in memory of their own (no view of another value, not the caller's x):
         # a ReLU that is their last reader may overwrite them instead of allocating.
         owned = set()
+        tails = {} if keep else self._elementwise_tails()
+        fused_into = {}  # index of a layer applied by an earlier conv's forward -> that conv
         for i, (layer, srcs) in enumerate(zip(self.layers, self.sources, strict=True)):
-            if isinstance(layer, Add):
+            if i in fused_into:  # computed with its conv: the conv's output is its value
+                out = values[srcs[0]]
+            elif i in tails:
+                tail = [self.layers[j] for j in tails[i]]
+                out = _conv_forward_fused(layer, values[srcs[0]], tail)
+                fused_into.update((j, i) for j in tails[i])
+            elif isinstance(layer, Add):
                 out = layer.forward_many([values[s] for s in srcs])
             elif (
                 not keep
@@ -659,6 +667,64 @@ class Network:
                         del values[src]
         return values
 
+    def _elementwise_tails(self) -> dict[int, list[int]]:
+        """Index of every ungrouped Conv2d -> the indices of the BatchNorm and ReLU layers
+        that follow it as a chain, each the only reader of the layer before (maybe none):
+        its forward applies them, and its bias, to each output block while the block is
+        in cache (:func:`_conv_forward_fused`), instead of one pass each over the map."""
+        readers: dict[str, list[int]] = {}
+        for j, srcs in enumerate(self.sources):
+            for src in set(srcs):
+                readers.setdefault(src, []).append(j)
+        tails = {}
+        for i, layer in enumerate(self.layers):
+            if not (isinstance(layer, Conv2d) and layer.groups == 1):
+                continue
+            tail, j = [], i
+            while j + 1 < len(self.layers) and isinstance(self.layers[j + 1], (BatchNorm, ReLU)):
+                name = self.layers[j].name
+                if self.sources[j + 1] != (name,) or readers.get(name) != [j + 1]:
+                    break
+                j += 1
+                tail.append(j)
+            tails[i] = tail
+        return tails
+
     def predict(self, x) -> np.ndarray:
         """Predicted class indices (N,)."""
         return np.argmax(self.forward(x), axis=1)
+
+
+def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list) -> np.ndarray:
+    """conv.forward(x) followed by the BatchNorm and ReLU layers of ``tail``, each applied
+    to every output block as the convolution produces it (``ops.conv2d``'s finish): the
+    same elementwise operations in the same order as the layers' own forwards (bias
+    add; x * scale + shift; max(x, 0), min(., clip)), so the same bits, without a pass
+    of their own over the map. x: (N, C, H, W); returns the last layer's output."""
+    dtype = ops.compute_dtype(x)
+
+    bias = ops.param_as(conv.bias, dtype)
+    if bias.ndim == 3:  # per output position: (Ho Wo, O) rows, channels-last
+        by_rows = ops.derived(conv.bias, "channels-last rows", dtype, lambda: np.ascontiguousarray(
+            bias.transpose(1, 2, 0)).reshape(-1, bias.shape[0]))
+        per_channel = None
+    else:
+        per_channel = ops.derived_tile(conv.bias, "bias", dtype, lambda: bias)
+    steps = []
+    for layer in tail:
+        if isinstance(layer, BatchNorm):
+            scale = ops.derived_tile(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
+            shift = ops.derived_tile(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
+            steps += [(np.multiply, scale), (np.add, shift)]
+        else:
+            steps.append((np.maximum, 0.0))
+            if layer.clip is not None:
+                steps.append((np.minimum, layer.clip))
+
+    def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
+        r = block.shape[1]
+        np.add(block, per_channel[:r] if per_channel is not None else by_rows[rows], out=block)
+        for ufunc, operand in steps:
+            ufunc(block, operand[:r] if isinstance(operand, np.ndarray) else operand, out=block)
+
+    return ops.conv2d(x, conv.weight, conv.stride, conv.padding, finish=finish)

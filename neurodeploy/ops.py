@@ -143,6 +143,23 @@ _MIN_BLOCK_ROWS = 512
 FINISH_ELEMENTS = 1 << 15
 
 
+def channel_tile(values: np.ndarray, dtype) -> np.ndarray:
+    """Per-channel values (O,) tiled over as many rows as a ``finish`` block of
+    :func:`conv2d` holds: a C-contiguous (rows, O) array of ``dtype``, whose first r rows
+    meet an (n, r, O) block elementwise (faster than broadcasting (O,) over it, and in
+    cache with the block)."""
+    rows = -(-FINISH_ELEMENTS // max(1, values.shape[0]))
+    return np.tile(np.asarray(values, dtype=dtype), (rows, 1))
+
+
+def derived_tile(array: np.ndarray, what: str, dtype, values) -> np.ndarray:
+    """channel_tile(values(), dtype) computed once per live ``array`` (see :func:`derived`)
+    and block size."""
+    dtype = np.dtype(dtype)
+    return derived(array, f"{what} tile {FINISH_ELEMENTS}", dtype,
+                   lambda: channel_tile(values(), dtype))
+
+
 def _finish_blocks(finish, block: np.ndarray, first: int, row0: int) -> None:
     """finish(...) over (b, r, O) ``block`` (samples first.., rows row0..) in sub-blocks
     of about FINISH_ELEMENTS: whole samples when a sample is small, else row ranges."""

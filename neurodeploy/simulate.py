@@ -163,12 +163,11 @@ def _fire_times_channels_last(layer: SpikingLayer) -> tuple[np.ndarray, bool]:
         fire_at = np.broadcast_to(layer.t_min + layer.threshold, layer.output_shape)
         per_channel = fire_at.reshape(channels, -1)
         if np.all(per_channel == per_channel[:, :1]):
-            rows = -(-ops.FINISH_ELEMENTS // channels)
-            return np.tile(per_channel[:, 0], (rows, 1)), True
+            return ops.channel_tile(per_channel[:, 0], np.float64), True
         return np.ascontiguousarray(fire_at.transpose(1, 2, 0)).reshape(-1, channels), False
 
-    return ops.derived(layer.threshold, f"b1 fire times {layer.t_min!r}", np.dtype(np.float64),
-                       make)
+    what = f"b1 fire times {layer.t_min!r} {ops.FINISH_ELEMENTS}"
+    return ops.derived(layer.threshold, what, np.dtype(np.float64), make)
 
 
 def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:

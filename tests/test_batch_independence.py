@@ -173,3 +173,30 @@ def test_fused_conv_layers_equal_the_whole_map_passes_bit_for_bit(name, dtype, g
     assert fused
     if gain != 1.0 and name != "every_kind":
         assert saturated_somewhere  # the saturation branch ran
+
+
+@pytest.mark.parametrize(
+    "kind,seed", [("chain", 0), ("chain", 2), ("chain", 6), ("chain", 9), ("residual", 0),
+                  ("residual", 1), ("residual", 3)]
+)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_forward_equals_the_layer_by_layer_forward_bit_for_bit(kind, seed, dtype,
+                                                                     monkeypatch):
+    """Network.forward applies a conv's bias and the batch norms and (clipped) ReLUs that
+    follow it to each output block in cache; the values are the bits of the layers' own
+    forwards one after the other (what ``activations`` runs), on chains with batch norm
+    before or after the ReLU, grouped and depthwise convs, position-dependent biases
+    and residual networks."""
+    from neurodeploy import ops
+    from neurodeploy.network import INPUT
+
+    monkeypatch.setattr(ops, "FINISH_ELEMENTS", 128)  # many blocks even on small maps
+    net = random_network(seed, modern=True) if kind == "chain" else random_residual_network(seed)
+    x = random_inputs(net, 9, seed).astype(dtype)
+    tails = net._elementwise_tails()
+    assert any(tails.values())  # something is fused
+    fused = net.forward(x, dtype=dtype)
+    by_layer = net._run(net.check_input(x, dtype=dtype), keep=True)
+    last = by_layer[net.layers[-1].name]
+    assert fused.dtype == last.dtype and np.array_equal(fused, last)
+    assert INPUT in by_layer
