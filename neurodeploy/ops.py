@@ -15,6 +15,13 @@ three classes of last bits by position modulo 12; in float64 the last row of an 
 row count, and a single row, differ), and a multi-threaded call splits its rows by the
 row count. Everything else here is elementwise or a fixed sequence of elementwise
 passes, the same for every sample.
+
+Fusion: :func:`conv2d` takes a ``prepare`` (an elementwise map of its input, written into
+the copy its GEMMs read) and a ``finish`` (elementwise work on each output block right
+after its GEMM, while the block is in cache). The forward pass fuses a conv's bias and the
+batch norms and ReLUs after it this way, the b1 simulation a layer's spike values, shortcuts
+and firing: on 224x224 networks the separate passes over whole maps cost as much as a
+third of the GEMMs (benchmarks/bench_limit.py).
 """
 
 from __future__ import annotations
