@@ -104,7 +104,7 @@ def _b1_conv_layer(
         else:
             term = values_through(shortcut.synapses, t_src, shortcut.t_source)
             adders.append((_flat_channels_last(term), None, None))
-    fire_at, tiled = _fire_times_channels_last(layer)  # t_min + theta, channels-last
+    fire_at, tiled = _fire_times_channels_last(layer, ops.compute_dtype(t_in))  # t_min + theta
     counts = np.zeros(n, np.int64)
     saturated = 0
 
@@ -151,23 +151,31 @@ def _flat_channels_last(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1).reshape(n, -1, c)
 
 
-def _fire_times_channels_last(layer: SpikingLayer) -> tuple[np.ndarray, bool]:
-    """t_min + theta (:func:`b1_fire`'s firing time at zero membrane) of a convolution
-    layer's neurons, computed once per layer: (Ho Wo, O) channels-last, or, when theta
-    is the same at every position (tiled: True), the per-channel values tiled over as
-    many rows as an ``ops.conv2d`` finish block holds (in cache with the block, not a
-    second map-sized stream from memory)."""
+def _fire_times_channels_last(layer: SpikingLayer, dtype) -> tuple[np.ndarray, bool]:
+    """:func:`fire_times` of a convolution layer's neurons in ``dtype``, computed once per
+    layer: (Ho Wo, O) channels-last, or, when theta is the same at every position (tiled:
+    True), the per-channel values tiled over as many rows as an ``ops.conv2d`` finish
+    block holds (in cache with the block, not a second map-sized stream from memory)."""
     channels = layer.output_shape[0]
+    dtype = np.dtype(dtype)
 
     def make():
-        fire_at = np.broadcast_to(layer.t_min + layer.threshold, layer.output_shape)
+        fire_at = np.broadcast_to(fire_times(layer, dtype), layer.output_shape)
         per_channel = fire_at.reshape(channels, -1)
         if np.all(per_channel == per_channel[:, :1]):
-            return ops.channel_tile(per_channel[:, 0], np.float64), True
+            return ops.channel_tile(per_channel[:, 0], dtype), True
         return np.ascontiguousarray(fire_at.transpose(1, 2, 0)).reshape(-1, channels), False
 
     what = f"b1 fire times {layer.t_min!r} {ops.FINISH_ELEMENTS}"
-    return ops.derived(layer.threshold, what, np.dtype(np.float64), make)
+    return ops.derived(layer.threshold, what, dtype, make)
+
+
+def fire_times(layer: SpikingLayer, dtype) -> np.ndarray:
+    """t_min + theta (output_shape) in ``dtype``: when a b1 neuron whose membrane is v at
+    t_min fires (t_min + theta - v). Computed in float64 and rounded once, so a float32
+    simulation subtracts in float32 (no mixed-precision passes)."""
+    fire_at = layer.t_min + layer.threshold
+    return fire_at if np.dtype(dtype) == fire_at.dtype else fire_at.astype(dtype)
 
 
 def add_shortcuts(layer, v: np.ndarray, shortcut_in: tuple) -> np.ndarray:
@@ -212,7 +220,7 @@ def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
     would need longer than its window stays silent. A b1 neuron only ramps from
     t_min, so it never fires early: the early count is 0 by construction.
     """
-    t_fire = np.subtract(layer.t_min + layer.threshold, v, out=v)
+    t_fire = np.subtract(fire_times(layer, v.dtype), v, out=v)
     saturated = 0
     if t_fire.min(initial=np.inf) < layer.t_min:
         if not layer.clipped:
