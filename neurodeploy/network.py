@@ -642,10 +642,10 @@ class Network:
         fused_into = {}  # index of a layer applied by an earlier conv's forward -> that conv
         for i, (layer, srcs) in enumerate(zip(self.layers, self.sources, strict=True)):
             if i in fused_into:  # computed with its conv: the conv's output is its value
-                out = values[srcs[0]]
+                out = values[self.layers[i - 1].name]
             elif i in tails:
                 tail = [self.layers[j] for j in tails[i]]
-                out = _conv_forward_fused(layer, values[srcs[0]], tail)
+                out = _conv_forward_fused(layer, values[srcs[0]], tail, values)
                 fused_into.update((j, i) for j in tails[i])
             elif isinstance(layer, Add):
                 out = layer.forward_many([values[s] for s in srcs])
@@ -668,22 +668,30 @@ class Network:
         return values
 
     def _elementwise_tails(self) -> dict[int, list[int]]:
-        """Index of every ungrouped Conv2d -> the indices of the BatchNorm and ReLU layers
-        that follow it as a chain, each the only reader of the layer before (maybe none):
-        its forward applies them, and its bias, to each output block while the block is
-        in cache (:func:`_conv_forward_fused`), instead of one pass each over the map."""
+        """Index of every ungrouped Conv2d -> the indices of the BatchNorm, ReLU and
+        two-input Add layers that follow it as a chain, each the only reader of the layer
+        before (maybe none; an Add's other input computed before the conv): its forward
+        applies them, and its bias, to each output block while the block is in cache
+        (:func:`_conv_forward_fused`), instead of one pass each over the map."""
         readers: dict[str, list[int]] = {}
         for j, srcs in enumerate(self.sources):
             for src in set(srcs):
                 readers.setdefault(src, []).append(j)
+        made_at = {layer.name: j for j, layer in enumerate(self.layers)}
         tails = {}
         for i, layer in enumerate(self.layers):
             if not (isinstance(layer, Conv2d) and layer.groups == 1):
                 continue
             tail, j = [], i
-            while j + 1 < len(self.layers) and isinstance(self.layers[j + 1], (BatchNorm, ReLU)):
-                name = self.layers[j].name
-                if self.sources[j + 1] != (name,) or readers.get(name) != [j + 1]:
+            while j + 1 < len(self.layers):
+                name, nxt, srcs = self.layers[j].name, self.layers[j + 1], self.sources[j + 1]
+                if readers.get(name) != [j + 1]:
+                    break
+                if isinstance(nxt, Add):
+                    others = [s for s in srcs if s != name]
+                    if len(srcs) != 2 or len(others) != 1 or made_at.get(others[0], -1) >= i:
+                        break
+                elif not isinstance(nxt, (BatchNorm, ReLU)) or srcs != (name,):
                     break
                 j += 1
                 tail.append(j)
@@ -695,12 +703,13 @@ class Network:
         return np.argmax(self.forward(x), axis=1)
 
 
-def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list) -> np.ndarray:
-    """conv.forward(x) followed by the BatchNorm and ReLU layers of ``tail``, each applied
-    to every output block as the convolution produces it (``ops.conv2d``'s finish): the
-    same elementwise operations in the same order as the layers' own forwards (bias
-    add; x * scale + shift; max(x, 0), min(., clip)), so the same bits, without a pass
-    of their own over the map. x: (N, C, H, W); returns the last layer's output."""
+def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list, values: dict) -> np.ndarray:
+    """conv.forward(x) followed by the BatchNorm, ReLU and Add layers of ``tail``, each
+    applied to every output block as the convolution produces it (``ops.conv2d``'s
+    finish): the same elementwise operations in the same order as the layers' own
+    forwards (bias add; x * scale + shift; max(x, 0), min(., clip); + the Add's other
+    input, taken from ``values``), so the same bits, without a pass of their own over
+    the map. x: (N, C, H, W); returns the last layer's output."""
     dtype = ops.compute_dtype(x)
 
     bias = ops.param_as(conv.bias, dtype)
@@ -711,20 +720,31 @@ def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list) -> np.ndarray:
     else:
         per_channel = ops.derived_tile(conv.bias, "bias", dtype, lambda: bias)
     steps = []
+    chain = conv.name  # the layer whose value the blocks hold
     for layer in tail:
         if isinstance(layer, BatchNorm):
             scale = ops.derived_tile(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
             shift = ops.derived_tile(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
             steps += [(np.multiply, scale), (np.add, shift)]
+        elif isinstance(layer, Add):  # a + b == b + a in IEEE arithmetic: either order
+            other = values[next(s for s in layer.inputs if s != chain)]
+            n, c = other.shape[:2]
+            steps.append((None, other.transpose(0, 2, 3, 1).reshape(n, -1, c)))  # (N, HW, O)
         else:
             steps.append((np.maximum, 0.0))
             if layer.clip is not None:
                 steps.append((np.minimum, layer.clip))
+        chain = layer.name
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
         r = block.shape[1]
         np.add(block, per_channel[:r] if per_channel is not None else by_rows[rows], out=block)
         for ufunc, operand in steps:
-            ufunc(block, operand[:r] if isinstance(operand, np.ndarray) else operand, out=block)
+            if ufunc is None:  # an Add's other input, at the block's samples and positions
+                block += operand[samples, rows]
+            else:
+                ufunc(block, operand[:r] if isinstance(operand, np.ndarray) else operand,
+                      out=block)
 
     return ops.conv2d(x, conv.weight, conv.stride, conv.padding, finish=finish)
+
