@@ -254,7 +254,7 @@ def _cmd_run(args) -> int:
         hw.trace,
     )
     model_path = hw.model_path
-    reference = simulate(hw.snn, hw.x)
+    reference = simulate(hw.snn, hw.x, keep=())  # outputs and spike counts only
     report = hardware_summary(reference, trace, y)
     metrics = neurobench_metrics(hw.snn, trace, profile, backend, dep)
     payload = {
@@ -540,7 +540,7 @@ def _cmd_finetune(args) -> int:
             f"hardware seeds ({when})", args.eval_seeds, "seeds", show_bars, leave=False
         ) as seeds_bar:
             for k in range(args.eval_seeds):
-                runs.append(deploy(s, profile, backend=backend, seed=k).run(x))
+                runs.append(deploy(s, profile, backend=backend, seed=k).run(x, keep=()))
                 seeds_bar.update(1)
         return (
             float(np.mean([r.accuracy(y) for r in runs])) if y is not None else float("nan"),
@@ -583,8 +583,12 @@ def _cmd_finetune(args) -> int:
         "backend": backend,
         "data": data_desc,
         "eval_seeds": args.eval_seeds,
-        "accuracy_reference_before": simulate(snn, x).accuracy(y) if y is not None else None,
-        "accuracy_reference_after": simulate(result.snn, x).accuracy(y) if y is not None else None,
+        "accuracy_reference_before": (
+            simulate(snn, x, keep=()).accuracy(y) if y is not None else None
+        ),
+        "accuracy_reference_after": (
+            simulate(result.snn, x, keep=()).accuracy(y) if y is not None else None
+        ),
         "accuracy_hardware_before": before,
         "accuracy_hardware_after": after,
         "spikes_per_neuron_before": spikes_before,

@@ -57,8 +57,8 @@ from .backends.common import abs_weight_ops
 from .deploy import Deployment, shortcut_term_key
 from .fileio import write_text_atomic
 from .metrics import neurobench_metrics
-from .simulate import simulate
-from .trace import Trace
+from .simulate import simulate, stages_with_spike_times
+from .trace import Trace, require_spike_times
 from .ttfs import INPUT_WINDOW, OutputLayer, TimePool, TTFSNetwork, apply_synapses
 
 SCHEMA_VERSION = 2
@@ -227,14 +227,21 @@ def crosscheck(
     """Run the reference simulator and the deployment on x (N, *input_shape) and compare.
 
     y: labels (N,) for accuracies. hardware / reference: traces already computed on
-    the same x, to avoid running again. ``dep.snn`` may differ from ``snn`` (e.g. other
-    windows): hardware values are decoded with the deployment's own windows.
+    the same x, to avoid running again; they must hold every stage's spike times (runs
+    with keep=None: else a UsageError names the missing stages). ``dep.snn`` may differ
+    from ``snn`` (e.g. other windows): hardware values are decoded with the deployment's
+    own windows.
     attribution: also name the cause layer and effect (one partial run per stage and
     one rebuilt deployment per effect; on the digits models well under a second).
     sigmas: width k of the statistical bound of analog deployments.
     """
     reference = simulate(snn, x) if reference is None else reference
     hardware = dep.run(x) if hardware is None else hardware
+    for which, trace in (("reference", reference), ("hardware", hardware)):
+        require_spike_times(
+            trace, stages_with_spike_times(snn), f"crosscheck ({which} trace)",
+            "the cross-check compares every stage's spike times",
+        )
     terms = dep.quantization_terms()
     statistics = dep.weight_statistics() if hasattr(dep, "weight_statistics") else {}
     if not any(np.any(var > 0) for _, var in statistics.values()):

@@ -68,8 +68,18 @@ class Deployment(ABC):
         self.seed = int(seed)
 
     @abstractmethod
-    def run(self, x) -> Trace:
-        """Run raw inputs x (N, *input_shape); return a Trace with latency_s and energy_j."""
+    def run(self, x, *, keep=None) -> Trace:
+        """Run raw inputs x (N, *input_shape); return a Trace with latency_s and energy_j.
+
+        keep: names of the stages whose spike times the trace holds (as
+        :func:`~neurodeploy.simulate.simulate`'s: "input", hidden layers, pools; None,
+        the default: every stage; ``()``: none; an unknown name is a UsageError). The
+        output, latency_s, energy_j, the spike counts of every stage
+        (``Trace.spikes_per_layer``) and the saturated, early and overflow counts are
+        those of a full run. What needs a dropped stage's spike times (metrics, the
+        cross-check) refuses the trace with a UsageError naming it. How much memory
+        keep saves is the backend's to say (the emulator and the crossbar hold one
+        chunk of the stages not kept)."""
 
     def stage_runner(self) -> StageRunner | None:
         """The stage functions of this deployment (see :class:`StageRunner`), or None when

@@ -59,9 +59,8 @@ from dataclasses import replace
 import numpy as np
 
 from .backends.common import SumPool2d, fold_average_pools
-from .errors import UsageError
 from .network import Conv2d, Dense
-from .trace import Trace
+from .trace import Trace, require_spike_times
 from .ttfs import OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
 FLOAT_BYTES = 8  # float64, the reference simulator's and the float backends' precision
@@ -161,12 +160,9 @@ def neurobench_metrics(
         steps = profile.timing.steps_per_window
     precision = _precision(profile, backend)
     sources = ("input", *(s.name for s in snn.stages[:-1]))
-    missing = [name for name in sources if name not in trace.spike_times]
-    if missing:
-        raise UsageError(
-            f"metrics: the trace holds no spike times of {missing} (a run with keep=...); "
-            "effective operations count each spike's synapses: run with keep=None"
-        )
+    require_spike_times(
+        trace, sources, "metrics", "effective operations count each spike's synapses"
+    )
     fired = {name: np.isfinite(t).reshape(n, -1) for name, t in trace.spike_times.items()}
     layers = []
     previous = "input"

@@ -438,7 +438,7 @@ def stages_with_spike_times(snn: TTFSNetwork) -> tuple[str, ...]:
     return ("input", *(s.name for s in snn.stages if not isinstance(s, OutputLayer)))
 
 
-def _check_keep(snn: TTFSNetwork, keep) -> frozenset | None:
+def check_keep(snn: TTFSNetwork, keep) -> frozenset | None:
     """``keep`` as a set of stage names (None: every stage); raises UsageError naming an
     unknown one."""
     if keep is None:
@@ -491,48 +491,14 @@ def simulate(
     dt = compute_dtype_of(dtype)
     if snn.neuron != "b1" and dt != np.float64:
         raise UsageError(f"dtype={dt.name}: only b1 networks simulate in float32")
-    kept = _check_keep(snn, keep)
+    kept = check_keep(snn, keep)
     t, outside = encode_input(snn, x, dt)
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
     n = t.shape[0]
     per = chunk_samples(working_bytes(snn, dt), memory_budget)
-    early: dict[str, int] = {}
-    counts: dict[str, np.ndarray] = {}
-    if n <= per:
-        output, spike_times, saturated = run_stages(
-            snn, t, layer_step, time_pool, output_potential, early, kept, counts
-        )
-        if kept is not None:
-            spike_times = {name: v for name, v in spike_times.items() if name in kept}
-    else:
-        output, spike_times, saturated = None, None, {}
-        for lo, hi in chunks(n, per):
-            part_early: dict[str, int] = {}
-            part_counts: dict[str, np.ndarray] = {}
-            part_out, part_times, part_sat = run_stages(
-                snn, t[lo:hi], layer_step, time_pool, output_potential, part_early, kept,
-                part_counts,
-            )
-            if output is None:
-                output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
-                spike_times = {
-                    name: like_batch(v, n)
-                    for name, v in part_times.items()
-                    if kept is None or name in kept
-                }
-                counts = {name: np.empty(n, np.int64) for name in part_counts}
-            output[lo:hi] = part_out
-            for name, v in spike_times.items():
-                v[lo:hi] = part_times[name]
-            for name, c in part_counts.items():
-                counts[name][lo:hi] = c
-            for name, count in part_sat.items():
-                saturated[name] = saturated.get(name, 0) + count
-            for name, count in part_early.items():
-                early[name] = early.get(name, 0) + count
-            del part_times
-    sizes = {"input": int(np.prod(snn.input_shape))}
-    sizes.update((s.name, int(np.prod(s.output_shape))) for s in snn.stages)
+    output, spike_times, saturated, early, counts = run_stages_chunked(
+        snn, t, layer_step, time_pool, output_potential, per, kept
+    )
     return Trace(
         output=output,
         spike_times=spike_times,
@@ -541,9 +507,85 @@ def simulate(
         latency=np.full(n, snn.latency),
         backend="reference",
         early_per_layer=early,
-        spikes_per_layer={name: counts[name] for name in counts},
-        neurons_per_layer={name: sizes[name] for name in counts},
+        spikes_per_layer=counts,
+        neurons_per_layer=stage_neurons(snn, counts),
     )
+
+
+def stage_neurons(snn: TTFSNetwork, names) -> dict[str, int]:
+    """Neurons per sample of each of ``names`` (stages of snn, or "input")."""
+    sizes = {"input": int(np.prod(snn.input_shape))}
+    sizes.update((s.name, int(np.prod(s.output_shape))) for s in snn.stages)
+    return {name: sizes[name] for name in names}
+
+
+def run_stages_chunked(
+    snn: TTFSNetwork,
+    t_input: np.ndarray,
+    spiking_layer,
+    time_pool,
+    output_layer,
+    per_chunk: int,
+    keep=None,
+    on_chunk=None,
+):
+    """:func:`run_stages` over chunks of at most per_chunk samples, assembled (the chunk
+    loop of :func:`simulate` and of every backend's run).
+
+    t_input: (N, *input_shape) encoded input spike times; the stage functions as
+    :func:`run_stages` takes them. keep: a set of stage names (:func:`check_keep`) whose
+    spike times are returned, None: every stage; the others live one chunk at a time (a
+    shortcut's source until its join). on_chunk(lo, hi) is called before each chunk (a
+    backend points its per-sample statistics at the chunk's samples). The stage
+    functions see the chunks in order, so a random stream a stage draws from in sample
+    order gives every sample the same draws whatever the chunk size.
+
+    Returns (logits (N, classes), spike_times {name: (N, *shape)}, saturated {stage:
+    count}, early {name: count}, spike_counts {name: (N,) int64}): the counts summed over
+    the chunks, spike_counts of "input" and of every stage with spike times, kept or
+    not. A kept "input" is t_input itself; one chunk returns its arrays as they are."""
+    n = t_input.shape[0]
+    if n <= per_chunk:
+        if on_chunk is not None:
+            on_chunk(0, n)
+        early: dict[str, int] = {}
+        counts: dict[str, np.ndarray] = {}
+        output, spike_times, saturated = run_stages(
+            snn, t_input, spiking_layer, time_pool, output_layer, early, keep, counts
+        )
+        if keep is not None:
+            spike_times = {name: v for name, v in spike_times.items() if name in keep}
+        return output, spike_times, saturated, early, counts
+    output, spike_times, saturated, early, counts = None, None, {}, {}, {}
+    for lo, hi in chunks(n, per_chunk):
+        if on_chunk is not None:
+            on_chunk(lo, hi)
+        part_early: dict[str, int] = {}
+        part_counts: dict[str, np.ndarray] = {}
+        part_out, part_times, part_sat = run_stages(
+            snn, t_input[lo:hi], spiking_layer, time_pool, output_layer, part_early, keep,
+            part_counts,
+        )
+        if output is None:
+            output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
+            spike_times = {
+                name: t_input if name == "input" else like_batch(v, n)
+                for name, v in part_times.items()
+                if keep is None or name in keep
+            }
+            counts = {name: np.empty(n, np.int64) for name in part_counts}
+        output[lo:hi] = part_out
+        for name, v in spike_times.items():
+            if name != "input":
+                v[lo:hi] = part_times[name]
+        for name, c in part_counts.items():
+            counts[name][lo:hi] = c
+        for name, count in part_sat.items():
+            saturated[name] = saturated.get(name, 0) + count
+        for name, count in part_early.items():
+            early[name] = early.get(name, 0) + count
+        del part_times
+    return output, spike_times, saturated, early, counts
 
 
 def like_batch(part: np.ndarray, n: int) -> np.ndarray:

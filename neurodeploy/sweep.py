@@ -354,7 +354,8 @@ def _context(spec_json: str) -> _Context:
     x_cal, x, y, _ = load_model_data(net, spec.data, spec.calibration_size, spec.samples)
     snn = convert(net, calibration=x_cal, zeta=spec.zeta)
     profile = profile_from_dict(spec.profile, source=f"{spec.model} sweep profile")
-    return _Context(snn, profile, x, y, simulate(snn, x), spec.points())
+    # the records read outputs and counts only: no spike times are kept (keep=())
+    return _Context(snn, profile, x, y, simulate(snn, x, keep=()), spec.points())
 
 
 def run_task(spec_json: str, point: int, seed: int) -> dict:
@@ -377,7 +378,7 @@ def _run_task(spec_json: str, point: int, seed: int) -> dict:
     spec = json.loads(spec_json)
     params = ctx.points[point]
     profile = ctx.profile.with_overrides(params, origin="--param")
-    trace = deploy(ctx.snn, profile, backend=spec["backend"], seed=seed).run(ctx.x)
+    trace = deploy(ctx.snn, profile, backend=spec["backend"], seed=seed).run(ctx.x, keep=())
     ref = ctx.reference
     return {
         "point": point,

@@ -6,10 +6,12 @@ type, so cross-checks and reports never care which backend made it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
+
+from .errors import UsageError
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,8 +21,8 @@ class Trace:
     output: (N, classes) decoded logits. predictions: (N,) argmax of output.
     spike_times: stage name -> (N, *stage shape) spike times in time units,
     ``inf`` where a neuron does not spike; "input" holds the encoded input. A run
-    may keep only some stages (``simulate(..., keep=...)``): their counts stay in
-    spikes_per_layer.
+    may keep only some stages (``simulate(..., keep=...)``, ``Deployment.run(...,
+    keep=...)``): the counts of every stage stay in spikes_per_layer.
     neuron_layers: names of the stages whose neurons spike (the input and
     the hidden layers; pools only route spikes, the output layer does not spike).
     spike_count: (N,) spikes per sample over the neuron layers.
@@ -45,8 +47,9 @@ class Trace:
     overflow: stage name -> count of hardware saturations that are not window
     saturations (membrane or current clipping, ADC clipping).
     spikes_per_layer: stage name -> (N,) spikes per sample of the stage, for every stage
-    with spike times, kept or not (filled by the reference simulator; empty: counted
-    from spike_times). neurons_per_layer: stage name -> neurons per sample, alike.
+    with spike times, kept or not (filled by the reference simulator, the emulator and
+    the crossbar, and by any run with keep; empty: counted from spike_times).
+    neurons_per_layer: stage name -> neurons per sample, alike.
     """
 
     output: np.ndarray
@@ -115,7 +118,33 @@ class Trace:
     def early(self) -> int:
         return int(sum(self.early_per_layer.values()))
 
+    def trimmed(self, keep) -> Trace:
+        """This trace holding the spike times of the stages in ``keep`` only (a set of
+        names; None: this trace itself); the spike counts and neuron counts of every stage
+        it held stay in spikes_per_layer and neurons_per_layer."""
+        if keep is None:
+            return self
+        counts = {**self.spikes_per_layer}
+        neurons = {**self.neurons_per_layer}
+        for name in self.spike_times:
+            counts[name] = self.layer_spikes(name)
+            neurons[name] = self.layer_neurons(name)
+        kept = {name: t for name, t in self.spike_times.items() if name in keep}
+        return replace(self, spike_times=kept, spikes_per_layer=counts, neurons_per_layer=neurons)
+
     def accuracy(self, labels) -> float:
         """Fraction of samples whose prediction equals ``labels`` (N,)."""
         labels = np.asarray(labels)
         return float(np.mean(self.predictions == labels)) if labels.size else float("nan")
+
+
+def require_spike_times(trace: Trace, names, who: str, why: str) -> None:
+    """Raise UsageError naming the stages of ``names`` whose spike times ``trace`` does
+    not hold (a run with keep=...). who: what refuses ("metrics"); why: what it needs
+    the spike times for."""
+    missing = [name for name in names if name not in trace.spike_times]
+    if missing:
+        raise UsageError(
+            f"{who}: the trace holds no spike times of {missing} (a run with keep=...); "
+            f"{why}: run with keep=None"
+        )

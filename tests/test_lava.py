@@ -266,6 +266,33 @@ def test_fixed_point_lava_runs_residual_nets_exactly_like_the_emulator(make):
     np.testing.assert_array_equal(lava.energy_j, emulator.energy_j)
 
 
+def test_lava_keep_trims_the_trace_and_keeps_every_count_and_cost():
+    """keep=: the trace holds the kept stages only; output, energy, spike counts of every
+    stage and the energy breakdown are the emulator's full run's. A bad name is refused
+    before Lava starts."""
+    from neurodeploy.simulate import stages_with_spike_times
+
+    snn, x = conv_resnet(0)
+    x = x[:12]
+    emulator_dep = nd.deploy(snn, "loihi2")
+    emulator = emulator_dep.run(x)
+    dep = nd.deploy(snn, "loihi2", backend="lava", batch=5)
+    lava = dep.run(x, keep=("conv1",))
+    assert set(lava.spike_times) == {"conv1"}
+    np.testing.assert_array_equal(lava.spike_times["conv1"], emulator.spike_times["conv1"])
+    np.testing.assert_array_equal(lava.output, emulator.output)
+    np.testing.assert_array_equal(lava.energy_j, emulator.energy_j)
+    for name in stages_with_spike_times(snn):
+        np.testing.assert_array_equal(lava.layer_spikes(name), emulator.layer_spikes(name))
+    np.testing.assert_array_equal(lava.spike_count, emulator.spike_count)
+    assert lava.saturated_per_layer == emulator.saturated_per_layer
+    assert lava.overflow == emulator.overflow
+    assert dep.energy_breakdown(lava) == emulator_dep.energy_breakdown(emulator)
+    with pytest.raises(nd.UsageError, match="'nope' is no stage"):
+        dep.run(x, keep=("nope",))
+    assert child_processes() == []
+
+
 def test_saturating_residual_joins_match_the_emulator():
     snn, x = dense_resnet(0)
     profile = nd.load_profile("loihi2").with_overrides(

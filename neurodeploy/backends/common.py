@@ -175,38 +175,3 @@ def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     tail[..., : m - full, :] = a[..., full:, :]
     out[..., full:, :] = np.matmul(tail, b)[..., : m - full, :]
     return out
-
-
-def run_stages_chunked(snn: TTFSNetwork, t_input: np.ndarray, spiking, pool, output,
-                       per_chunk: int, on_chunk=None):
-    """:func:`~neurodeploy.simulate.run_stages` over chunks of at most per_chunk samples,
-    assembled: (logits, spike_times, saturated, early), the counts summed over the chunks.
-    on_chunk(lo, hi) is called before each chunk (a backend points its per-sample
-    statistics at the chunk's samples). The stage functions see the chunks in order, so
-    a random stream a stage draws from in sample order gives every sample the same draws
-    whatever the chunk size."""
-    from ..memory import chunks
-    from ..simulate import like_batch, run_stages
-
-    n = t_input.shape[0]
-    logits, spike_times, saturated, early = None, None, {}, {}
-    for lo, hi in chunks(n, per_chunk) or [(0, 0)]:
-        if on_chunk is not None:
-            on_chunk(lo, hi)
-        part_early: dict[str, int] = {}
-        out, times, sat = run_stages(snn, t_input[lo:hi], spiking, pool, output, part_early)
-        if hi - lo == n:  # one chunk: the arrays as they are
-            return out, times, sat, part_early
-        if logits is None:
-            logits = np.empty((n, *out.shape[1:]), out.dtype)
-            spike_times = {name: like_batch(v, n) for name, v in times.items() if name != "input"}
-            spike_times = {"input": t_input, **spike_times}
-        logits[lo:hi] = out
-        for name, v in times.items():
-            if name != "input":
-                spike_times[name][lo:hi] = v
-        for name, count in sat.items():
-            saturated[name] = saturated.get(name, 0) + count
-        for name, count in part_early.items():
-            early[name] = early.get(name, 0) + count
-    return logits, spike_times, saturated, early

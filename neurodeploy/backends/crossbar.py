@@ -72,10 +72,13 @@ from ..network import Conv2d, compute_dtype_of
 from ..profile import Converter, Crossbar, Faults
 from ..simulate import (
     b1_fire,
+    check_keep,
     encode_input,
     neuron_layers,
+    run_stages_chunked,
     simulate,
     spike_values,
+    stage_neurons,
     time_pool,
 )
 from ..simulate import working_bytes as simulate_working_bytes
@@ -86,7 +89,6 @@ from .common import (
     encode_on_grid,
     require_b1,
     rows_matmul,
-    run_stages_chunked,
     step_sizes,
 )
 
@@ -649,7 +651,9 @@ class CrossbarDeployment(Deployment):
         spiking, output = self._stage_functions(0, stats)
         return StageRunner(lambda x: self.encode(x)[0], spiking, output)
 
-    def run(self, x, read_seed: int = 0, memory_budget=None, dtype="float64") -> Trace:
+    def run(
+        self, x, read_seed: int = 0, memory_budget=None, dtype="float64", keep=None
+    ) -> Trace:
         """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
         (same deployment seed and read_seed, same bits). memory_budget: bytes (or "8G")
         for one chunk's working set (:mod:`neurodeploy.memory`; default the process-wide
@@ -657,8 +661,15 @@ class CrossbarDeployment(Deployment):
         size (at a fixed BLAS thread count). dtype: "float64" (default) or "float32" for
         the analog forward (spike times, word-line inputs, conductances and column sums;
         the same read-noise draws, rounded to float32; programming stays float64); its
-        error against float64 is in the README's performance section."""
+        error against float64 is in the README's performance section. keep: names of
+        the stages whose spike times the trace holds (as
+        :func:`~neurodeploy.simulate.simulate`'s; None, the default: every stage; ``()``:
+        none); output, energy_j (read charge counted as the arrays are read, spikes from
+        the per-stage counts), latency_s, spike counts of every stage, saturation and
+        ADC clipping counts are a full run's bit for bit, and the stages not kept take no
+        memory beyond one chunk's."""
         snn = self.snn
+        kept = check_keep(snn, keep)
         dt = compute_dtype_of(dtype)
         t_input, outside = self.encode(x, dt)
         n = t_input.shape[0]
@@ -670,8 +681,8 @@ class CrossbarDeployment(Deployment):
             stats["read_charge"] = read_charge[lo:hi]
 
         per = chunk_samples(self.working_bytes(dt), memory_budget)
-        logits, spike_times, saturated, early = run_stages_chunked(
-            snn, t_input, spiking, time_pool, output, per, on_chunk
+        logits, spike_times, saturated, early, counts = run_stages_chunked(
+            snn, t_input, spiking, time_pool, output, per, kept, on_chunk
         )
         trace = Trace(
             output=logits,
@@ -683,6 +694,8 @@ class CrossbarDeployment(Deployment):
             backend=self.backend,
             step_size=dict(self.step_size),
             overflow=stats["overflow"],
+            spikes_per_layer=counts,
+            neurons_per_layer=stage_neurons(snn, counts),
         )
         energy = self._energy(trace, read_charge)
         self._last_energy = float(energy.mean()) if n else None

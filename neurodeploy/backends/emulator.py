@@ -55,6 +55,7 @@ With the ``ideal`` profile the emulator runs the reference simulator.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -64,9 +65,18 @@ from ..deploy import Deployment, StageRunner, shortcut_term_key
 from ..errors import DeployError
 from ..memory import chunk_samples, chunks
 from ..network import Conv2d, Dense, Flatten
-from ..simulate import encode_input, neuron_layers, simulate, time_pool
+from ..simulate import (
+    check_keep,
+    encode_input,
+    neuron_layers,
+    run_stages_chunked,
+    simulate,
+    stage_neurons,
+    stages_with_spike_times,
+    time_pool,
+)
 from ..simulate import working_bytes as simulate_working_bytes
-from ..trace import Trace
+from ..trace import Trace, require_spike_times
 from ..ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, apply_synapses
 from .common import (
     SumPool2d,
@@ -74,7 +84,6 @@ from .common import (
     encode_on_grid,
     fold_average_pools,
     require_b1,
-    run_stages_chunked,
     step_sizes,
 )
 
@@ -616,6 +625,9 @@ class EmulatorDeployment(Deployment):
         self.core_axons: dict[str, np.ndarray] = {}
         self._last_energy: float | None = None
         self._last_breakdown: dict | None = None
+        # trace this deployment returned -> its energy breakdown (a run with keep= has not
+        # the spike times to count it again)
+        self._breakdowns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if profile.hardware == "ideal":
             return
         require_b1(snn, self.backend)
@@ -721,7 +733,12 @@ class EmulatorDeployment(Deployment):
         return sources
 
     # -- running ---------------------------------------------------------------------------
-    def _spiking(self, overflow: dict):
+    def _spiking(self, overflow: dict, events: dict | None = None):
+        """The hidden layers' stage function (as run_stages takes it); clipped counts
+        into overflow; with events ({"synops": (n,), "active": (n,)}, pointed at a chunk's
+        samples), each layer adds its synaptic events and active updates
+        (:meth:`_layer_events`)."""
+
         def layer(stage: SpikingLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_min, prog.dt_in)
@@ -750,30 +767,51 @@ class EmulatorDeployment(Deployment):
             m += stage.t_min
             with np.errstate(divide="ignore"):
                 np.divide(m, fires, out=m)  # t / 0 = inf: no spike within the window
+            if events is not None:
+                self._count_events(events, stage, t_in, shortcut_in, m)
             # b1 ramps from t_min (step 0 at the earliest): no spike can be early.
             return m, saturated, 0
 
         return layer
 
-    def _output(self, overflow: dict):
+    def _output(self, overflow: dict, events: dict | None = None):
+        """The output layer's stage function; overflow and events as :meth:`_spiking`'s."""
+
         def layer(stage: OutputLayer, t_in: np.ndarray, shortcut_in: tuple = ()):
             prog = self.programs[stage.name]
             d = durations(t_in, stage.t_read, prog.dt_in)
             shortcut_d = _shortcut_durations(stage, prog, shortcut_in)
             v, clipped = _integrate(prog, d, shortcut_d, start=prog.bias)
             overflow[stage.name] = overflow.get(stage.name, 0) + clipped  # summed over chunks
+            if events is not None:
+                self._count_events(events, stage, t_in, shortcut_in, None)
             return (v * prog.lsb).reshape(len(v), -1)
 
         return layer
 
-    def run(self, x, memory_budget=None) -> Trace:
+    def _count_events(self, events: dict, stage, t_in, shortcut_in: tuple, t_out) -> None:
+        """Add one layer's synaptic events and active updates of a chunk to events (its
+        {"synops", "active"} (n,) arrays); exact integer sums, so the totals do not depend
+        on the chunks or the order of the layers."""
+        synops, active = self._layer_events(stage, t_in, shortcut_in, t_out)
+        events["synops"] += synops
+        events["active"] += active
+
+    def run(self, x, memory_budget=None, keep=None) -> Trace:
         """Run raw inputs x (N, *input_shape). memory_budget: bytes (or "8G") for one
         chunk's working set (:mod:`neurodeploy.memory`; default the process-wide budget or
         NEURODEPLOY_MEMORY_BUDGET): large batches run in chunks, and the trace, its
         counts and costs are the same bits for any chunk size (the fixed-point sums are
-        exact integers)."""
+        exact integers). keep: names of the stages whose spike times the trace holds
+        (as :func:`~neurodeploy.simulate.simulate`'s: "input", hidden layers, pools;
+        None, the default: every stage; ``()``: none); output, energy_j, latency_s, the
+        spike counts of every stage (``Trace.spikes_per_layer``), saturation, overflow
+        and early counts are those of a full run, bit for bit: each chunk's synaptic
+        events and active neuron updates are counted as its layers run, and the stages
+        not kept take no memory beyond one chunk's."""
+        kept = check_keep(self.snn, keep)
         if self.profile.hardware == "ideal":
-            trace = simulate(self.snn, x, memory_budget=memory_budget)
+            trace = simulate(self.snn, x, memory_budget=memory_budget, keep=kept)
             latency_s = trace.latency * self.profile.timing.time_unit_s
             energy = trace.spike_count * self.profile.energy.spike_j
             return replace(
@@ -781,23 +819,33 @@ class EmulatorDeployment(Deployment):
             )
         snn = self.snn
         t_input, outside = self.encode(x)
+        n = t_input.shape[0]
         overflow: dict[str, int] = {}
+        synops, active = np.zeros(n), np.zeros(n)  # per sample, counted as the layers run
+        events: dict[str, np.ndarray] = {}
+
+        def on_chunk(lo: int, hi: int) -> None:
+            events["synops"], events["active"] = synops[lo:hi], active[lo:hi]
+
         per = chunk_samples(self.working_bytes(), memory_budget)
-        output, spike_times, saturated, early = run_stages_chunked(
-            snn, t_input, self._spiking(overflow), time_pool, self._output(overflow), per
+        output, spike_times, saturated, early, counts = run_stages_chunked(
+            snn, t_input, self._spiking(overflow, events), time_pool,
+            self._output(overflow, events), per, kept, on_chunk,
         )
         trace = Trace(
             output=output,
             spike_times=spike_times,
             neuron_layers=neuron_layers(snn),
             saturated_per_layer={"input": outside, **saturated},
-            latency=np.full(t_input.shape[0], snn.latency),
+            latency=np.full(n, snn.latency),
             backend=self.backend,
             step_size=dict(self.step_size),
             overflow=overflow,
             early_per_layer=early,
+            spikes_per_layer=counts,
+            neurons_per_layer=stage_neurons(snn, counts),
         )
-        return self.with_costs(trace, per)
+        return self.with_costs(trace, events=(synops, active))
 
     def working_bytes(self) -> int:
         """Estimated working memory (bytes) of one sample's run besides its trace: the
@@ -827,36 +875,48 @@ class EmulatorDeployment(Deployment):
         x01 = np.where(np.isfinite(t_raw), 1.0 - t_raw, 0.0)
         return encode_on_grid(x01, self.profile.timing.steps_per_window), outside
 
-    def with_costs(self, trace: Trace, per_chunk: int | None = None) -> Trace:
-        """The trace with latency_s and energy_j per sample from the profile; the counts
-        behind the energy are taken per_chunk samples at a time (default: the memory
-        budget's chunk)."""
+    def with_costs(
+        self, trace: Trace, per_chunk: int | None = None, events: tuple | None = None
+    ) -> Trace:
+        """The trace with latency_s and energy_j per sample from the profile. events:
+        the (N,) synaptic events and active neuron updates per sample, when the run
+        counted them; else they are counted from the trace's spike times per_chunk
+        samples at a time (default: the memory budget's chunk)."""
         n = trace.num_samples
         windows = 1 + len(self.snn.spiking_layers)  # input window + one per hidden layer
         steps = self.profile.timing.steps_per_window
         latency_s = np.full(n, windows * steps * self.profile.timing.step_time_s)
-        energy, self._last_breakdown = self._energy(trace, per_chunk)
+        energy, breakdown = self._energy(trace, per_chunk, events)
+        self._last_breakdown = breakdown
         self._last_energy = float(energy.mean()) if n else None
-        return replace(trace, latency_s=latency_s, energy_j=energy)
+        costed = replace(trace, latency_s=latency_s, energy_j=energy)
+        self._breakdowns[costed] = breakdown
+        return costed
 
     def energy_breakdown(self, trace: Trace) -> dict | None:
+        """See :meth:`Deployment.energy_breakdown`. A trace this deployment returned gives
+        the breakdown its run counted (also with keep=...); any other is counted from its
+        spike times, which must then hold every stage (UsageError naming the missing)."""
         if self.profile.hardware == "ideal":
             return None
-        return self._energy(trace)[1]
+        known = self._breakdowns.get(trace)
+        return known if known is not None else self._energy(trace)[1]
 
-    def _energy(self, trace: Trace, per_chunk: int | None = None) -> tuple[np.ndarray, dict]:
+    def _energy(
+        self, trace: Trace, per_chunk: int | None = None, events: tuple | None = None
+    ) -> tuple[np.ndarray, dict]:
         """Energy per sample (J): synaptic events x synop_j + active neuron updates x
         neuron_active_update_j + inactive ones x neuron_update_j + spikes x spike_j; and
-        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`). The event
-        counts are taken per_chunk samples at a time (default: the memory budget's)."""
+        the breakdown of the mean (see :meth:`Deployment.energy_breakdown`). events:
+        ((N,) synaptic events, (N,) active updates) as the run counted them; None: counted
+        from the trace's spike times per_chunk samples at a time (default: the memory
+        budget's)."""
         e = self.profile.energy
         n = trace.num_samples
-        per_chunk = per_chunk or chunk_samples(self.working_bytes())
-        synops, active = np.zeros(n), np.zeros(n)
-        for lo, hi in chunks(n, per_chunk):
-            times = {name: t[lo:hi] for name, t in trace.spike_times.items()}
-            synops[lo:hi] = self._synaptic_events(times, hi - lo)
-            active[lo:hi] = self._active_updates(times, hi - lo)
+        if events is None:
+            synops, active = self._trace_events(trace, per_chunk)
+        else:
+            synops, active = events
         inactive = self._neuron_updates_per_sample() - active
         parts = {
             "synaptic_ops": synops * e.synop_j,
@@ -882,19 +942,57 @@ class EmulatorDeployment(Deployment):
         }
         return sum(parts.values()), breakdown
 
-    def _synaptic_events(self, spike_times: dict, n: int) -> np.ndarray:
-        """Synaptic events per sample of n samples' spike times (exact integer sums)."""
-        synops = np.zeros(n)
-        previous = "input"
-        for stage in self.snn.stages:
-            prog = self.programs.get(stage.name)
-            if prog is not None:
-                fired = np.isfinite(spike_times[previous]).reshape(n, -1)
-                synops += fired @ prog.fanout
-                for sc in prog.shortcuts:  # the delayed source spikes reach these synapses
-                    synops += np.isfinite(spike_times[sc.source]).reshape(n, -1) @ sc.fanout
-            previous = stage.name
-        return synops
+    def _trace_events(self, trace: Trace, per_chunk: int | None = None) -> tuple:
+        """(N,) synaptic events and (N,) active neuron updates per sample, counted from the
+        trace's spike times (every stage's: UsageError naming a missing one) per_chunk
+        samples at a time (default: the memory budget's chunk)."""
+        require_spike_times(
+            trace, stages_with_spike_times(self.snn), f"{self.backend} energy",
+            "synaptic events and active updates count every stage's spikes",
+        )
+        n = trace.num_samples
+        per_chunk = per_chunk or chunk_samples(self.working_bytes())
+        synops, active = np.zeros(n), np.zeros(n)
+        for lo, hi in chunks(n, per_chunk):
+            times = {name: t[lo:hi] for name, t in trace.spike_times.items()}
+            events = {"synops": synops[lo:hi], "active": active[lo:hi]}
+            previous = "input"
+            for stage in self.snn.stages:
+                prog = self.programs.get(stage.name)
+                if prog is not None:
+                    shortcut_in = tuple(times[sc.source] for sc in prog.shortcuts)
+                    t_out = times[stage.name] if isinstance(stage, SpikingLayer) else None
+                    self._count_events(events, stage, times[previous], shortcut_in, t_out)
+                previous = stage.name
+        return synops, active
+
+    def _layer_events(self, stage, t_in: np.ndarray, shortcut_in: tuple, t_out) -> tuple:
+        """(n,) synaptic events and (n,) active neuron updates of one layer of n samples.
+
+        t_in: the spike times of the stage before (n, *input_shape); shortcut_in: those of
+        the layer's shortcut sources; t_out: the layer's own (n, *output_shape), None for
+        the output layer. Every spike reaches the synapses of its neuron (fanout), a
+        shortcut source's delayed spikes its group's. A neuron is active during its input
+        window when any presynaptic spike reaches it (counted for the whole window: an
+        upper bound, its first input may arrive late) and during its own window up to and
+        including the step it fires (all K steps when it stays silent). Exact integer
+        sums (float64)."""
+        prog = self.programs[stage.name]
+        steps = self.profile.timing.steps_per_window
+        n = t_in.shape[0]
+        fired = np.isfinite(t_in)
+        synops = fired.reshape(n, -1) @ prog.fanout
+        reached = apply_synapses(prog.indicator, fired.astype(np.float64)).reshape(n, -1) > 0
+        for sc, t_src in zip(prog.shortcuts, shortcut_in, strict=True):
+            src = np.isfinite(t_src)  # the delayed source spikes reach these synapses
+            synops += src.reshape(n, -1) @ sc.fanout
+            reached |= apply_synapses(sc.indicator, src.astype(np.float64)).reshape(n, -1) > 0
+        active = steps * reached.sum(axis=1)
+        if t_out is not None:
+            t = t_out.reshape(n, -1)
+            m = np.where(np.isfinite(t), np.rint((t - stage.t_min) / prog.dt) + 1, steps)
+            active = active + m.sum(axis=1)
+        return synops, active
 
     def _neuron_updates_per_sample(self) -> float:
         """Every neuron of the chip updates in every time step of the inference: the input
@@ -903,32 +1001,6 @@ class EmulatorDeployment(Deployment):
         windows = 1 + len(self.snn.spiking_layers)
         steps = self.profile.timing.steps_per_window
         return float(sum(p.neurons for p in self.programs.values()) * windows * steps)
-
-    def _active_updates(self, spike_times: dict, n: int) -> np.ndarray:
-        """Active neuron updates per sample of n samples' spike times: a neuron is active
-        during its input window when any presynaptic spike reaches it (counted for the
-        whole window: an upper bound, its first input may arrive late) and during its own
-        window up to and including the step it fires (all K steps when it stays silent)."""
-        steps = self.profile.timing.steps_per_window
-        active = np.zeros(n)
-        previous = "input"
-        for stage in self.snn.stages:
-            prog = self.programs.get(stage.name)
-            if prog is None:
-                previous = stage.name
-                continue
-            fired = np.isfinite(spike_times[previous]).astype(np.float64)
-            reached = apply_synapses(prog.indicator, fired).reshape(n, -1) > 0
-            for sc in prog.shortcuts:
-                src = np.isfinite(spike_times[sc.source]).astype(np.float64)
-                reached |= apply_synapses(sc.indicator, src).reshape(n, -1) > 0
-            active += steps * reached.sum(axis=1)
-            if isinstance(stage, SpikingLayer):
-                t = spike_times[stage.name].reshape(n, -1)
-                m = np.where(np.isfinite(t), np.rint((t - stage.t_min) / prog.dt) + 1, steps)
-                active += m.sum(axis=1)
-            previous = stage.name
-        return active
 
     # -- error bounds ----------------------------------------------------------------------
     def quantization_terms(self) -> dict[str, tuple]:

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..simulate import check_keep
 from ..threads import one_blas_thread
 from ..trace import Trace
 from ..ttfs import OutputLayer, SpikingLayer, TimePool
@@ -243,9 +244,17 @@ class LavaDeployment(EmulatorDeployment):
         largest = max(1, min(samples, MAX_CHUNK, max(MIN_CHUNK, fitting)))
         return -(-samples // -(-samples // largest))  # ceil(samples / chunks)
 
-    def run(self, x, progress=None) -> Trace:
+    def run(self, x, progress=None, keep=None) -> Trace:
         """Run raw inputs x (N, *input_shape) on Lava. progress(done, total) is called
-        after every chunk of :meth:`chunk_size` samples."""
+        after every chunk of :meth:`chunk_size` samples. keep: names of the stages whose
+        spike times the returned trace holds (as :func:`~neurodeploy.simulate.simulate`'s;
+        None, the default: every stage; ``()``: none); output, costs, spike counts of
+        every stage (``Trace.spikes_per_layer``), saturation, overflow and early counts
+        are a full run's. It trims the returned trace only: Lava's recording processes
+        hand over every stage's spike steps of the whole batch, and the costs are
+        counted from every stage's spike times before the trace is trimmed, so the peak
+        memory of the run is a full run's."""
+        kept = check_keep(self.snn, keep)  # before Lava starts
         t_input, outside = self.encode(x)
         n = t_input.shape[0]
         steps = self.profile.timing.steps_per_window
@@ -257,7 +266,12 @@ class LavaDeployment(EmulatorDeployment):
                 )
         except _Terminated as stop:  # runtime stopped, temporary files gone
             _redeliver(stop.signum)
-        return self.with_costs(self._trace(t_input, outside, results))
+        full = self.with_costs(self._trace(t_input, outside, results))
+        if kept is None:
+            return full
+        trace = full.trimmed(kept)
+        self._breakdowns[trace] = self._breakdowns[full]  # counted on the full trace
+        return trace
 
     # -- the process graph ----------------------------------------------------------------
     def _run_graph(self, input_steps: np.ndarray, tmp: Path, progress) -> dict:
