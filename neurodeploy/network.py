@@ -711,25 +711,17 @@ def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list, values: dict) -
     input, taken from ``values``), so the same bits, without a pass of their own over
     the map. x: (N, C, H, W); returns the last layer's output."""
     dtype = ops.compute_dtype(x)
-
-    bias = ops.param_as(conv.bias, dtype)
-    if bias.ndim == 3:  # per output position: (Ho Wo, O) rows, channels-last
-        by_rows = ops.derived(conv.bias, "channels-last rows", dtype, lambda: np.ascontiguousarray(
-            bias.transpose(1, 2, 0)).reshape(-1, bias.shape[0]))
-        per_channel = None
-    else:
-        per_channel = ops.derived_tile(conv.bias, "bias", dtype, lambda: bias)
+    bias = ops.block_operand(conv.bias, "bias", dtype, lambda: ops.param_as(conv.bias, dtype))
     steps = []
     chain = conv.name  # the layer whose value the blocks hold
     for layer in tail:
         if isinstance(layer, BatchNorm):
-            scale = ops.derived_tile(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
-            shift = ops.derived_tile(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
+            scale = ops.block_operand(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
+            shift = ops.block_operand(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
             steps += [(np.multiply, scale), (np.add, shift)]
         elif isinstance(layer, Add):  # a + b == b + a in IEEE arithmetic: either order
             other = values[next(s for s in layer.inputs if s != chain)]
-            n, c = other.shape[:2]
-            steps.append((None, other.transpose(0, 2, 3, 1).reshape(n, -1, c)))  # (N, HW, O)
+            steps.append((None, ops.flat_channels_last(other)))  # (N, HW, O)
         else:
             steps.append((np.maximum, 0.0))
             if layer.clip is not None:
@@ -737,14 +729,14 @@ def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list, values: dict) -
         chain = layer.name
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
-        r = block.shape[1]
-        np.add(block, per_channel[:r] if per_channel is not None else by_rows[rows], out=block)
+        np.add(block, ops.block_part(bias, block, rows), out=block)
         for ufunc, operand in steps:
             if ufunc is None:  # an Add's other input, at the block's samples and positions
                 block += operand[samples, rows]
+            elif isinstance(operand, tuple):  # a per-neuron operand (ops.block_operand)
+                ufunc(block, ops.block_part(operand, block, rows), out=block)
             else:
-                ufunc(block, operand[:r] if isinstance(operand, np.ndarray) else operand,
-                      out=block)
+                ufunc(block, operand, out=block)
 
     return ops.conv2d(x, conv.weight, conv.stride, conv.padding, finish=finish)
 

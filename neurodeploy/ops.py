@@ -159,12 +159,37 @@ def channel_tile(values: np.ndarray, dtype) -> np.ndarray:
     return np.tile(np.asarray(values, dtype=dtype), (rows, 1))
 
 
-def derived_tile(array: np.ndarray, what: str, dtype, values) -> np.ndarray:
-    """channel_tile(values(), dtype) computed once per live ``array`` (see :func:`derived`)
-    and block size."""
+def block_operand(key: np.ndarray, what: str, dtype, values) -> tuple[np.ndarray, bool]:
+    """A per-neuron operand of a conv's ``finish`` (values() broadcastable to (O, Ho, Wo)),
+    computed once per live ``key`` (see :func:`derived`) and block size: (tile, True),
+    :func:`channel_tile` of the per-channel values when they are the same at every
+    position, else ((Ho Wo, O) channels-last rows, False). :func:`block_part` takes a
+    block's part of it."""
     dtype = np.dtype(dtype)
-    return derived(array, f"{what} tile {FINISH_ELEMENTS}", dtype,
-                   lambda: channel_tile(values(), dtype))
+
+    def make():
+        v = np.asarray(values(), dtype=dtype)
+        v = v.reshape(v.shape[0], 1, 1) if v.ndim == 1 else v
+        per_channel = v.reshape(v.shape[0], -1)
+        if np.all(per_channel == per_channel[:, :1]):
+            return channel_tile(per_channel[:, 0], dtype), True
+        return np.ascontiguousarray(v.transpose(1, 2, 0)).reshape(-1, v.shape[0]), False
+
+    return derived(key, f"{what} block operand {FINISH_ELEMENTS}", dtype, make)
+
+
+def block_part(operand: tuple[np.ndarray, bool], block: np.ndarray, rows: slice) -> np.ndarray:
+    """The part of a :func:`block_operand` that meets an (n, r, O) finish block at
+    flattened output positions ``rows``."""
+    array, tiled = operand
+    return array[: block.shape[1]] if tiled else array[rows]
+
+
+def flat_channels_last(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) as an (N, H W, C) array, the layout of a finish block: a view when x
+    lies channels-last (see :func:`channels_last`), else a copy."""
+    n, c = x.shape[:2]
+    return x.transpose(0, 2, 3, 1).reshape(n, -1, c)
 
 
 def _finish_blocks(finish, block: np.ndarray, first: int, row0: int) -> None:

@@ -100,11 +100,13 @@ def _b1_conv_layer(
     for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
         scale = _identity_scale(shortcut, t_src)
         if scale is not None:
-            adders.append((_flat_channels_last(t_src), shortcut.t_source, scale))
+            adders.append((ops.flat_channels_last(t_src), shortcut.t_source, scale))
         else:
             term = values_through(shortcut.synapses, t_src, shortcut.t_source)
-            adders.append((_flat_channels_last(term), None, None))
-    fire_at, tiled = _fire_times_channels_last(layer, ops.compute_dtype(t_in))  # t_min + theta
+            adders.append((ops.flat_channels_last(term), None, None))
+    dtype = ops.compute_dtype(t_in)  # t_min + theta per neuron, as a block operand:
+    fire_at = ops.block_operand(layer.threshold, f"b1 fire times {layer.t_min!r}", dtype,
+                                lambda: fire_times(layer, dtype))
     counts = np.zeros(n, np.int64)
     saturated = 0
 
@@ -117,7 +119,7 @@ def _b1_conv_layer(
             term = spike_values(source[samples, rows], t_source)
             np.multiply(term, scale, out=term)
             block += term
-        np.subtract(fire_at[: block.shape[1]] if tiled else fire_at[rows], block, out=block)
+        np.subtract(ops.block_part(fire_at, block, rows), block, out=block)
         if block.min(initial=np.inf) < t_min:
             if not layer.clipped:
                 saturated += int(np.count_nonzero(block < t_min))
@@ -143,31 +145,6 @@ def _identity_scale(shortcut, t_src: np.ndarray) -> np.ndarray | None:
             and op.groups == op.weight.shape[0] == t_src.shape[1]):
         return None
     return ops.param_as(op.weight, ops.compute_dtype(t_src))[:, 0, 0, 0]
-
-
-def _flat_channels_last(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) as an (N, H W, C) array: a view when x lies channels-last."""
-    n, c = x.shape[:2]
-    return x.transpose(0, 2, 3, 1).reshape(n, -1, c)
-
-
-def _fire_times_channels_last(layer: SpikingLayer, dtype) -> tuple[np.ndarray, bool]:
-    """:func:`fire_times` of a convolution layer's neurons in ``dtype``, computed once per
-    layer: (Ho Wo, O) channels-last, or, when theta is the same at every position (tiled:
-    True), the per-channel values tiled over as many rows as an ``ops.conv2d`` finish
-    block holds (in cache with the block, not a second map-sized stream from memory)."""
-    channels = layer.output_shape[0]
-    dtype = np.dtype(dtype)
-
-    def make():
-        fire_at = np.broadcast_to(fire_times(layer, dtype), layer.output_shape)
-        per_channel = fire_at.reshape(channels, -1)
-        if np.all(per_channel == per_channel[:, :1]):
-            return ops.channel_tile(per_channel[:, 0], dtype), True
-        return np.ascontiguousarray(fire_at.transpose(1, 2, 0)).reshape(-1, channels), False
-
-    what = f"b1 fire times {layer.t_min!r} {ops.FINISH_ELEMENTS}"
-    return ops.derived(layer.threshold, what, dtype, make)
 
 
 def fire_times(layer: SpikingLayer, dtype) -> np.ndarray:
