@@ -145,6 +145,13 @@ _IM2COL_BLOCK_BYTES = 4 << 20
 _MIN_BLOCK_ROWS = 512
 
 
+# Input channels from which a gathering prepare (see :func:`conv2d`) writes the im2col
+# rows itself: with fewer (a 3-channel image) its inner loop is too short and numpy's
+# padded copy + window copy is faster (ResNet-50's 7x7 stem on 224x224: 2.2 vs 1.2 ms an
+# image; 64 channels and more: 1.0-2.4x faster, benchmarks/bench_ops.py).
+_GATHER_MIN_CHANNELS = 16
+
+
 # Output elements per call of a convolution's ``finish`` (see :func:`conv2d`): 256 KiB of
 # float64, so that its passes run over a block still in a core's L2 cache from its GEMM.
 FINISH_ELEMENTS = 1 << 15
@@ -233,8 +240,14 @@ def _conv2d_gemm(
     # A pointwise conv's input is its own im2col: read in place, or, with a prepare and a
     # channels-last input, prepared block by block into a cache-sized buffer (staged).
     staged = pointwise and prepare is not None and channels_last(x) and x.dtype == dtype
+    # A prepare that gathers (``prepare.gather``) writes its map of the windows straight
+    # into the im2col rows from a channels-last input: no padded copy, no window copy.
+    gathered = (not pointwise and getattr(prepare, "gather", None) is not None
+                and c >= _GATHER_MIN_CHANNELS and channels_last(x) and x.dtype == dtype)
     if staged:
         patches = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+    elif gathered:
+        source = x.transpose(0, 2, 3, 1)  # (N, H, W, C), C-contiguous: a view
     elif pointwise or sample_rows <= block_rows:
         # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
         # instead of a padded copy of the whole batch); small ones all at once.
@@ -244,7 +257,7 @@ def _conv2d_gemm(
         _padded_channels_last(x[:1], padding, dtype, out=xp, prepare=prepare)
     if pointwise and not staged:
         patches = xp.reshape(n, h * w, c)
-    elif not pointwise:
+    elif not pointwise and not gathered:
         sn, sh, sw, sc = xp.strides
         windows = as_strided(
             xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
@@ -260,6 +273,9 @@ def _conv2d_gemm(
             cols = buf[:b] if copied else patches[lo : lo + b]
             if staged:
                 prepare(patches[lo : lo + b], cols)
+            elif gathered:
+                prepare.gather(source, cols.reshape(-1, k * k * c), lo, 0, ho, k, stride,
+                               padding, wo)
             elif not pointwise:
                 np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
             np.matmul(cols, matrix, out=flat_out[lo : lo + b])
@@ -271,7 +287,7 @@ def _conv2d_gemm(
     if copied:
         buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
     for i in range(n):
-        if i and not pointwise:  # the padded copy of sample i, in the buffer of sample 0
+        if i and not pointwise and not gathered:  # sample i's padded copy, in sample 0's buffer
             _padded_channels_last(x[i : i + 1], padding, dtype, out=xp, prepare=prepare)
         for r0 in range(0, ho, lines):
             r1 = min(ho, r0 + lines)
@@ -279,6 +295,8 @@ def _conv2d_gemm(
             cols = buf[: (r1 - r0) * wo] if copied else patches[i, rows]
             if staged:
                 prepare(patches[i, rows], cols)
+            elif gathered:
+                prepare.gather(source, cols, i, r0, r1 - r0, k, stride, padding, wo)
             elif not pointwise:
                 np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
             np.matmul(cols, matrix, out=flat_out[i, rows])

@@ -91,6 +91,8 @@ def _b1_conv_layer(
     operations in the same order as :func:`spike_values`, :func:`add_shortcuts` and
     :func:`b1_fire` on whole maps: the same bits. Returns (spike times, saturated, 0,
     (N,) spike counts)."""
+    from . import kernels  # numba: imported where a simulation runs
+
     n = t_in.shape[0]
     t_min, t_max = layer.t_min, layer.t_max
     # Shortcut terms in their order: an identity (a per-channel scale of the source's
@@ -109,29 +111,43 @@ def _b1_conv_layer(
                                 lambda: fire_times(layer, dtype))
     counts = np.zeros(n, np.int64)
     saturated = 0
+    # The last shortcut joins the compiled fire pass (the same sums: the others are added
+    # before it by numpy, in their order).
+    added_first, last = adders[:-1], (adders[-1] if adders else None)
+    if last is not None:
+        last = (last[0].reshape(n, -1), *last[1:])  # (N, L) rows: a view
+    t_min_as, t_max_as = dtype.type(t_min), dtype.type(t_max)
+    channels = conv.weight.shape[0]
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
         nonlocal saturated
-        for source, t_source, scale in adders:
+        for source, t_source, scale in added_first:
             if t_source is None:  # a whole-map term
                 block += source[samples, rows]
                 continue
             term = spike_values(source[samples, rows], t_source)
             np.multiply(term, scale, out=term)
             block += term
-        np.subtract(ops.block_part(fire_at, block, rows), block, out=block)
-        if block.min(initial=np.inf) < t_min:
-            if not layer.clipped:
-                saturated += int(np.count_nonzero(block < t_min))
-            np.maximum(block, t_min, out=block)
-        fires = np.less(block, t_max)
-        for i, sample in enumerate(range(samples.start, samples.stop)):
-            counts[sample] += np.count_nonzero(fires[i])  # whole-array count: fast
-        np.divide(block, fires, out=block)  # silence: see _silence_from
+        fire = ops.block_part(fire_at, block, rows).reshape(-1)
+        flat = block.view()
+        flat.shape = (block.shape[0], -1)  # a view (blocks are C-contiguous), never a copy
+        if last is None:
+            below = kernels.b1_fire(flat, fire, t_min_as, t_max_as, counts[samples])
+        elif last[1] is None:
+            below = kernels.b1_fire_plus(flat, last[0], samples.start, rows.start * channels,
+                                         fire, t_min_as, t_max_as, counts[samples])
+        else:
+            source, t_source, scale = last
+            below = kernels.b1_fire_identity(
+                flat, source, samples.start, rows.start * channels, dtype.type(t_source),
+                scale, fire, channels, t_min_as, t_max_as, counts[samples],
+            )
+        if not layer.clipped:
+            saturated += below
 
     with np.errstate(divide="ignore"):
         t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,
-                           prepare=_values_map(t_min), finish=finish)
+                           prepare=_ValuesMap(t_min), finish=finish)
     return t_out, saturated, 0, counts
 
 
@@ -174,17 +190,33 @@ def values_through(synapses: tuple, t: np.ndarray, t_end: float) -> np.ndarray:
     array of their own)."""
     op = synapses[0] if len(synapses) == 1 else None
     if isinstance(op, Conv2d) and op.groups == 1 and t.ndim == 4:
-        return ops.conv2d(t, op.weight, op.stride, op.padding, prepare=_values_map(t_end))
+        return ops.conv2d(t, op.weight, op.stride, op.padding, prepare=_ValuesMap(t_end))
     return apply_synapses(synapses, spike_values(t, t_end))
 
 
-def _values_map(t_end: float):
+class _ValuesMap:
     """An ``ops.conv2d`` prepare writing the spike values (:func:`spike_values`) of a window
-    ending at t_end."""
-    def prepare(src: np.ndarray, dst: np.ndarray) -> None:
-        spike_values(src, t_end, out=dst)
+    ending at t_end, as one compiled pass (``neurodeploy.kernels``, the same bits) where
+    source and destination share a dtype; ``gather`` writes them straight into im2col
+    rows."""
 
-    return prepare
+    def __init__(self, t_end: float):
+        from . import kernels  # numba: imported where a simulation runs
+
+        self.t_end = t_end
+        self._kernels = kernels
+
+    def __call__(self, src: np.ndarray, dst: np.ndarray) -> None:
+        if src.dtype == dst.dtype:
+            self._kernels.spike_values_into(src, dst.dtype.type(self.t_end), dst)
+        else:
+            spike_values(src, self.t_end, out=dst)
+
+    def gather(self, src, cols, sample0, line0, lines, kernel, stride, padding, wo) -> None:
+        """See ``kernels.gather_spike_values``."""
+        self._kernels.gather_spike_values(src, cols.dtype.type(self.t_end), cols, sample0,
+                                          line0, lines, kernel, stride, padding, wo)
+
 
 
 def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -308,6 +340,12 @@ def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
     """Earliest spike per window (latest for sign -1 channels); inf stays silent and
     padded positions never win."""
     if np.all(pool.sign > 0):  # the usual case (max pools after ReLUs): no sign passes
+        if ops.channels_last(t_in):  # a conv's output: one compiled pass, the same bits
+            from . import kernels
+
+            ho, wo = pool.output_shape[1:]
+            return kernels.min_pool_channels_last(t_in, pool.kernel, pool.stride,
+                                                  pool.padding, ho, wo)
         return ops.minpool2d(t_in, pool.kernel, pool.stride, pool.padding)
     s = pool.sign.astype(t_in.dtype, copy=False)[None, :, None, None]
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride, pool.padding) * s

@@ -40,6 +40,10 @@ def _case(name: str):
         net = random_residual_network(3)
         x = random_inputs(net, POOL, 1)
         return net, None, x
+    if name == "residual_snn":  # Add joins converted: identity shortcuts (depthwise)
+        net = random_residual_network(3)
+        x = random_inputs(net, POOL, 1)
+        return net, nd.convert(net, calibration=x), x
     if name == "vgg":
         net = cifar_vgg(0, widths=(8, 16, 16))
         x = np.random.default_rng(2).uniform(0.0, 1.0, (POOL, *net.input_shape))
@@ -123,6 +127,13 @@ def test_large_samples_are_padded_one_at_a_time_and_the_input_is_left_alone(padd
         np.testing.assert_array_equal(ops.conv2d(x[i : i + 1], w, 1, padding)[0], got[i])
 
 
+def _channels_last(t: np.ndarray) -> np.ndarray:
+    """An (N, C, H, W) map as a view of an (N, H, W, C) buffer (what conv2d returns)."""
+    if t.ndim != 4:
+        return t
+    return np.ascontiguousarray(t.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
 def _whole_map_b1(layer, t_in, shortcut_in):
     """A b1 layer by the whole-map passes (what simulate's fused conv layers fuse)."""
     from neurodeploy.simulate import add_shortcuts, b1_fire, count_spikes, spike_values
@@ -133,7 +144,8 @@ def _whole_map_b1(layer, t_in, shortcut_in):
     return times, saturated, count_spikes(times)
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "conv_resnet", "every_kind", "vgg"])
+@pytest.mark.parametrize("name", ["digits_cnn", "conv_resnet", "residual_snn", "every_kind",
+                                  "vgg"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("gain", [1.0, 3.0])
 def test_fused_conv_layers_equal_the_whole_map_passes_bit_for_bit(name, dtype, gain, monkeypatch):
@@ -160,7 +172,9 @@ def test_fused_conv_layers_equal_the_whole_map_passes_bit_for_bit(name, dtype, g
             t_in = times[previous]
             if gain != 1.0:  # values t_min - t scaled by gain: earlier spikes
                 t_in = (stage.t_min - (stage.t_min - t_in) * gain).astype(t_in.dtype)
-            shortcut_in = tuple(times[sc.source] for sc in stage.shortcuts)
+            # sources channels-last, as simulate's own conv outputs: identity shortcuts
+            # then take the per-block path
+            shortcut_in = tuple(_channels_last(times[sc.source]) for sc in stage.shortcuts)
             want, want_sat, want_counts = _whole_map_b1(stage, t_in.copy(), shortcut_in)
             got, got_sat, early, got_counts = _b1_conv_layer(stage, conv, t_in, shortcut_in)
             assert got.dtype == want.dtype and np.array_equal(got, want), stage.name
