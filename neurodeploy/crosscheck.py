@@ -166,8 +166,8 @@ def _sample_sums(a: np.ndarray) -> np.ndarray:
     """(n,) sums of a (n, ...) over each sample, each one contiguous row in the sample's
     C order (numpy's pairwise summation of that row): the same bits whichever samples
     share a's chunk."""
-    n = a.shape[0]
-    return np.add.reduce(np.ascontiguousarray(a, dtype=np.float64).reshape(n, -1), axis=1)
+    rows = np.ascontiguousarray(a, dtype=np.float64).reshape(a.shape[0], math.prod(a.shape[1:]))
+    return np.add.reduce(rows, axis=1)
 
 
 def _mean_of_sums(per_sample: np.ndarray, count: int) -> float:
