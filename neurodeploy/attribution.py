@@ -44,7 +44,9 @@ import numpy as np
 
 from . import ops
 from .backends.common import input_window_step
+from .memory import chunks
 from .profile import MAX_STEPS_PER_WINDOW
+from .simulate import encode_input
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
 
@@ -321,9 +323,25 @@ def _best(items, key, samples: int):
     return max(close, key=lambda item: key(item)[1])
 
 
-def attribute(snn: TTFSNetwork, dep, x, y, reference: Trace, hardware: Trace) -> Attribution | None:
+def attribute(
+    snn: TTFSNetwork,
+    dep,
+    x,
+    y,
+    reference: Trace,
+    hardware: Trace,
+    samples_per_chunk: int | None = None,
+    memory_budget=None,
+) -> Attribution | None:
     """Stage-at-a-time costs and effect ablations (see the module docstring); None when
-    the deployment has no hardware effects (the ideal profile)."""
+    the deployment has no hardware effects (the ideal profile).
+
+    x: (N, *input_shape) raw inputs; reference, hardware: runs on x, of which the
+    outputs (N, classes) and the hardware's overflow counts are read (traces without
+    spike times do: runs with keep=()); the reference's input spike times when it holds
+    them, else x is encoded again. samples_per_chunk: the stage-at-a-time runs go through
+    chunks of that many samples (None: the whole batch at once), the rebuilt deployments
+    run with keep=() and ``memory_budget``; the costs are the same bits for any chunk."""
     if dep.profile.hardware == "ideal":
         return None
     model = dep if dep.backend != "lava" else _rebuild(dep, dep.snn, {})
@@ -333,11 +351,25 @@ def attribute(snn: TTFSNetwork, dep, x, y, reference: Trace, hardware: Trace) ->
     if model is not dep:
         notes.append(f"the {dep.backend} deployment is modelled by the {model.backend}")
     acc_ref, _, _ = _outcome(reference.output, reference, y)
-    reference_input = _values(reference.spike_times["input"], INPUT_WINDOW[1])
+    n = reference.num_samples
+    per_chunk = n if samples_per_chunk is None else max(1, int(samples_per_chunk))
+    x = np.asarray(x)
+
+    def reference_input(lo: int, hi: int) -> np.ndarray:
+        """Values (hi - lo, *input_shape) of the reference's input spikes."""
+        times = reference.spike_times.get("input")
+        times = encode_input(snn, x[lo:hi])[0] if times is None else times[lo:hi]
+        return _values(times, INPUT_WINDOW[1])
+
     layers = []
     names = ["input"] + [s.name for s in snn.stages if not isinstance(s, TimePool)]
     for name in names:
-        logits = one_stage_on_hardware(snn, dep.snn, model.stage_runner(), x, reference_input, name)
+        runner = model.stage_runner()  # one per stage: its noise streams run in sample order
+        logits = np.empty_like(reference.output)
+        for lo, hi in chunks(n, per_chunk):
+            logits[lo:hi] = one_stage_on_hardware(
+                snn, dep.snn, runner, x[lo:hi], reference_input(lo, hi), name
+            )
         acc, disagreement, error = _outcome(logits, reference, y)
         kind = (
             "input"
@@ -350,7 +382,7 @@ def attribute(snn: TTFSNetwork, dep, x, y, reference: Trace, hardware: Trace) ->
 
     hw_outcome = _outcome(hardware.output, reference, y)
     baseline_dep = _rebuild(dep, dep.snn, {})
-    baseline_trace = baseline_dep.run(x)
+    baseline_trace = baseline_dep.run(x, keep=(), memory_budget=memory_budget)
     base_outcome = _outcome(baseline_trace.output, reference, y)
     scale = 1.0 + float(np.abs(hardware.output).max(initial=0.0))
     matches = baseline_trace.output.shape == hardware.output.shape and bool(
@@ -377,11 +409,11 @@ def attribute(snn: TTFSNetwork, dep, x, y, reference: Trace, hardware: Trace) ->
             cost(effect, "deployment rebuilt from its profile", hw_outcome, base_outcome)
         )
     for effect, overrides in _ablations(dep, hardware):
-        trace = _rebuild(dep, dep.snn, overrides).run(x)
+        trace = _rebuild(dep, dep.snn, overrides).run(x, keep=(), memory_budget=memory_budget)
         label = ", ".join(f"{k}={v}" for k, v in overrides.items())
         effects.append(cost(effect, label, base_outcome, _outcome(trace.output, reference, y)))
     if _windows_differ(snn, dep.snn):
-        trace = _rebuild(dep, snn, {}).run(x)
+        trace = _rebuild(dep, snn, {}).run(x, keep=(), memory_budget=memory_budget)
         effects.append(
             cost(
                 WINDOW_SATURATION,
@@ -390,7 +422,6 @@ def attribute(snn: TTFSNetwork, dep, x, y, reference: Trace, hardware: Trace) ->
                 _outcome(trace.output, reference, y),
             )
         )
-    n = reference.num_samples
     cause_layer = _best(layers, lambda s: (s.disagreement, s.logit_error_mean), n)
     cause_effect = _best(effects, lambda e: (e.disagreement_recovered, e.logit_error_recovered), n)
     return Attribution(

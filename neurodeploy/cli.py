@@ -210,11 +210,13 @@ class _HardwareRun:
     y: np.ndarray | None
     data_desc: str
     dep: Deployment
-    trace: Trace
+    trace: Trace | None  # None: not run yet (the cross-check streams the run)
 
 
-def _run_on_hardware(args) -> _HardwareRun:
-    """Load, convert, deploy and run, as ``run`` and ``deploy`` both do."""
+def _run_on_hardware(args, stream_later: bool = False) -> _HardwareRun:
+    """Load, convert, deploy and run, as ``run`` and ``deploy`` both do. stream_later: a
+    deployment that streams its chunks (``Deployment.streams_chunks``) is not run here
+    (trace None): the cross-check runs it a chunk at a time, in bounded memory."""
     model_path = resolve_model_path(args.model)
     net = load_model(model_path, input_range=args.input_range)
     profile = load_profile(args.profile)
@@ -235,6 +237,8 @@ def _run_on_hardware(args) -> _HardwareRun:
             f"lava {args.tag} (chunks of {chunk})", len(x), "samples", _bars(args)
         ) as samples_bar:
             trace = dep.run(x, progress=progress.counter(samples_bar))
+    elif stream_later and dep.streams_chunks:
+        trace = None
     else:
         trace = dep.run(x)
     return _HardwareRun(model_path, net, profile, backend, snn, x, y, data_desc, dep, trace)
@@ -332,7 +336,7 @@ def _cmd_deploy(args) -> int:
     """The main job: convert, deploy, run, cross-check; exit 0 when ok, 1 when not."""
     names = ["crosscheck.json", "crosscheck.html"]
     out = check_output_dir(args.out, names, force=args.force)
-    hw = _run_on_hardware(args)
+    hw = _run_on_hardware(args, stream_later=True)
     report = crosscheck(
         hw.snn, hw.dep, hw.x, hw.y, hardware=hw.trace, attribution=not args.no_attribution
     )

@@ -54,6 +54,10 @@ class Deployment(ABC):
 
     backend: str = ""
     hardware_kinds: tuple[str, ...] = ()
+    # True when run(x, keep=..., stream=ChunkStream(...)) hands every chunk's spike times of
+    # every stage to a consumer as it runs (neurodeploy.simulate.ChunkStream): the
+    # cross-check then holds one chunk of them at a time.
+    streams_chunks: bool = False
 
     def __init__(self, snn: TTFSNetwork, profile: HardwareProfile, seed: int = 0):
         if profile.hardware not in self.hardware_kinds:

@@ -129,12 +129,51 @@ def _hardware_weights(deployment, stage_name: str) -> list[np.ndarray] | None:
     return [program.synapses[-1].weight, *(sc.synapses[-1].weight for sc in program.shortcuts)]
 
 
+def _connection_groups(snn: TTFSNetwork) -> list[tuple[str, int, str, tuple, tuple]]:
+    """(stage, group index, source stage, synapse ops, source shape) of every connection
+    group of snn's layers (pools skipped): a layer's main group (index 0) reads the stage
+    before it, its shortcut groups (1, 2, ...) their sources."""
+    groups = []
+    previous = "input"
+    for stage in snn.stages:
+        if not isinstance(stage, TimePool):
+            groups.append((stage.name, 0, previous, stage.synapses, stage.input_shape))
+            groups.extend(
+                (stage.name, 1 + i, sc.source, sc.synapses, sc.input_shape)
+                for i, sc in enumerate(stage.shortcuts)
+            )
+        previous = stage.name
+    return groups
+
+
+class SynapticEvents:
+    """Effective synaptic events per sample of every connection group of snn, counted a
+    chunk of samples at a time (a streamed run's chunks, :meth:`add`): ``per_sample``
+    maps (stage, group index) to (N,) events, exact integers in float64, the same for any
+    chunking. :func:`neurobench_metrics` takes them in place of a trace's spike times."""
+
+    def __init__(self, snn: TTFSNetwork, samples: int):
+        self._groups = [
+            (stage, index, source, _indicator(synapses, False, shape), shape)
+            for stage, index, source, synapses, shape in _connection_groups(snn)
+        ]
+        self.per_sample = {(stage, index): np.zeros(samples) for stage, index, *_ in self._groups}
+
+    def add(self, lo: int, hi: int, spike_times: dict[str, np.ndarray]) -> None:
+        """Count samples lo..hi from their spike times {stage: (hi - lo, *shape)} (every
+        group's source)."""
+        for stage, index, source, connectivity, shape in self._groups:
+            active = np.isfinite(spike_times[source]).reshape(hi - lo, *shape)
+            self.per_sample[stage, index][lo:hi] = _events(connectivity, active)
+
+
 def neurobench_metrics(
     snn: TTFSNetwork,
     trace: Trace,
     profile=None,
     backend: str | None = None,
     deployment=None,
+    events: SynapticEvents | None = None,
 ) -> dict:
     """NeuroBench's synaptic operations, activation and connection sparsity and footprint
     of one run (see the module docstring for the definitions and how they apply).
@@ -152,6 +191,10 @@ def neurobench_metrics(
     without a step grid), activation_sparsity_per_inference, footprint_bytes (None for
     analog devices), footprint_devices (crossbars). Layers joining a residual branch
     include their shortcut groups and list them under "shortcuts".
+
+    events: the run's synaptic events counted chunk by chunk (:class:`SynapticEvents`);
+    the trace then needs no spike times (its spike counts suffice: a run with keep=()).
+    None: counted from the trace's spike times, which must hold every source stage.
     """
     n = trace.num_samples
     is_mac = backend == "crossbar" or (profile is not None and profile.hardware == "crossbar")
@@ -159,11 +202,13 @@ def neurobench_metrics(
     if profile is not None and profile.hardware == "digital":
         steps = profile.timing.steps_per_window
     precision = _precision(profile, backend)
-    sources = ("input", *(s.name for s in snn.stages[:-1]))
-    require_spike_times(
-        trace, sources, "metrics", "effective operations count each spike's synapses"
-    )
-    fired = {name: np.isfinite(t).reshape(n, -1) for name, t in trace.spike_times.items()}
+    if events is None:
+        sources = ("input", *(s.name for s in snn.stages[:-1]))
+        require_spike_times(
+            trace, sources, "metrics", "effective operations count each spike's synapses"
+        )
+        events = SynapticEvents(snn, n)
+        events.add(0, n, trace.spike_times)
     layers = []
     previous = "input"
     for stage in snn.stages:
@@ -187,8 +232,8 @@ def neurobench_metrics(
             connectivity = _indicator(synapse_ops, False, input_shape)
             group_synapses = float(_events(connectivity, np.ones((1, *input_shape)))[0])
             group_dense = _dense_ops(synapse_ops, input_shape)
-            active = fired[source].reshape(n, *input_shape)
-            group_effective = float(_events(connectivity, active).mean()) if n else 0.0
+            per_sample = events.per_sample[stage.name, index]
+            group_effective = float(per_sample.mean()) if n else 0.0
             weights += group_weights
             zeros += group_zeros
             synapses += int(group_synapses)
@@ -214,7 +259,7 @@ def neurobench_metrics(
             effective_macs=effective if is_mac else 0.0,
         )
         if isinstance(stage, SpikingLayer):
-            spikes = float(fired[stage.name].sum()) if n else 0.0
+            spikes = float(trace.layer_spikes(stage.name).sum()) if n else 0.0
             pairs = n * row["neurons"]
             row["spikes_per_inference"] = spikes / n if n else 0.0
             row["activation_sparsity_per_inference"] = 1.0 - spikes / pairs if pairs else 1.0
@@ -245,16 +290,16 @@ def neurobench_metrics(
         "samples": n,
         "op_kind": "MAC" if is_mac else "AC",
         "layers": layers,
-        "total": _totals(layers, snn, fired, n, steps),
+        "total": _totals(layers, snn, trace, n, steps),
     }
 
 
-def _totals(layers: list[dict], snn: TTFSNetwork, fired: dict, n: int, steps) -> dict:
+def _totals(layers: list[dict], snn: TTFSNetwork, trace: Trace, n: int, steps) -> dict:
     weights = sum(r["weights"] for r in layers)
     zeros = sum(r["zero_weights"] for r in layers)
     spiking = [s.name for s in snn.spiking_layers]
-    neurons = sum(int(fired[name].shape[1]) for name in spiking)
-    spikes = float(sum(fired[name].sum() for name in spiking)) if n else 0.0
+    neurons = sum(trace.layer_neurons(name) for name in spiking)
+    spikes = float(sum(trace.layer_spikes(name).sum() for name in spiking)) if n else 0.0
     pairs = n * neurons
     footprints = [r["footprint_bytes"] for r in layers]
     devices = [r["footprint_devices"] for r in layers]
@@ -302,4 +347,4 @@ def metrics_table(metrics: dict) -> list[str]:
     return lines
 
 
-__all__ = ["neurobench_metrics", "metrics_table"]
+__all__ = ["SynapticEvents", "metrics_table", "neurobench_metrics"]

@@ -16,6 +16,9 @@ Spike times follow from the neuron dynamics of each model:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import ops
@@ -487,8 +490,25 @@ def working_bytes(snn: TTFSNetwork, dtype="float64") -> int:
     return (3 + branches) * max(sizes) * compute_dtype_of(dtype).itemsize
 
 
+@dataclass(frozen=True)
+class ChunkStream:
+    """Hands a run's chunks to a consumer as they are computed (a cross-check compares
+    each chunk, then lets it go).
+
+    samples: samples per chunk (>= 1; in place of the memory budget's choice).
+    consume(lo, hi, logits, spike_times): called after each chunk of samples lo..hi, in
+    sample order, with its logits (hi - lo, classes) and the spike times
+    {name: (hi - lo, *shape)} of "input" and of every stage with spike times, whatever the
+    run keeps; the arrays are the run's own, valid for the call (copy what must outlive it).
+    """
+
+    samples: int
+    consume: Callable[[int, int, np.ndarray, dict], None]
+
+
 def simulate(
-    snn: TTFSNetwork, x, dtype="float64", memory_budget=None, keep=None
+    snn: TTFSNetwork, x, dtype="float64", memory_budget=None, keep=None,
+    stream: ChunkStream | None = None,
 ) -> Trace:
     """Run the reference SNN on raw inputs x (N, *input_shape); return a :class:`Trace`.
 
@@ -502,6 +522,8 @@ def simulate(
     every stage; ``()``: none. The trace's spike counts per stage
     (``Trace.spikes_per_layer``, hence ``spike_count`` and ``spikes_per_neuron``) are
     always complete; the stages not kept take no memory beyond one chunk's working set.
+    stream: hand every chunk (of stream.samples samples, every stage's spike times) to
+    stream.consume as it is computed (:class:`ChunkStream`).
     """
     dt = compute_dtype_of(dtype)
     if snn.neuron != "b1" and dt != np.float64:
@@ -512,7 +534,7 @@ def simulate(
     n = t.shape[0]
     per = chunk_samples(working_bytes(snn, dt), memory_budget)
     output, spike_times, saturated, early, counts = run_stages_chunked(
-        snn, t, layer_step, time_pool, output_potential, per, kept
+        snn, t, layer_step, time_pool, output_potential, per, kept, stream=stream
     )
     return Trace(
         output=output,
@@ -543,6 +565,7 @@ def run_stages_chunked(
     per_chunk: int,
     keep=None,
     on_chunk=None,
+    stream: ChunkStream | None = None,
 ):
     """:func:`run_stages` over chunks of at most per_chunk samples, assembled (the chunk
     loop of :func:`simulate` and of every backend's run).
@@ -553,21 +576,28 @@ def run_stages_chunked(
     shortcut's source until its join). on_chunk(lo, hi) is called before each chunk (a
     backend points its per-sample statistics at the chunk's samples). The stage
     functions see the chunks in order, so a random stream a stage draws from in sample
-    order gives every sample the same draws whatever the chunk size.
+    order gives every sample the same draws whatever the chunk size. stream: chunks of
+    stream.samples samples (per_chunk ignored), each run keeping every stage's spike times
+    and handed to stream.consume before the kept stages are assembled.
 
     Returns (logits (N, classes), spike_times {name: (N, *shape)}, saturated {stage:
     count}, early {name: count}, spike_counts {name: (N,) int64}): the counts summed over
     the chunks, spike_counts of "input" and of every stage with spike times, kept or
     not. A kept "input" is t_input itself; one chunk returns its arrays as they are."""
     n = t_input.shape[0]
+    if stream is not None:
+        per_chunk = stream.samples
+    chunk_keep = None if stream is not None else keep  # a consumer sees every stage
     if n <= per_chunk:
         if on_chunk is not None:
             on_chunk(0, n)
         early: dict[str, int] = {}
         counts: dict[str, np.ndarray] = {}
         output, spike_times, saturated = run_stages(
-            snn, t_input, spiking_layer, time_pool, output_layer, early, keep, counts
+            snn, t_input, spiking_layer, time_pool, output_layer, early, chunk_keep, counts
         )
+        if stream is not None:
+            stream.consume(0, n, output, spike_times)
         if keep is not None:
             spike_times = {name: v for name, v in spike_times.items() if name in keep}
         return output, spike_times, saturated, early, counts
@@ -578,9 +608,11 @@ def run_stages_chunked(
         part_early: dict[str, int] = {}
         part_counts: dict[str, np.ndarray] = {}
         part_out, part_times, part_sat = run_stages(
-            snn, t_input[lo:hi], spiking_layer, time_pool, output_layer, part_early, keep,
-            part_counts,
+            snn, t_input[lo:hi], spiking_layer, time_pool, output_layer, part_early,
+            chunk_keep, part_counts,
         )
+        if stream is not None:
+            stream.consume(lo, hi, part_out, part_times)
         if output is None:
             output = np.empty((n, *part_out.shape[1:]), part_out.dtype)
             spike_times = {

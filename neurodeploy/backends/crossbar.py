@@ -71,6 +71,7 @@ from ..memory import chunk_samples
 from ..network import Conv2d, compute_dtype_of
 from ..profile import Converter, Crossbar, Faults
 from ..simulate import (
+    ChunkStream,
     b1_fire,
     check_keep,
     encode_input,
@@ -347,6 +348,7 @@ class CrossbarDeployment(Deployment):
     """A TTFS network on memristive crossbars; see the module docstring."""
 
     backend = "crossbar"
+    streams_chunks = True
     hardware_kinds = ("ideal", "crossbar")
 
     def __init__(self, snn, profile, seed: int = 0):
@@ -652,7 +654,8 @@ class CrossbarDeployment(Deployment):
         return StageRunner(lambda x: self.encode(x)[0], spiking, output)
 
     def run(
-        self, x, read_seed: int = 0, memory_budget=None, dtype="float64", keep=None
+        self, x, read_seed: int = 0, memory_budget=None, dtype="float64", keep=None,
+        stream: ChunkStream | None = None,
     ) -> Trace:
         """Run raw inputs x (N, *input_shape). read_seed selects the read-noise draws
         (same deployment seed and read_seed, same bits). memory_budget: bytes (or "8G")
@@ -667,7 +670,8 @@ class CrossbarDeployment(Deployment):
         none); output, energy_j (read charge counted as the arrays are read, spikes from
         the per-stage counts), latency_s, spike counts of every stage, saturation and
         ADC clipping counts are a full run's bit for bit, and the stages not kept take no
-        memory beyond one chunk's."""
+        memory beyond one chunk's. stream: hand every chunk (every stage's spike times) to a
+        consumer as it is computed (:class:`~neurodeploy.simulate.ChunkStream`)."""
         snn = self.snn
         kept = check_keep(snn, keep)
         dt = compute_dtype_of(dtype)
@@ -682,7 +686,7 @@ class CrossbarDeployment(Deployment):
 
         per = chunk_samples(self.working_bytes(dt), memory_budget)
         logits, spike_times, saturated, early, counts = run_stages_chunked(
-            snn, t_input, spiking, time_pool, output, per, kept, on_chunk
+            snn, t_input, spiking, time_pool, output, per, kept, on_chunk, stream
         )
         trace = Trace(
             output=logits,

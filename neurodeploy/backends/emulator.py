@@ -66,6 +66,7 @@ from ..errors import DeployError
 from ..memory import chunk_samples, chunks
 from ..network import Conv2d, Dense, Flatten
 from ..simulate import (
+    ChunkStream,
     check_keep,
     encode_input,
     neuron_layers,
@@ -614,6 +615,7 @@ class EmulatorDeployment(Deployment):
     """Vectorised fixed-point emulation of the digital core; see the module docstring."""
 
     backend = "emulator"
+    streams_chunks = True
     hardware_kinds = ("ideal", "digital")
 
     def __init__(self, snn, profile, seed: int = 0):
@@ -797,7 +799,7 @@ class EmulatorDeployment(Deployment):
         events["synops"] += synops
         events["active"] += active
 
-    def run(self, x, memory_budget=None, keep=None) -> Trace:
+    def run(self, x, memory_budget=None, keep=None, stream: ChunkStream | None = None) -> Trace:
         """Run raw inputs x (N, *input_shape). memory_budget: bytes (or "8G") for one
         chunk's working set (:mod:`neurodeploy.memory`; default the process-wide budget or
         NEURODEPLOY_MEMORY_BUDGET): large batches run in chunks, and the trace, its
@@ -808,10 +810,12 @@ class EmulatorDeployment(Deployment):
         spike counts of every stage (``Trace.spikes_per_layer``), saturation, overflow
         and early counts are those of a full run, bit for bit: each chunk's synaptic
         events and active neuron updates are counted as its layers run, and the stages
-        not kept take no memory beyond one chunk's."""
+        not kept take no memory beyond one chunk's. stream: hand every chunk (every stage's
+        spike times) to a consumer as it is computed
+        (:class:`~neurodeploy.simulate.ChunkStream`)."""
         kept = check_keep(self.snn, keep)
         if self.profile.hardware == "ideal":
-            trace = simulate(self.snn, x, memory_budget=memory_budget, keep=kept)
+            trace = simulate(self.snn, x, memory_budget=memory_budget, keep=kept, stream=stream)
             latency_s = trace.latency * self.profile.timing.time_unit_s
             energy = trace.spike_count * self.profile.energy.spike_j
             return replace(
@@ -830,7 +834,7 @@ class EmulatorDeployment(Deployment):
         per = chunk_samples(self.working_bytes(), memory_budget)
         output, spike_times, saturated, early, counts = run_stages_chunked(
             snn, t_input, self._spiking(overflow, events), time_pool,
-            self._output(overflow, events), per, kept, on_chunk,
+            self._output(overflow, events), per, kept, on_chunk, stream,
         )
         trace = Trace(
             output=output,

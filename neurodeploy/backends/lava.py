@@ -168,6 +168,7 @@ class LavaDeployment(EmulatorDeployment):
     """Run on Lava processes; mapping, costs and summary as the emulator's."""
 
     backend = "lava"
+    streams_chunks = False  # Lava hands over the whole batch's spikes at the end
     hardware_kinds = ("digital",)
 
     def __init__(
