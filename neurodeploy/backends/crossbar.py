@@ -575,10 +575,13 @@ class CrossbarDeployment(Deployment):
                 out += part
         stats["overflow"][key] = stats["overflow"].get(key, 0) + clipped
         if stats["read_charge"] is not None:
-            column = ops.derived(layer.row_conductance, "crossbar-column", dt,
-                                 lambda g=layer.row_conductance: g.reshape(-1, 1).astype(dt))
-            charge = rows_matmul(patches, column)
-            stats["read_charge"] += charge.reshape(n, -1).sum(axis=1)
+            # charge per sample = sum_k G_k * (sum over its rows of the pulse durations x_k),
+            # in numpy's own order-fixed sums: a BLAS matrix-vector product's summation
+            # order depends on the kernel OpenBLAS picks for the CPU model (last bits of
+            # the energy differed between two Xeon models on the same inputs).
+            conductance = ops.param_as(layer.row_conductance, dt)
+            per_row = patches.reshape(n, -1, patches.shape[-1]).sum(axis=1)  # (N, K)
+            stats["read_charge"] += (per_row * conductance).sum(axis=1)
         out *= layer.weight_scale * layer.compensation
         if layer.conv is not None:
             out = out.reshape(n, ho, wo, layer.bit_lines).transpose(0, 3, 1, 2)
