@@ -439,7 +439,7 @@ def test_rows_matmul_gives_a_row_its_bits_wherever_it_sits(seed, m, k, o, dtype,
     the unchunked bits). Fails with products of 8 + 8j rows on some OpenBLAS kernels."""
     from threadpoolctl import threadpool_limits
 
-    from neurodeploy.backends.common import rows_matmul
+    from neurodeploy.ops import rows_matmul
 
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(m, k)).astype(dtype)

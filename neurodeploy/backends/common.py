@@ -150,30 +150,3 @@ def abs_weight_ops(synapses: tuple, weight: np.ndarray) -> tuple:
     return (*linear, replace(affine, weight=weight, bias=np.zeros(weight.shape[0])))
 
 
-# Rows per BLAS call of a row-invariant product. OpenBLAS computes a product's rows in
-# micro-tiles of a few rows (4 in its Haswell dgemm and dgemv kernels, 16 in its SkylakeX
-# dgemm) and the rows left over in other kernels, with another order of additions
-# (measured: 57228 of the 540 x 128 elements of a 540x64 @ 64x128 product differ when it
-# runs one row at a time). Products of exactly 8 rows give every row the same bits at
-# any of the 8 positions (600 random shapes, float32 and float64, 1 and 2 threads, on a
-# Xeon whose products of 8 + 8j rows do not: there 571 of 1195 rows of products of up
-# to 700 rows differed from the same row in an 8-row product).
-_ROW_BLOCK = 8
-
-
-def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (..., M, K) @ b (..., K, O), each output row the same bits whatever M is and
-    wherever the row sits (at a fixed BLAS thread count): the rows go to BLAS in
-    products of exactly _ROW_BLOCK rows (a batched matmul: one BLAS call per block), the
-    last block padded with zero rows. So a batch run in chunks of any size gives the bits
-    of one unchunked run."""
-    m, k = a.shape[-2:]
-    blocks = -(-m // _ROW_BLOCK)
-    if m % _ROW_BLOCK:
-        padded = np.zeros((*a.shape[:-2], blocks * _ROW_BLOCK, k), a.dtype)
-        padded[..., :m, :] = a
-        a = padded
-    stacked = a.reshape(*a.shape[:-2], blocks, _ROW_BLOCK, k)
-    out = np.matmul(stacked, b[..., None, :, :])  # (..., blocks, 8, O)
-    out = out.reshape(*out.shape[:-3], blocks * _ROW_BLOCK, b.shape[-1])
-    return out[..., :m, :] if m % _ROW_BLOCK else out

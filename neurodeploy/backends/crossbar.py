@@ -89,7 +89,6 @@ from .common import (
     child_rng,
     encode_on_grid,
     require_b1,
-    rows_matmul,
     step_sizes,
 )
 
@@ -185,10 +184,10 @@ def _tiles_needed(groups: int, rows: int, cols: int, cb: Crossbar) -> int:
 
 def _group_product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """x (P, G, r) times matrix (r, c) (one group) or (G, r, c) per group: (P, G c); each
-    read's sums the same bits whatever P is (:func:`~.common.rows_matmul`)."""
+    read's sums the same bits whatever P is (:func:`~neurodeploy.ops.rows_matmul`)."""
     if matrix.ndim == 2:  # one 2-D BLAS product, bit for bit what an ungrouped layer gave
-        return rows_matmul(x[:, 0, :], matrix)
-    out = rows_matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
+        return ops.rows_matmul(x[:, 0, :], matrix)
+    out = ops.rows_matmul(x.transpose(1, 0, 2), matrix)  # (G, P, c)
     return out.transpose(1, 0, 2).reshape(x.shape[0], -1)
 
 
