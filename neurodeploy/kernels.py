@@ -58,22 +58,30 @@ def _fire(t, t_min, t_max, inf):
 
 
 @_jit
+def _fire_row(row, fire_at, t_min, t_max, inf):
+    """:func:`_fire` over one sample's membranes row (L,) in place, fire_at (L,): returns
+    (saturated, fired) counts."""
+    saturated = 0
+    fired = 0
+    for i in range(row.shape[0]):
+        t, below, fires = _fire(fire_at[i] - row[i], t_min, t_max, inf)
+        row[i] = t
+        saturated += below
+        fired += fires
+    return saturated, fired
+
+
+@_jit
 def b1_fire(block, fire_at, t_min, t_max, counts):
     """Spike times, in place, of b1 neurons whose membranes at t_min are ``block``
     (b, L: b samples' L neurons, channels-last); fire_at (L,) t_min + theta per neuron;
     t_min, t_max scalars of the block's dtype. counts (b,) += each sample's spikes.
     Returns the number of neurons whose fire time was below t_min (saturated)."""
-    b, length = block.shape
     inf = block.dtype.type(np.inf)
     saturated = 0
-    for s in range(b):
-        row = block[s]
-        fired = 0
-        for i in range(length):
-            t, below, fires = _fire(fire_at[i] - row[i], t_min, t_max, inf)
-            row[i] = t
-            saturated += below
-            fired += fires
+    for s in range(block.shape[0]):
+        below, fired = _fire_row(block[s], fire_at, t_min, t_max, inf)
+        saturated += below
         counts[s] += fired
     return saturated
 
@@ -81,19 +89,16 @@ def b1_fire(block, fire_at, t_min, t_max, counts):
 @_jit
 def b1_fire_plus(block, term, term_row, offset, fire_at, t_min, t_max, counts):
     """:func:`b1_fire` of block + term: term (N, L) a whole shortcut term, channels-last,
-    of which sample s of the block meets row term_row + s from element ``offset``."""
+    of which sample s of the block meets row term_row + s from element ``offset`` (added
+    in place first: the same sum, rounded once)."""
     b, length = block.shape
     inf = block.dtype.type(np.inf)
     saturated = 0
     for s in range(b):
         row = block[s]
-        add = term[term_row + s, offset : offset + length]
-        fired = 0
-        for i in range(length):
-            t, below, fires = _fire(fire_at[i] - (row[i] + add[i]), t_min, t_max, inf)
-            row[i] = t
-            saturated += below
-            fired += fires
+        row += term[term_row + s, offset : offset + length]
+        below, fired = _fire_row(row, fire_at, t_min, t_max, inf)
+        saturated += below
         counts[s] += fired
     return saturated
 
