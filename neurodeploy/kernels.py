@@ -4,10 +4,10 @@ A b1 conv layer's work around its GEMMs (``simulate._b1_conv_layer``) is, in num
 two passes to write the input's spike values and five to eight on each output block
 (shortcut values, scale, add, subtract from the fire times, clamp, compare, count,
 silence), each ~0.3 ns per neuron even on a block in cache: on ResNet-50 at 224x224
-they cost a quarter of the GEMMs' time. Here each is one loop, compiled by numba
-(and the values go straight into the im2col rows of a 3x3 conv, and a time pool takes
-one pass with no padded copy),
-with the same operations in the same order on the same dtype, so the same bits: IEEE
+they cost a quarter of the GEMMs' time. Here each is one loop, compiled by numba (the
+values also go straight into a 3x3 conv's im2col rows, and a time pool takes one pass
+with no padded copy), with the same operations in the same order on the same dtype, so
+the same bits: IEEE
 operations without fast-math (no contraction into fused multiply-adds, no
 reassociation), and scalars cast to the arrays' dtype by the caller, as numpy casts a
 Python float meeting a float32 array. tests/test_kernels.py checks the bits against
@@ -23,7 +23,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import ops
+
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+
+@_jit
+def _spike_value(t_end, t, zero):
+    """max(t_end - t, 0) as numpy's spike_values rounds it: np.maximum(value, 0) turns a
+    silent neuron's -inf into 0 and keeps NaN and -0.0."""
+    value = t_end - t
+    return zero if value < zero else value
 
 
 @_jit
@@ -34,9 +44,7 @@ def _spike_values_4d(src, t_end, dst):
         for y in range(h):
             for x in range(w):
                 for ch in range(c):
-                    value = t_end - src[a, y, x, ch]
-                    # np.maximum(value, 0): a silent neuron's -inf -> 0; NaN and -0.0 kept
-                    dst[a, y, x, ch] = zero if value < zero else value
+                    dst[a, y, x, ch] = _spike_value(t_end, src[a, y, x, ch], zero)
 
 
 def spike_values_into(src: np.ndarray, t_end, dst: np.ndarray) -> None:
@@ -122,8 +130,7 @@ def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at
             v_p, src_p, fire_p = row[p : p + channels], src[p : p + channels], \
                 fire_at[p : p + channels]
             for j in range(channels):
-                value = t_source - src_p[j]
-                value = zero if value < zero else value
+                value = _spike_value(t_source, src_p[j], zero)
                 t, below, fires = _fire(fire_p[j] - (v_p[j] + value * scale[j]),
                                         t_min, t_max, inf)
                 v_p[j] = t
@@ -162,8 +169,7 @@ def gather_spike_values(src, t_end, cols, sample0, line0, lines, k, stride, padd
                     if 0 <= y < h and 0 <= x < w:
                         pixel = src[s, y, x]
                         for ch in range(c):
-                            value = t_end - pixel[ch]
-                            tap[ch] = zero if value < zero else value
+                            tap[ch] = _spike_value(t_end, pixel[ch], zero)
                     else:
                         tap[:] = zero
                     col += c
@@ -195,12 +201,13 @@ def _min_pool_nhwc(src, kernel, stride, padding, out):
                                 earliest[ch] = t
 
 
-def min_pool_channels_last(t: np.ndarray, kernel: int, stride: int, padding: int,
-                           ho: int, wo: int) -> np.ndarray:
+def min_pool_channels_last(t: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
     """Earliest spike time per k x k window of t (N, C, H, W), lying channels-last;
     padded positions never win (what ``ops.minpool2d`` computes, in one pass with no
-    padded copy). Returns (N, C, ho, wo), channels-last."""
-    n, c = t.shape[:2]
+    padded copy). Returns (N, C, Ho, Wo), channels-last."""
+    n, c, h, w = t.shape
+    ho = ops.conv_output_size(h, kernel, stride, padding)
+    wo = ops.conv_output_size(w, kernel, stride, padding)
     out = np.empty((n, ho, wo, c), t.dtype)
     _min_pool_nhwc(t.transpose(0, 2, 3, 1), kernel, stride, padding, out)
     return out.transpose(0, 3, 1, 2)

@@ -150,8 +150,9 @@ _MIN_BLOCK_ROWS = 512
 
 # Input channels from which a gathering prepare (see :func:`conv2d`) writes the im2col
 # rows itself: with fewer (a 3-channel image) its inner loop is too short and numpy's
-# padded copy + window copy is faster (ResNet-50's 7x7 stem on 224x224: 2.2 vs 1.2 ms an
-# image; 64 channels and more: 1.0-2.4x faster, benchmarks/bench_ops.py).
+# padded copy + window copy is faster (measured on ResNet-50's layer shapes, one image,
+# 2026-12-02: the 7x7 stem on 224x224 2.2 vs 1.2 ms; 3x3 layers of 64-512 channels
+# 1.0-2.4x faster than numpy's copies).
 _GATHER_MIN_CHANNELS = 16
 
 
@@ -323,7 +324,12 @@ def conv2d(
     (what a simulator does to a layer's input and output, without passes of their own
     over whole maps):
     prepare(src, dst): writes f(src) into dst, an elementwise map of the input (src an
-    (n, H, W, C) view of x, dst the same shape): the convolution reads f(x), not x.
+    (n, H, W, C) view of x, dst the same shape): the convolution reads f(x), not x. A
+    prepare with a method gather(src, cols, sample0, line0, lines, k, stride, padding, wo)
+    may be asked instead to write f of the windows straight into im2col rows cols (rows,
+    k k C) from src, the (N, H, W, C) view of a channels-last x, 0 outside the image
+    (``kernels.gather_spike_values`` has the layout), when x has at least
+    _GATHER_MIN_CHANNELS channels.
     finish(block, samples, rows): called on every block of the output as soon as its
     product is in (still in cache), in order; block is an (n, r, O) channels-last view of
     the output (samples ``samples``, flattened output positions ``rows``), which it may
@@ -505,18 +511,24 @@ def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a (..., M, K) @ b (..., K, O), each output row the same bits whatever M is and
     wherever the row sits (at a fixed BLAS thread count): the rows go to BLAS in
     products of exactly ROW_BLOCK rows (a batched matmul: one BLAS call per block), the
-    last block padded with zero rows. So a batch run in chunks of any size gives the bits
-    of one unchunked run."""
+    last M mod ROW_BLOCK rows padded with zero rows to a block of their own. So a batch
+    run in chunks of any size gives the bits of one unchunked run."""
     m, k = a.shape[-2:]
-    blocks = -(-m // ROW_BLOCK)
-    if m % ROW_BLOCK:
-        padded = np.zeros((*a.shape[:-2], blocks * ROW_BLOCK, k), a.dtype)
-        padded[..., :m, :] = a
-        a = padded
-    stacked = a.reshape(*a.shape[:-2], blocks, ROW_BLOCK, k)
-    out = np.matmul(stacked, b[..., None, :, :])  # (..., blocks, 8, O)
-    out = out.reshape(*out.shape[:-3], blocks * ROW_BLOCK, b.shape[-1])
-    return out[..., :m, :] if m % ROW_BLOCK else out
+    o = b.shape[-1]
+    full, rest = m - m % ROW_BLOCK, m % ROW_BLOCK
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = np.empty((*lead, m, o), np.result_type(a.dtype, b.dtype))
+    per_block = b[..., None, :, :]  # every block meets the same b
+    if full:  # views split the row axis into blocks (no copy of a, none of out)
+        blocks = a[..., :full, :].reshape(*a.shape[:-2], full // ROW_BLOCK, ROW_BLOCK, k)
+        into = out[..., :full, :].view()
+        into.shape = (*lead, full // ROW_BLOCK, ROW_BLOCK, o)  # raises rather than copy
+        np.matmul(blocks, per_block, out=into)
+    if rest:
+        tail = np.zeros((*a.shape[:-2], 1, ROW_BLOCK, k), a.dtype)
+        tail[..., 0, :rest, :] = a[..., full:, :]
+        out[..., full:, :] = np.matmul(tail, per_block)[..., 0, :rest, :]
+    return out
 
 
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -221,7 +221,6 @@ class _ValuesMap:
                                           line0, lines, kernel, stride, padding, wo)
 
 
-
 def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Spike times of b1 neurons whose membrane is v at t_min (v is overwritten), the
     saturated count and the early count.
@@ -346,9 +345,7 @@ def time_pool(pool: TimePool, t_in: np.ndarray) -> np.ndarray:
         if ops.channels_last(t_in):  # a conv's output: one compiled pass, the same bits
             from . import kernels
 
-            ho, wo = pool.output_shape[1:]
-            return kernels.min_pool_channels_last(t_in, pool.kernel, pool.stride,
-                                                  pool.padding, ho, wo)
+            return kernels.min_pool_channels_last(t_in, pool.kernel, pool.stride, pool.padding)
         return ops.minpool2d(t_in, pool.kernel, pool.stride, pool.padding)
     s = pool.sign.astype(t_in.dtype, copy=False)[None, :, None, None]
     return ops.minpool2d(t_in * s, pool.kernel, pool.stride, pool.padding) * s

@@ -214,3 +214,27 @@ def test_fused_forward_equals_the_layer_by_layer_forward_bit_for_bit(kind, seed,
     last = by_layer[net.layers[-1].name]
     assert fused.dtype == last.dtype and np.array_equal(fused, last)
     assert INPUT in by_layer
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), m=st.integers(1, 300), k=st.integers(1, 200),
+       o=st.integers(1, 200), dtype=st.sampled_from(["float64", "float32"]),
+       threads=st.sampled_from([1, 2]))
+def test_rows_matmul_gives_a_row_its_bits_wherever_it_sits(seed, m, k, o, dtype, threads):
+    """Each row of a rows_matmul product equals, bit for bit, the same row multiplied
+    alone and sitting anywhere in another product (what makes the crossbar's chunked runs
+    the unchunked bits). Fails with products of 8 + 8j rows on some OpenBLAS kernels."""
+    from neurodeploy.ops import rows_matmul
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(m, k)).astype(dtype)
+    b = rng.normal(size=(k, o)).astype(dtype)
+    with threadpool_limits(threads):
+        whole = rows_matmul(a, b)
+        rows = rng.choice(m, size=min(m, 4), replace=False)
+        elsewhere = rows_matmul(np.concatenate([a[::-1], a[rows]]), b)[m:]
+        alone = [rows_matmul(a[i : i + 1], b)[0] for i in rows]
+    np.testing.assert_allclose(whole, a.astype(np.float64) @ b.astype(np.float64),
+                               rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-4)
+    for j, i in enumerate(rows):
+        assert np.array_equal(whole[i], alone[j]) and np.array_equal(whole[i], elsewhere[j])

