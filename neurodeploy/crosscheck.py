@@ -553,15 +553,15 @@ def crosscheck(
         comparison.reference_output if comparison.reference_output is not None
         else np.empty_like(hardware.output)
     )
-    reference_predictions = np.argmax(reference_output, axis=1)
+    # the given reference trace, or one of the chunks' logits (for predictions, accuracy)
+    ref_trace = reference if reference is not None else _outputs_only(reference_output)
     logit_err = np.abs(hardware.output - reference_output)
     layers = comparison.layers(hardware, allowed)
-    agreement = float(np.mean(reference_predictions == hardware.predictions)) if n else 1.0
+    agreement = float(np.mean(ref_trace.predictions == hardware.predictions)) if n else 1.0
     divergence = next((layer.name for layer in layers if not layer.within_bound), None)
     reasons = _reasons(layers, agreement, profile.crosscheck.required_agreement, allowed)
     found = None
     if attribution and n:
-        ref_trace = reference if reference is not None else _outputs_only(reference_output)
         found = attribute(
             snn, dep, x, y, ref_trace, hardware, per_chunk, memory_budget=memory_budget
         )
@@ -572,14 +572,13 @@ def crosscheck(
                 layer.own_accuracy_loss = costs[layer.name].accuracy_loss
                 layer.own_disagreement = costs[layer.name].disagreement
                 layer.own_logit_error = costs[layer.name].logit_error_mean
-    accuracy = None if y is None else _accuracy(reference_predictions, y)
     return CrossCheckReport(
         model=snn.name,
         profile=profile.name,
         hardware=profile.hardware,
         backend=hardware.backend,
         samples=n,
-        accuracy_reference=accuracy,
+        accuracy_reference=None if y is None else ref_trace.accuracy(y),
         accuracy_hardware=None if y is None else hardware.accuracy(y),
         agreement=agreement,
         required_agreement=profile.crosscheck.required_agreement,
@@ -600,12 +599,6 @@ def crosscheck(
         layers=layers,
         plots=comparison.plots(layers),
     )
-
-
-def _accuracy(predictions: np.ndarray, labels) -> float:
-    """As :meth:`Trace.accuracy`: the fraction of predictions (N,) equal to labels (N,)."""
-    labels = np.asarray(labels)
-    return float(np.mean(predictions == labels)) if labels.size else float("nan")
 
 
 def _outputs_only(output: np.ndarray) -> Trace:

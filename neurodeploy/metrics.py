@@ -129,18 +129,25 @@ def _hardware_weights(deployment, stage_name: str) -> list[np.ndarray] | None:
     return [program.synapses[-1].weight, *(sc.synapses[-1].weight for sc in program.shortcuts)]
 
 
+def _stage_groups(stage, previous: str) -> list[tuple[str, tuple, tuple]]:
+    """(source stage, synapse ops, source shape) of a layer's connection groups, in group
+    index order: its main group (index 0) reads ``previous``, the stage before it, its
+    shortcut groups (1, 2, ...) their sources."""
+    return [(previous, stage.synapses, stage.input_shape)] + [
+        (sc.source, sc.synapses, sc.input_shape) for sc in stage.shortcuts
+    ]
+
+
 def _connection_groups(snn: TTFSNetwork) -> list[tuple[str, int, str, tuple, tuple]]:
     """(stage, group index, source stage, synapse ops, source shape) of every connection
-    group of snn's layers (pools skipped): a layer's main group (index 0) reads the stage
-    before it, its shortcut groups (1, 2, ...) their sources."""
+    group of snn's layers (pools skipped, :func:`_stage_groups`)."""
     groups = []
     previous = "input"
     for stage in snn.stages:
         if not isinstance(stage, TimePool):
-            groups.append((stage.name, 0, previous, stage.synapses, stage.input_shape))
             groups.extend(
-                (stage.name, 1 + i, sc.source, sc.synapses, sc.input_shape)
-                for i, sc in enumerate(stage.shortcuts)
+                (stage.name, index, *group)
+                for index, group in enumerate(_stage_groups(stage, previous))
             )
         previous = stage.name
     return groups
@@ -153,17 +160,21 @@ class SynapticEvents:
     chunking. :func:`neurobench_metrics` takes them in place of a trace's spike times."""
 
     def __init__(self, snn: TTFSNetwork, samples: int):
-        self._groups = [
-            (stage, index, source, _indicator(synapses, False, shape), shape)
-            for stage, index, source, synapses, shape in _connection_groups(snn)
-        ]
-        self.per_sample = {(stage, index): np.zeros(samples) for stage, index, *_ in self._groups}
+        groups = _connection_groups(snn)
+        self._groups = [(stage, index, source, shape) for stage, index, source, _, shape in groups]
+        # (stage, group index) -> the group's connectivity indicator (its synapses' map)
+        self.connectivity = {
+            (stage, index): _indicator(synapses, False, shape)
+            for stage, index, _, synapses, shape in groups
+        }
+        self.per_sample = {key: np.zeros(samples) for key in self.connectivity}
 
     def add(self, lo: int, hi: int, spike_times: dict[str, np.ndarray]) -> None:
         """Count samples lo..hi from their spike times {stage: (hi - lo, *shape)} (every
         group's source)."""
-        for stage, index, source, connectivity, shape in self._groups:
+        for stage, index, source, shape in self._groups:
             active = np.isfinite(spike_times[source]).reshape(hi - lo, *shape)
+            connectivity = self.connectivity[stage, index]
             self.per_sample[stage, index][lo:hi] = _events(connectivity, active)
 
 
@@ -216,9 +227,7 @@ def neurobench_metrics(
             previous = stage.name
             continue
         programmed = _hardware_weights(deployment, stage.name)
-        groups = [(previous, stage.synapses, stage.input_shape)] + [
-            (sc.source, sc.synapses, sc.input_shape) for sc in stage.shortcuts
-        ]
+        groups = _stage_groups(stage, previous)
         row = {"name": stage.name, "kind": type(stage).__name__}
         row["neurons"] = int(np.prod(stage.output_shape))
         weights = zeros = synapses = 0
@@ -229,7 +238,7 @@ def neurobench_metrics(
             held = affine.weight if programmed is None else programmed[index]
             group_weights = int(held.size)
             group_zeros = int(np.count_nonzero(held == 0))
-            connectivity = _indicator(synapse_ops, False, input_shape)
+            connectivity = events.connectivity[stage.name, index]
             group_synapses = float(_events(connectivity, np.ones((1, *input_shape)))[0])
             group_dense = _dense_ops(synapse_ops, input_shape)
             per_sample = events.per_sample[stage.name, index]
