@@ -8,8 +8,8 @@ same cost as the ReLU pass: they call the very same products.
 Row independence: every matrix product of :func:`conv2d` is one BLAS call per sample, of
 a shape that depends on the layer alone (numpy's stacked matmul loops over the samples in
 C), and :func:`dense` makes products of exactly 8 rows (:func:`rows_matmul`: 8 samples,
-the last block padded; 1.6x a bare forward of digits_mlp instead of 2.7x with one call
-per sample), so a sample's output is the same bits whichever samples share its batch or
+the last block padded; 1.4-1.7x a bare forward of digits_mlp instead of 2.7x with one
+call per sample), so a sample's output is the same bits whichever samples share its batch or
 chunk (tested on every machine the suite runs on: tests/test_crossbar.py,
 tests/test_batch_independence.py). A product over the rows of several samples is not: OpenBLAS
 picks its micro-kernels by a row's position in the call (measured on an AMD EPYC,
