@@ -19,6 +19,7 @@ float32 run's error), and the float32 error against float64.
 from __future__ import annotations
 
 import argparse
+import mmap
 import resource
 import shutil
 import tempfile
@@ -58,27 +59,46 @@ def recorded_gemms(run) -> list[tuple[int, int, int, np.dtype]]:
     return shapes
 
 
+def outside_the_heap(shape, dtype) -> np.ndarray:
+    """An uninitialised array in an anonymous memory map of its own, outside the C heap:
+    the runner's buffers leave malloc's state (where freed memory goes, what it hands
+    out next) as a process that never made them would have it."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype, int(np.prod(shape))).reshape(shape)
+
+
 def gemm_runner(shapes, seed: int = 0):
-    """A function timing the GEMMs alone (s): one product per shape, operands made
-    beforehand from one random buffer (allocation not timed)."""
+    """A function timing the GEMMs alone (s): one product per shape. Each product has a
+    weight matrix of its own (the layers' weights are distinct memory, as in the
+    network: one buffer shared by every product would keep the "weights" in cache, which
+    no run of the network can); the left operands are slices of one random buffer (the
+    network's im2col blocks are reused cache-sized buffers too); the outputs are made and
+    touched beforehand. Every buffer lies outside the C heap (:func:`outside_the_heap`),
+    so the runner neither times nor disturbs the allocator of the runs it alternates with."""
     rng = np.random.default_rng(seed)
-    biggest = max(max(m * k, k * o) for m, k, o, _ in shapes)
-    pool = {dt: rng.uniform(-1, 1, biggest).astype(dt) for dt in {s[3] for s in shapes}}
+    biggest = max(m * k for m, k, o, _ in shapes)
+    pool = {}
+    for dt in {s[3] for s in shapes}:
+        pool[dt] = outside_the_heap(biggest, dt)
+        pool[dt][:] = rng.uniform(-1, 1, biggest)
+    products = []
+    for m, k, o, dt in shapes:
+        b = outside_the_heap((k, o), dt)
+        b[:] = rng.uniform(-1, 1, (k, o))
+        out = outside_the_heap((m, o), dt)
+        out.fill(0)
+        products.append((pool[dt][: m * k].reshape(m, k), b, out))
 
     def run() -> float:
         total = 0.0
-        for m, k, o, dt in shapes:
-            a = pool[dt][: m * k].reshape(m, k)
-            b = pool[dt][: k * o].reshape(k, o)
-            out = np.empty((m, o), dt)
+        for a, b, out in products:
             start = time.perf_counter()
             np.matmul(a, b, out=out)
             total += time.perf_counter() - start
         return total
 
     return run
-
-
 
 
 def limit_rows(name: str, net: nd.Network, x: np.ndarray, repeats: int, dtypes) -> None:
