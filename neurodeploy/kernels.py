@@ -112,12 +112,15 @@ def b1_fire_plus(block, term, term_row, offset, fire_at, t_min, t_max, counts):
 
 
 @_jit
-def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at, channels,
-                     t_min, t_max, counts):
+def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at, t_min, t_max,
+                     counts):
     """:func:`b1_fire` of block + max(t_source - source, 0) * scale: an identity shortcut
     from the spike times ``source`` (N, L) of its source layer (channels-last; sample s of
-    the block meets row source_row + s from element ``offset``), scale (channels,) per
-    channel. Rounded as numpy's passes round: the value, its product, the sum."""
+    the block meets row source_row + s from element ``offset``), scale (L,) per neuron
+    (its channel's scale, tiled as fire_at is). Rounded as numpy's passes round: the
+    value, its product, the sum. One flat loop: it vectorises, so the source streams in
+    from memory at twice the rate of a loop over positions and their channels (measured:
+    0.53 against 1.13 ns per neuron with the source out of cache)."""
     b, length = block.shape
     inf = block.dtype.type(np.inf)
     zero = block.dtype.type(0.0)
@@ -126,29 +129,26 @@ def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at
         row = block[s]
         src = source[source_row + s, offset : offset + length]
         fired = 0
-        for p in range(0, length, channels):  # one position's channels: slices vectorise
-            v_p, src_p, fire_p = row[p : p + channels], src[p : p + channels], \
-                fire_at[p : p + channels]
-            for j in range(channels):
-                value = _spike_value(t_source, src_p[j], zero)
-                t, below, fires = _fire(fire_p[j] - (v_p[j] + value * scale[j]),
-                                        t_min, t_max, inf)
-                v_p[j] = t
-                saturated += below
-                fired += fires
+        for i in range(length):
+            value = _spike_value(t_source, src[i], zero)
+            t, below, fires = _fire(fire_at[i] - (row[i] + value * scale[i]), t_min, t_max,
+                                    inf)
+            row[i] = t
+            saturated += below
+            fired += fires
         counts[s] += fired
     return saturated
 
 
 @_jit
-def gather_spike_values(src, t_end, cols, sample0, line0, lines, k, stride, padding, wo):
-    """im2col rows of the spike values max(t_end - t, 0) of src (N, H, W, C), spike
-    times channels-last, written into cols (rows, k * k * C), row-major over (sample,
-    output line, output column) from sample ``sample0``, output line ``line0``: each
-    row a window's (ki, kj, channel) values, 0 outside the image (zero padding is a
-    silent input). What the padded copy of the values and its window copy write, in
-    one pass over the source and no buffer of its own. lines: output lines per sample in
-    the block (all of a sample's when the block holds whole samples)."""
+def gather_windows(src, cols, sample0, line0, lines, k, stride, padding, wo, t_end, values):
+    """im2col rows of src (N, H, W, C), channels-last, written into cols (rows, k * k * C),
+    row-major over (sample, output line, output column) from sample ``sample0``, output
+    line ``line0``: each row a window's (ki, kj, channel) entries, 0 outside the image.
+    values: write the spike values max(t_end - t, 0) of src's spike times (zero padding is
+    a silent input) instead of src's entries. What a padded copy and its window copy write,
+    in one pass over the source and no buffer of its own. lines: output lines per sample
+    in the block (all of a sample's when the block holds whole samples)."""
     rows = cols.shape[0]
     _, h, w, c = src.shape
     zero = cols.dtype.type(0.0)
@@ -168,8 +168,11 @@ def gather_spike_values(src, t_end, cols, sample0, line0, lines, k, stride, padd
                     tap = out[col : col + c]
                     if 0 <= y < h and 0 <= x < w:
                         pixel = src[s, y, x]
-                        for ch in range(c):
-                            tap[ch] = _spike_value(t_end, pixel[ch], zero)
+                        if values:
+                            for ch in range(c):
+                                tap[ch] = _spike_value(t_end, pixel[ch], zero)
+                        else:
+                            tap[:] = pixel
                     else:
                         tap[:] = zero
                     col += c
@@ -211,3 +214,4 @@ def min_pool_channels_last(t: np.ndarray, kernel: int, stride: int, padding: int
     out = np.empty((n, ho, wo, c), t.dtype)
     _min_pool_nhwc(t.transpose(0, 2, 3, 1), kernel, stride, padding, out)
     return out.transpose(0, 3, 1, 2)
+

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from . import ops
+from . import ops, threads
 from .errors import DataError, ModelError, UsageError
 from .memory import chunk_samples, chunks
 
@@ -613,15 +613,16 @@ class Network:
         n = arr.shape[0]
         per = chunk_samples(self.working_bytes(dtype), memory_budget)
         last = self.layers[-1].name
-        if n <= per:
-            return self._run(arr, keep=False)[last]
-        out = None
-        for lo, hi in chunks(n, per):
-            part = self._run(arr[lo:hi], keep=False)[last]
-            if out is None:
-                out = np.empty((n, *part.shape[1:]), part.dtype)
-            out[lo:hi] = part
-        return out
+        with threads.block_workers():  # held once for the pass, not per layer
+            if n <= per:
+                return self._run(arr, keep=False)[last]
+            out = None
+            for lo, hi in chunks(n, per):
+                part = self._run(arr[lo:hi], keep=False)[last]
+                if out is None:
+                    out = np.empty((n, *part.shape[1:]), part.dtype)
+                out[lo:hi] = part
+            return out
 
     def activations(self, x) -> dict[str, np.ndarray]:
         """Every layer's output keyed by layer name (the float64 forward pass, kept)."""

@@ -139,13 +139,15 @@ def _padded_channels_last(
     return out
 
 
-# Patch bytes per block of the im2col: a block is gathered and at once consumed by one
-# GEMM while it is still in cache, so the im2col never goes to memory (and never exists
-# whole: VGG-16's first layers' would be 231 MB per image). At least _MIN_BLOCK_ROWS
-# rows, so that every GEMM is large enough to run at BLAS speed. Measured on VGG-16
-# layers at 224x224 (benchmarks/bench_limit.py --layers).
-_IM2COL_BLOCK_BYTES = 4 << 20
-_MIN_BLOCK_ROWS = 512
+# Bytes of a block's im2col rows and output rows together: a block is gathered,
+# multiplied and finished on one core while it is in that core's 2 MiB L2 cache, so the
+# im2col never goes to memory (and never exists whole: VGG-16's first layers' would be
+# 231 MB per image). At least _MIN_BLOCK_ROWS rows, so that every GEMM is large enough
+# to run at BLAS speed. Measured on ResNet-50 at 224x224, batch 2, float64, interleaved
+# (2026-12-05): 1-3 MiB and 128-256 rows within 2 % of each other; 4 MiB of im2col rows
+# alone (the output not counted) 5-7 % slower.
+_BLOCK_BYTES = 2 << 20
+_MIN_BLOCK_ROWS = 256
 
 
 # Input channels from which a gathering prepare (see :func:`conv2d`) writes the im2col
@@ -156,9 +158,10 @@ _MIN_BLOCK_ROWS = 512
 _GATHER_MIN_CHANNELS = 16
 
 
-# Output elements per call of a convolution's ``finish`` (see :func:`conv2d`): 256 KiB of
-# float64, so that its passes run over a block still in a core's L2 cache from its GEMM.
-FINISH_ELEMENTS = 1 << 15
+# Output elements per call of a convolution's ``finish`` (see :func:`conv2d`): 1 MiB of
+# float64, about a block's output (_BLOCK_BYTES), so most blocks are finished in one
+# call (each call costs ~10 us of Python around its compiled passes).
+FINISH_ELEMENTS = 1 << 17
 
 
 def channel_tile(values: np.ndarray, dtype) -> np.ndarray:
@@ -228,7 +231,16 @@ def _conv2d_gemm(
 ) -> np.ndarray:
     """Ungrouped convolution as blocked channels-last im2col + GEMM; returns a
     channels-last (N, O, Ho, Wo) view (see :func:`channels_last`). prepare, finish: as
-    :func:`conv2d` takes them."""
+    :func:`conv2d` takes them.
+
+    The output is computed in blocks of whole samples (small maps) or of output lines of
+    one sample (large maps, the same lines in every sample), each block's im2col written
+    into a cache-sized buffer and at once multiplied and finished: on the threads
+    :func:`neurodeploy.threads.block_workers` allows, every product on one BLAS thread, so
+    a block is computed in one core's cache and its bits depend neither on the batch nor
+    on the thread count."""
+    from . import threads
+
     dtype = compute_dtype(x)
     n, c, h, w = x.shape
     out_ch, _, k, _ = weight.shape
@@ -237,75 +249,81 @@ def _conv2d_gemm(
     matrix = _gemm_matrix(weight, dtype)
     out = np.empty((n, ho, wo, out_ch), dtype)
     flat_out = out.reshape(n, ho * wo, out_ch)
-    row_bytes = k * k * c * dtype.itemsize
-    block_rows = max(_MIN_BLOCK_ROWS, _IM2COL_BLOCK_BYTES // row_bytes)
+    columns = k * k * c
+    block_rows = max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // ((columns + out_ch) * dtype.itemsize))
     sample_rows = ho * wo
-    pointwise = k == 1 and stride == 1 and padding == 0
-    # A pointwise conv's input is its own im2col: read in place, or, with a prepare and a
-    # channels-last input, prepared block by block into a cache-sized buffer (staged).
-    staged = pointwise and prepare is not None and channels_last(x) and x.dtype == dtype
-    # A prepare that gathers (``prepare.gather``) writes its map of the windows straight
-    # into the im2col rows from a channels-last input: no padded copy, no window copy.
-    gathered = (not pointwise and getattr(prepare, "gather", None) is not None
-                and c >= _GATHER_MIN_CHANNELS and channels_last(x) and x.dtype == dtype)
-    if staged:
-        patches = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-    elif gathered:
-        source = x.transpose(0, 2, 3, 1)  # (N, H, W, C), C-contiguous: a view
-    elif pointwise or sample_rows <= block_rows:
-        # Large samples are padded one at a time (VGG-16's first layers: 26 MB an image
-        # instead of a padded copy of the whole batch); small ones all at once.
-        xp = _padded_channels_last(x, padding, dtype, prepare=prepare)
-    else:  # a buffer of its own (never a view of x: it is refilled per sample)
-        xp = np.empty((min(n, 1), h + 2 * padding, w + 2 * padding, c), dtype)
-        _padded_channels_last(x[:1], padding, dtype, out=xp, prepare=prepare)
-    if pointwise and not staged:
-        patches = xp.reshape(n, h * w, c)
-    elif not pointwise and not gathered:
-        sn, sh, sw, sc = xp.strides
-        windows = as_strided(
-            xp, (xp.shape[0], ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
+    source_ok = channels_last(x) and x.dtype == dtype  # x's own memory can be read as is
+    # Where each block's rows come from:
+    # - "rows": a pointwise conv's input is its own im2col (x itself, or its prepared copy);
+    # - "staged": a pointwise conv's input prepared block by block into the buffer;
+    # - "gather": the windows gathered from a channels-last source straight into the
+    #   buffer (kernels.gather_windows; a prepare's gather writes its map of them);
+    # - "windows": the windows copied from a padded channels-last copy of x (few channels,
+    #   where the gather's inner loop is too short: a 3-channel image).
+    if k == 1 and stride == 1 and padding == 0:
+        mode = "staged" if prepare is not None and source_ok else "rows"
+        if mode == "staged" or (prepare is None and source_ok):
+            source = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+        else:
+            source = _padded_channels_last(x, 0, dtype, prepare=prepare).reshape(n, h * w, c)
+    elif c >= _GATHER_MIN_CHANNELS:
+        mode = "gather"
+        gather = getattr(prepare, "gather", None) if source_ok else None
+        if gather is None:
+            from . import kernels  # numba: imported where a convolution gathers
+
+            if source_ok and prepare is None:
+                source = x.transpose(0, 2, 3, 1)  # (N, H, W, C), C-contiguous: a view
+            else:  # x (prepared) as a channels-last copy, then gathered as it is
+                source = _padded_channels_last(x, 0, dtype, prepare=prepare)
+            zero = dtype.type(0)
+
+            def gather(src, cols, *where):
+                kernels.gather_windows(src, cols, *where, zero, False)
+        else:
+            source = x.transpose(0, 2, 3, 1)
+    else:
+        mode = "windows"
+        padded = _padded_channels_last(x, padding, dtype, prepare=prepare)
+        sn, sh, sw, sc = padded.strides
+        source = as_strided(
+            padded, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
             writeable=False,
         )
-    copied = staged or not pointwise  # the GEMMs read a block buffer
-    if sample_rows <= block_rows:  # whole samples per block, one product per sample
-        per = block_rows // sample_rows
-        if copied:
-            buf = np.empty((min(per, n), sample_rows, k * k * c), dtype)
-        for lo in range(0, n, per):
-            b = min(per, n - lo)
-            cols = buf[:b] if copied else patches[lo : lo + b]
-            if staged:
-                prepare(patches[lo : lo + b], cols)
-            elif gathered:
-                prepare.gather(source, cols.reshape(-1, k * k * c), lo, 0, ho, k, stride,
-                               padding, wo)
-            elif not pointwise:
-                np.copyto(cols.reshape(b, ho, wo, k, k, c), windows[lo : lo + b])
-            np.matmul(cols, matrix, out=flat_out[lo : lo + b])
-            if finish is not None:
-                _finish_blocks(finish, flat_out[lo : lo + b], lo, 0)
-        return out.transpose(0, 3, 1, 2)
-    # Output rows per block within one sample: the blocks of every sample are the same.
-    lines = max(1, block_rows // wo)
-    if copied:
-        buf = np.empty((min(lines, ho) * wo, k * k * c), dtype)
-    for i in range(n):
-        if i and not pointwise and not gathered:  # sample i's padded copy, in sample 0's buffer
-            _padded_channels_last(x[i : i + 1], padding, dtype, out=xp, prepare=prepare)
-        for r0 in range(0, ho, lines):
-            r1 = min(ho, r0 + lines)
-            rows = slice(r0 * wo, r1 * wo)
-            cols = buf[: (r1 - r0) * wo] if copied else patches[i, rows]
-            if staged:
-                prepare(patches[i, rows], cols)
-            elif gathered:
-                prepare.gather(source, cols, i, r0, r1 - r0, k, stride, padding, wo)
-            elif not pointwise:
-                np.copyto(cols.reshape(r1 - r0, wo, k, k, c), windows[0, r0:r1])
-            np.matmul(cols, matrix, out=flat_out[i, rows])
-            if finish is not None:
-                _finish_blocks(finish, flat_out[i : i + 1, rows], i, r0 * wo)
+    lines = ho if sample_rows <= block_rows else max(1, block_rows // wo)
+    per = max(1, block_rows // sample_rows) if lines == ho else 1  # samples per block
+    def run(index: int) -> None:
+        """Block ``index``: samples s0 .. s0 + b, output lines r0 .. r1 (all when the
+        block holds whole samples)."""
+        if lines == ho:
+            s0, r0, r1 = index * per, 0, ho
+            b = min(per, n - s0)
+        else:
+            s0, part = divmod(index, -(-ho // lines))
+            r0, r1, b = part * lines, min(ho, (part + 1) * lines), 1
+        rows = slice(r0 * wo, r1 * wo)
+        into = flat_out[s0 : s0 + b, rows]
+        if mode == "rows":
+            cols = source[s0 : s0 + b, rows]
+        else:
+            cols = threads.scratch("im2col", into.shape[0] * into.shape[1] * columns,
+                                   dtype).reshape(b, into.shape[1], columns)
+            if mode == "staged":
+                prepare(source[s0 : s0 + b, rows], cols)
+            elif mode == "gather":
+                gather(source, cols.reshape(-1, columns), s0, r0, r1 - r0, k, stride,
+                       padding, wo)
+            else:
+                np.copyto(cols.reshape(b, r1 - r0, wo, k, k, c), source[s0 : s0 + b, r0:r1])
+        np.matmul(cols, matrix, out=into)
+        if finish is not None:
+            _finish_blocks(finish, into, s0, r0 * wo)
+
+    with threads.block_workers() as width:
+        if lines == ho and width > 1:  # blocks enough for every thread (a product per
+            per = min(per, -(-n // (2 * width)))  # sample: any grouping, the same bits)
+        blocks = -(-n // per) if lines == ho else n * -(-ho // lines)
+        threads.run_blocks(blocks, run, width)
     return out.transpose(0, 3, 1, 2)
 
 
@@ -328,7 +346,7 @@ def conv2d(
     prepare with a method gather(src, cols, sample0, line0, lines, k, stride, padding, wo)
     may be asked instead to write f of the windows straight into im2col rows cols (rows,
     k k C) from src, the (N, H, W, C) view of a channels-last x, 0 outside the image
-    (``kernels.gather_spike_values`` has the layout), when x has at least
+    (``kernels.gather_windows`` has the layout), when x has at least
     _GATHER_MIN_CHANNELS channels.
     finish(block, samples, rows): called on every block of the output as soon as its
     product is in (still in cache), in order; block is an (n, r, O) channels-last view of
@@ -507,17 +525,19 @@ def avgpool2d(
 ROW_BLOCK = 8
 
 
-def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def rows_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """a (..., M, K) @ b (..., K, O), each output row the same bits whatever M is and
     wherever the row sits (at a fixed BLAS thread count): the rows go to BLAS in
     products of exactly ROW_BLOCK rows (a batched matmul: one BLAS call per block), the
     last M mod ROW_BLOCK rows padded with zero rows to a block of their own. So a batch
-    run in chunks of any size gives the bits of one unchunked run."""
+    run in chunks of any size gives the bits of one unchunked run. out: where to write
+    the (..., M, O) result (a view with rows of unit stride will do)."""
     m, k = a.shape[-2:]
     o = b.shape[-1]
     full, rest = m - m % ROW_BLOCK, m % ROW_BLOCK
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    out = np.empty((*lead, m, o), np.result_type(a.dtype, b.dtype))
+    if out is None:
+        out = np.empty((*lead, m, o), np.result_type(a.dtype, b.dtype))
     per_block = b[..., None, :, :]  # every block meets the same b
     if full:  # views split the row axis into blocks (no copy of a, none of out)
         blocks = a[..., :full, :].reshape(*a.shape[:-2], full // ROW_BLOCK, ROW_BLOCK, k)
@@ -531,10 +551,37 @@ def rows_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+# Output columns per product of a large dense layer (:func:`dense`), computed on the block
+# workers (neurodeploy.threads), each on one BLAS thread: so the product's bits depend on
+# the layer alone, not on the thread count, and no multi-threaded BLAS call is left
+# spinning (OpenBLAS's threads spin about 0.1 s of CPU after each such call, taking a
+# core from the next block workers). Products smaller than _DENSE_BLOCKED_MIN weights
+# (K O) run as one: OpenBLAS runs a product of 8 rows below 65536 * 4 multiply-adds
+# (SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD in its interface/gemm.c) in one thread.
+_DENSE_COLUMNS = 256
+_DENSE_BLOCKED_MIN = 65536 * 4 // ROW_BLOCK
+
+
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out), in products of
-    exactly ROW_BLOCK samples (:func:`rows_matmul`; see the module docstring)."""
-    return rows_matmul(np.ascontiguousarray(x), weight.T)
+    exactly ROW_BLOCK samples (:func:`rows_matmul`; see the module docstring), and of
+    _DENSE_COLUMNS outputs for large layers."""
+    from . import threads
+
+    x = np.ascontiguousarray(x)
+    matrix = weight.T
+    o = weight.shape[0]
+    if weight.size < _DENSE_BLOCKED_MIN:
+        return rows_matmul(x, matrix)
+    out = np.empty((x.shape[0], o), np.result_type(x.dtype, weight.dtype))
+
+    def run(index: int) -> None:
+        cols = slice(index * _DENSE_COLUMNS, (index + 1) * _DENSE_COLUMNS)
+        rows_matmul(x, matrix[:, cols], out=out[:, cols])
+
+    with threads.block_workers() as width:
+        threads.run_blocks(-(-o // _DENSE_COLUMNS), run, width)
+    return out
 
 
 # -- vector-Jacobian products (gradients of the kernels above) ------------------------------

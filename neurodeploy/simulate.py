@@ -16,12 +16,13 @@ Spike times follow from the neuron dynamics of each model:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import ops, threads
 from .errors import UsageError
 from .memory import chunk_samples, chunks
 from .network import Conv2d, compute_dtype_of
@@ -102,18 +103,21 @@ def _b1_conv_layer(
     # values, ``_identity_synapse``) is computed block by block from the source's spike
     # times; any other is applied to whole maps first and added block by block.
     adders = []
+    dtype = ops.compute_dtype(t_in)
     for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
         scale = _identity_scale(shortcut, t_src)
-        if scale is not None:
+        if scale is not None:  # the scale tiled per neuron, as a block operand
+            scale = ops.block_operand(shortcut.synapses[0].weight, "identity scale", dtype,
+                                      lambda scale=scale: scale)
             adders.append((ops.flat_channels_last(t_src), shortcut.t_source, scale))
         else:
             term = values_through(shortcut.synapses, t_src, shortcut.t_source)
             adders.append((ops.flat_channels_last(term), None, None))
-    dtype = ops.compute_dtype(t_in)  # t_min + theta per neuron, as a block operand:
+    # t_min + theta per neuron, as a block operand
     fire_at = ops.block_operand(layer.threshold, f"b1 fire times {layer.t_min!r}", dtype,
                                 lambda: fire_times(layer, dtype))
-    counts = np.zeros(n, np.int64)
-    saturated = 0
+    # Per thread (the conv's blocks run on several): (N,) spike counts and saturated count.
+    tallies: dict[int, list] = {}
     # The last shortcut joins the compiled fire pass (the same sums: the others are added
     # before it by numpy, in their order).
     added_first, last = adders[:-1], (adders[-1] if adders else None)
@@ -123,34 +127,39 @@ def _b1_conv_layer(
     channels = conv.weight.shape[0]
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
-        nonlocal saturated
         for source, t_source, scale in added_first:
             if t_source is None:  # a whole-map term
                 block += source[samples, rows]
                 continue
             term = spike_values(source[samples, rows], t_source)
-            np.multiply(term, scale, out=term)
+            np.multiply(term, ops.block_part(scale, block, rows), out=term)
             block += term
         fire = ops.block_part(fire_at, block, rows).reshape(-1)
         flat = block.view()
         flat.shape = (block.shape[0], -1)  # a view (blocks are C-contiguous), never a copy
+        tally = tallies.get(threading.get_ident())
+        if tally is None:
+            tally = tallies[threading.get_ident()] = [np.zeros(n, np.int64), 0]
+        counts = tally[0][samples]
         if last is None:
-            below = kernels.b1_fire(flat, fire, t_min_as, t_max_as, counts[samples])
+            below = kernels.b1_fire(flat, fire, t_min_as, t_max_as, counts)
         elif last[1] is None:
             below = kernels.b1_fire_plus(flat, last[0], samples.start, rows.start * channels,
-                                         fire, t_min_as, t_max_as, counts[samples])
+                                         fire, t_min_as, t_max_as, counts)
         else:
             source, t_source, scale = last
             below = kernels.b1_fire_identity(
                 flat, source, samples.start, rows.start * channels, dtype.type(t_source),
-                scale, fire, channels, t_min_as, t_max_as, counts[samples],
+                ops.block_part(scale, block, rows).reshape(-1), fire, t_min_as, t_max_as,
+                counts,
             )
-        if not layer.clipped:
-            saturated += below
+        tally[1] += below
 
     with np.errstate(divide="ignore"):
         t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,
                            prepare=_ValuesMap(t_min), finish=finish)
+    counts = sum((tally[0] for tally in tallies.values()), np.zeros(n, np.int64))
+    saturated = 0 if layer.clipped else sum(tally[1] for tally in tallies.values())
     return t_out, saturated, 0, counts
 
 
@@ -215,10 +224,10 @@ class _ValuesMap:
         else:
             spike_values(src, self.t_end, out=dst)
 
-    def gather(self, src, cols, sample0, line0, lines, kernel, stride, padding, wo) -> None:
-        """See ``kernels.gather_spike_values``."""
-        self._kernels.gather_spike_values(src, cols.dtype.type(self.t_end), cols, sample0,
-                                          line0, lines, kernel, stride, padding, wo)
+    def gather(self, src, cols, *where) -> None:
+        """The spike values of src's windows into im2col rows (``kernels.gather_windows``;
+        where: sample0, line0, lines, kernel, stride, padding, wo)."""
+        self._kernels.gather_windows(src, cols, *where, cols.dtype.type(self.t_end), True)
 
 
 def b1_fire(layer: SpikingLayer, v: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -530,9 +539,10 @@ def simulate(
     layer_step = _b1_layer if snn.neuron == "b1" else _alpha1_layer
     n = t.shape[0]
     per = chunk_samples(working_bytes(snn, dt), memory_budget)
-    output, spike_times, saturated, early, counts = run_stages_chunked(
-        snn, t, layer_step, time_pool, output_potential, per, kept, stream=stream
-    )
+    with threads.block_workers():  # held once for the run, not per layer
+        output, spike_times, saturated, early, counts = run_stages_chunked(
+            snn, t, layer_step, time_pool, output_potential, per, kept, stream=stream
+        )
     return Trace(
         output=output,
         spike_times=spike_times,

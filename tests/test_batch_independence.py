@@ -106,20 +106,25 @@ def test_the_grouped_conv_path_does_not_depend_on_the_batch_size():
         assert np.array_equal(layer.linear(x[i : i + 1])[0], whole[i])
 
 
+@pytest.mark.parametrize("channels", [3, 64])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("padding", [0, 1])
-def test_large_samples_are_padded_one_at_a_time_and_the_input_is_left_alone(padding):
-    """Maps above one im2col block (64 channels, 40 x 40) go sample by sample through one
-    padded buffer: the result equals the plain im2col product, a channels-last input (which
-    an unpadded copy could alias) is not written to."""
+def test_large_samples_go_in_row_blocks_and_the_input_is_left_alone(padding, layout, channels):
+    """Maps above one block (40 x 40) go in blocks of output lines, their windows gathered
+    (64 channels) or copied from a padded copy (3 channels), from either memory layout:
+    the result equals the plain im2col product, each sample alone gives its bits, and the
+    input (which a channels-last view could alias) is not written to."""
     from neurodeploy import ops
 
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((3, 40, 40, 64)).transpose(0, 3, 1, 2)  # channels-last view
+    x = rng.standard_normal((3, 40, 40, channels)).transpose(0, 3, 1, 2)  # channels-last view
+    if layout == "channels_first":
+        x = np.ascontiguousarray(x)
     before = x.copy()
-    w = rng.standard_normal((5, 64, 3, 3))
+    w = rng.standard_normal((5, channels, 3, 3))
     got = ops.conv2d(x, w, 1, padding)
     cols, ho, wo = ops.im2col(x, 3, 1, padding)
-    assert ho * wo * 64 * 9 * 8 > ops._IM2COL_BLOCK_BYTES  # the per-sample path
+    assert ho * wo > ops._MIN_BLOCK_ROWS  # more than one block per sample
     exact = (cols @ w.reshape(5, -1).T).reshape(3, ho, wo, 5).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12 * np.abs(exact).max())
     np.testing.assert_array_equal(x, before)

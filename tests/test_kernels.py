@@ -75,8 +75,8 @@ def test_fire_kernels_give_the_numpy_passes_bits(seed, samples, rows, channels, 
     fire = fire_at.reshape(-1)
     counts = np.full(samples, 7, np.int64)  # the kernels add to what is there
     if shortcut == "identity":
-        below = kernels.b1_fire_identity(got, wide, 1, channels, t_source, scale, fire,
-                                         channels, t_min, t_max, counts)
+        below = kernels.b1_fire_identity(got, wide, 1, channels, t_source,
+                                         np.tile(scale, rows), fire, t_min, t_max, counts)
     elif shortcut == "term":
         below = kernels.b1_fire_plus(got, wide, 1, channels, fire, t_min, t_max, counts)
     else:
