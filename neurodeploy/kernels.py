@@ -66,30 +66,32 @@ def _fire(t, t_min, t_max, inf):
 
 
 @_jit
-def _fire_row(row, fire_at, t_min, t_max, inf):
-    """:func:`_fire` over one sample's membranes row (L,) in place, fire_at (L,): returns
-    (saturated, fired) counts."""
-    saturated = 0
-    fired = 0
-    for i in range(row.shape[0]):
-        t, below, fires = _fire(fire_at[i] - row[i], t_min, t_max, inf)
-        row[i] = t
-        saturated += below
-        fired += fires
-    return saturated, fired
+def _fire_at_row(fire_at, position):
+    """Row of the fire times (R, O) that meets block row ``position``: fire_at holds one
+    row per position of the block (R = r) or one for all (R = 1: thresholds per channel,
+    a few hundred bytes that stay in L1 instead of a tile as large as the block in L2)."""
+    return fire_at[position if fire_at.shape[0] > 1 else 0]
 
 
 @_jit
 def b1_fire(block, fire_at, t_min, t_max, counts):
     """Spike times, in place, of b1 neurons whose membranes at t_min are ``block``
-    (b, L: b samples' L neurons, channels-last); fire_at (L,) t_min + theta per neuron;
-    t_min, t_max scalars of the block's dtype. counts (b,) += each sample's spikes.
-    Returns the number of neurons whose fire time was below t_min (saturated)."""
+    (b, r, O: b samples' r positions of O channels, channels-last); fire_at (r, O) or
+    (1, O) t_min + theta per neuron (:func:`_fire_at_row`); t_min, t_max scalars of the
+    block's dtype. counts (b,) += each sample's spikes. Returns the number of neurons
+    whose fire time was below t_min (saturated)."""
     inf = block.dtype.type(np.inf)
     saturated = 0
     for s in range(block.shape[0]):
-        below, fired = _fire_row(block[s], fire_at, t_min, t_max, inf)
-        saturated += below
+        fired = 0
+        for p in range(block.shape[1]):
+            row = block[s, p]
+            fire = _fire_at_row(fire_at, p)
+            for j in range(row.shape[0]):
+                t, below, fires = _fire(fire[j] - row[j], t_min, t_max, inf)
+                row[j] = t
+                saturated += below
+                fired += fires
         counts[s] += fired
     return saturated
 
@@ -98,15 +100,22 @@ def b1_fire(block, fire_at, t_min, t_max, counts):
 def b1_fire_plus(block, term, term_row, offset, fire_at, t_min, t_max, counts):
     """:func:`b1_fire` of block + term: term (N, L) a whole shortcut term, channels-last,
     of which sample s of the block meets row term_row + s from element ``offset`` (added
-    in place first: the same sum, rounded once)."""
-    b, length = block.shape
+    first: the same sum, rounded once)."""
+    b, r, o = block.shape
     inf = block.dtype.type(np.inf)
     saturated = 0
     for s in range(b):
-        row = block[s]
-        row += term[term_row + s, offset : offset + length]
-        below, fired = _fire_row(row, fire_at, t_min, t_max, inf)
-        saturated += below
+        src = term[term_row + s, offset : offset + r * o]
+        fired = 0
+        for p in range(r):
+            row = block[s, p]
+            fire = _fire_at_row(fire_at, p)
+            base = p * o
+            for j in range(o):
+                t, below, fires = _fire(fire[j] - (row[j] + src[base + j]), t_min, t_max, inf)
+                row[j] = t
+                saturated += below
+                fired += fires
         counts[s] += fired
     return saturated
 
@@ -116,26 +125,26 @@ def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at
                      counts):
     """:func:`b1_fire` of block + max(t_source - source, 0) * scale: an identity shortcut
     from the spike times ``source`` (N, L) of its source layer (channels-last; sample s of
-    the block meets row source_row + s from element ``offset``), scale (L,) per neuron
-    (its channel's scale, tiled as fire_at is). Rounded as numpy's passes round: the
-    value, its product, the sum. One flat loop: it vectorises, so the source streams in
-    from memory at twice the rate of a loop over positions and their channels (measured:
-    0.53 against 1.13 ns per neuron with the source out of cache)."""
-    b, length = block.shape
+    the block meets row source_row + s from element ``offset``), scale (O,) per channel.
+    Rounded as numpy's passes round: the value, its product, the sum."""
+    b, r, o = block.shape
     inf = block.dtype.type(np.inf)
     zero = block.dtype.type(0.0)
     saturated = 0
     for s in range(b):
-        row = block[s]
-        src = source[source_row + s, offset : offset + length]
+        src = source[source_row + s, offset : offset + r * o]
         fired = 0
-        for i in range(length):
-            value = _spike_value(t_source, src[i], zero)
-            t, below, fires = _fire(fire_at[i] - (row[i] + value * scale[i]), t_min, t_max,
-                                    inf)
-            row[i] = t
-            saturated += below
-            fired += fires
+        for p in range(r):
+            row = block[s, p]
+            fire = _fire_at_row(fire_at, p)
+            base = p * o
+            for j in range(o):
+                value = _spike_value(t_source, src[base + j], zero)
+                t, below, fires = _fire(fire[j] - (row[j] + value * scale[j]), t_min, t_max,
+                                        inf)
+                row[j] = t
+                saturated += below
+                fired += fires
         counts[s] += fired
     return saturated
 
@@ -180,38 +189,53 @@ def gather_windows(src, cols, sample0, line0, lines, k, stride, padding, wo, t_e
 
 
 @_jit
-def _min_pool_nhwc(src, kernel, stride, padding, out):
-    n, h, w, c = src.shape
-    _, ho, wo, _ = out.shape
-    for a in range(n):
-        for oh in range(ho):
-            for ow in range(wo):
-                earliest = out[a, oh, ow]
-                earliest[:] = np.inf
-                for ki in range(kernel):
-                    y = oh * stride - padding + ki
-                    if not 0 <= y < h:
+def _min_pool_nhwc(src, kernel, stride, padding, out, sample, line0, line1):
+    _, h, w, c = src.shape
+    wo = out.shape[2]
+    for oh in range(line0, line1):
+        for ow in range(wo):
+            earliest = out[sample, oh, ow]
+            earliest[:] = np.inf
+            for ki in range(kernel):
+                y = oh * stride - padding + ki
+                if not 0 <= y < h:
+                    continue
+                for kj in range(kernel):
+                    x = ow * stride - padding + kj
+                    if not 0 <= x < w:
                         continue
-                    for kj in range(kernel):
-                        x = ow * stride - padding + kj
-                        if not 0 <= x < w:
-                            continue
-                        pixel = src[a, y, x]
-                        for ch in range(c):
-                            t = pixel[ch]
-                            # np.minimum: the earlier time, the first on ties, NaN wins
-                            if t < earliest[ch] or t != t:
-                                earliest[ch] = t
+                    pixel = src[sample, y, x]
+                    for ch in range(c):
+                        t = pixel[ch]
+                        # np.minimum: the earlier time, the first on ties, NaN wins
+                        if t < earliest[ch] or t != t:
+                            earliest[ch] = t
+
+
+# Output elements per block of a time pool on the block workers (neurodeploy.threads).
+_POOL_BLOCK_ELEMENTS = 1 << 16
 
 
 def min_pool_channels_last(t: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
     """Earliest spike time per k x k window of t (N, C, H, W), lying channels-last;
     padded positions never win (what ``ops.minpool2d`` computes, in one pass with no
-    padded copy). Returns (N, C, Ho, Wo), channels-last."""
+    padded copy), in blocks of output lines on the block workers. Returns (N, C, Ho, Wo),
+    channels-last."""
+    from . import threads
+
     n, c, h, w = t.shape
     ho = ops.conv_output_size(h, kernel, stride, padding)
     wo = ops.conv_output_size(w, kernel, stride, padding)
     out = np.empty((n, ho, wo, c), t.dtype)
-    _min_pool_nhwc(t.transpose(0, 2, 3, 1), kernel, stride, padding, out)
-    return out.transpose(0, 3, 1, 2)
+    src = t.transpose(0, 2, 3, 1)
+    lines = max(1, _POOL_BLOCK_ELEMENTS // max(1, wo * c))
+    parts = -(-ho // lines)
 
+    def block(index: int) -> None:
+        sample, part = divmod(index, parts)
+        _min_pool_nhwc(src, kernel, stride, padding, out, sample, part * lines,
+                       min(ho, (part + 1) * lines))
+
+    with threads.block_workers() as width:
+        threads.run_blocks(n * parts, block, width)
+    return out.transpose(0, 3, 1, 2)

@@ -139,6 +139,24 @@ def _padded_channels_last(
     return out
 
 
+def _padded_channels_last_on(x: np.ndarray, padding: int, dtype, prepare, width: int):
+    """:func:`_padded_channels_last` of x (prepared), made in blocks of samples (about
+    _BLOCK_BYTES each) on ``width`` block workers (neurodeploy.threads)."""
+    from . import threads
+
+    n, c, h, w = x.shape
+    out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    per = max(1, _BLOCK_BYTES // max(1, out[0].nbytes))
+
+    def block(index: int) -> None:
+        lo = index * per
+        _padded_channels_last(x[lo : lo + per], padding, dtype, out=out[lo : lo + per],
+                              prepare=prepare)
+
+    threads.run_blocks(-(-n // per), block, width)
+    return out
+
+
 # Bytes of a block's im2col rows and output rows together: a block is gathered,
 # multiplied and finished on one core while it is in that core's 2 MiB L2 cache, so the
 # im2col never goes to memory (and never exists whole: VGG-16's first layers' would be
@@ -173,12 +191,11 @@ def channel_tile(values: np.ndarray, dtype) -> np.ndarray:
     return np.tile(np.asarray(values, dtype=dtype), (rows, 1))
 
 
-def block_operand(key: np.ndarray, what: str, dtype, values) -> tuple[np.ndarray, bool]:
-    """A per-neuron operand of a conv's ``finish`` (values() broadcastable to (O, Ho, Wo)),
-    computed once per live ``key`` (see :func:`derived`) and block size: (tile, True),
-    :func:`channel_tile` of the per-channel values when they are the same at every
-    position, else ((Ho Wo, O) channels-last rows, False). :func:`block_part` takes a
-    block's part of it."""
+def neuron_rows(key: np.ndarray, what: str, dtype, values) -> np.ndarray:
+    """A per-neuron operand of a conv's output (values() broadcastable to (O, Ho, Wo)),
+    computed once per live ``key`` (see :func:`derived`): a C-contiguous (1, O) row when
+    it is the same at every position (per channel), else the (Ho Wo, O) channels-last
+    rows. :func:`rows_part` takes the part that meets a block's rows."""
     dtype = np.dtype(dtype)
 
     def make():
@@ -186,10 +203,29 @@ def block_operand(key: np.ndarray, what: str, dtype, values) -> tuple[np.ndarray
         v = v.reshape(v.shape[0], 1, 1) if v.ndim == 1 else v
         per_channel = v.reshape(v.shape[0], -1)
         if np.all(per_channel == per_channel[:, :1]):
-            return channel_tile(per_channel[:, 0], dtype), True
-        return np.ascontiguousarray(v.transpose(1, 2, 0)).reshape(-1, v.shape[0]), False
+            return np.ascontiguousarray(per_channel[:, :1].T)
+        return np.ascontiguousarray(v.transpose(1, 2, 0)).reshape(-1, v.shape[0])
 
-    return derived(key, f"{what} block operand {FINISH_ELEMENTS}", dtype, make)
+    return derived(key, f"{what} neuron rows", dtype, make)
+
+
+def rows_part(operand: np.ndarray, rows: slice) -> np.ndarray:
+    """The rows of a :func:`neuron_rows` operand that meet output positions ``rows``."""
+    return operand if operand.shape[0] == 1 else operand[rows]
+
+
+def block_operand(key: np.ndarray, what: str, dtype, values) -> tuple[np.ndarray, bool]:
+    """:func:`neuron_rows` as an operand of numpy passes over a conv's ``finish`` blocks:
+    (tile, True), :func:`channel_tile` of the per-channel values when they are the same
+    at every position, else ((Ho Wo, O) channels-last rows, False). :func:`block_part`
+    takes a block's part of it."""
+    dtype = np.dtype(dtype)
+    rows = neuron_rows(key, what, dtype, values)
+    if rows.shape[0] > 1:
+        return rows, False
+    tile = derived(key, f"{what} block operand {FINISH_ELEMENTS}", dtype,
+                   lambda: channel_tile(rows[0], dtype))
+    return tile, True
 
 
 def block_part(operand: tuple[np.ndarray, bool], block: np.ndarray, rows: slice) -> np.ndarray:
@@ -260,68 +296,75 @@ def _conv2d_gemm(
     #   buffer (kernels.gather_windows; a prepare's gather writes its map of them);
     # - "windows": the windows copied from a padded channels-last copy of x (few channels,
     #   where the gather's inner loop is too short: a 3-channel image).
-    if k == 1 and stride == 1 and padding == 0:
-        mode = "staged" if prepare is not None and source_ok else "rows"
-        if mode == "staged" or (prepare is None and source_ok):
-            source = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-        else:
-            source = _padded_channels_last(x, 0, dtype, prepare=prepare).reshape(n, h * w, c)
-    elif c >= _GATHER_MIN_CHANNELS:
-        mode = "gather"
-        gather = getattr(prepare, "gather", None) if source_ok else None
-        if gather is None:
-            from . import kernels  # numba: imported where a convolution gathers
-
-            if source_ok and prepare is None:
-                source = x.transpose(0, 2, 3, 1)  # (N, H, W, C), C-contiguous: a view
-            else:  # x (prepared) as a channels-last copy, then gathered as it is
-                source = _padded_channels_last(x, 0, dtype, prepare=prepare)
-            zero = dtype.type(0)
-
-            def gather(src, cols, *where):
-                kernels.gather_windows(src, cols, *where, zero, False)
-        else:
-            source = x.transpose(0, 2, 3, 1)
-    else:
-        mode = "windows"
-        padded = _padded_channels_last(x, padding, dtype, prepare=prepare)
-        sn, sh, sw, sc = padded.strides
-        source = as_strided(
-            padded, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
-            writeable=False,
-        )
-    lines = ho if sample_rows <= block_rows else max(1, block_rows // wo)
-    per = max(1, block_rows // sample_rows) if lines == ho else 1  # samples per block
-    def run(index: int) -> None:
-        """Block ``index``: samples s0 .. s0 + b, output lines r0 .. r1 (all when the
-        block holds whole samples)."""
-        if lines == ho:
-            s0, r0, r1 = index * per, 0, ho
-            b = min(per, n - s0)
-        else:
-            s0, part = divmod(index, -(-ho // lines))
-            r0, r1, b = part * lines, min(ho, (part + 1) * lines), 1
-        rows = slice(r0 * wo, r1 * wo)
-        into = flat_out[s0 : s0 + b, rows]
-        if mode == "rows":
-            cols = source[s0 : s0 + b, rows]
-        else:
-            cols = threads.scratch("im2col", into.shape[0] * into.shape[1] * columns,
-                                   dtype).reshape(b, into.shape[1], columns)
-            if mode == "staged":
-                prepare(source[s0 : s0 + b, rows], cols)
-            elif mode == "gather":
-                gather(source, cols.reshape(-1, columns), s0, r0, r1 - r0, k, stride,
-                       padding, wo)
-            else:
-                np.copyto(cols.reshape(b, r1 - r0, wo, k, k, c), source[s0 : s0 + b, r0:r1])
-        np.matmul(cols, matrix, out=into)
-        if finish is not None:
-            _finish_blocks(finish, into, s0, r0 * wo)
-
     with threads.block_workers() as width:
+
+        def copy(pad: int) -> np.ndarray:
+            """x (prepared) as a channels-last copy padded by pad, on the workers."""
+            return _padded_channels_last_on(x, pad, dtype, prepare, width)
+
+        if k == 1 and stride == 1 and padding == 0:
+            mode = "staged" if prepare is not None and source_ok else "rows"
+            if mode == "staged" or (prepare is None and source_ok):
+                source = x.transpose(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+            else:
+                source = copy(0).reshape(n, h * w, c)
+        elif c >= _GATHER_MIN_CHANNELS:
+            mode = "gather"
+            gather = getattr(prepare, "gather", None) if source_ok else None
+            if gather is None:
+                from . import kernels  # numba: imported where a convolution gathers
+
+                if source_ok and prepare is None:
+                    source = x.transpose(0, 2, 3, 1)  # (N, H, W, C), C-contiguous: a view
+                else:  # x (prepared) as a channels-last copy, then gathered as it is
+                    source = copy(0)
+                zero = dtype.type(0)
+
+                def gather(src, cols, *where):
+                    kernels.gather_windows(src, cols, *where, zero, False)
+            else:
+                source = x.transpose(0, 2, 3, 1)
+        else:
+            mode = "windows"
+            padded = copy(padding)
+            sn, sh, sw, sc = padded.strides
+            source = as_strided(
+                padded, (n, ho, wo, k, k, c), (sn, sh * stride, sw * stride, sh, sw, sc),
+                writeable=False,
+            )
+        lines = ho if sample_rows <= block_rows else max(1, block_rows // wo)
+        per = max(1, block_rows // sample_rows) if lines == ho else 1  # samples per block
         if lines == ho and width > 1:  # blocks enough for every thread (a product per
             per = min(per, -(-n // (2 * width)))  # sample: any grouping, the same bits)
+
+        def run(index: int) -> None:
+            """Block ``index``: samples s0 .. s0 + b, output lines r0 .. r1 (all when the
+            block holds whole samples)."""
+            if lines == ho:
+                s0, r0, r1 = index * per, 0, ho
+                b = min(per, n - s0)
+            else:
+                s0, part = divmod(index, -(-ho // lines))
+                r0, r1, b = part * lines, min(ho, (part + 1) * lines), 1
+            rows = slice(r0 * wo, r1 * wo)
+            into = flat_out[s0 : s0 + b, rows]
+            if mode == "rows":
+                cols = source[s0 : s0 + b, rows]
+            else:
+                cols = threads.scratch("im2col", into.shape[0] * into.shape[1] * columns,
+                                       dtype).reshape(b, into.shape[1], columns)
+                if mode == "staged":
+                    prepare(source[s0 : s0 + b, rows], cols)
+                elif mode == "gather":
+                    gather(source, cols.reshape(-1, columns), s0, r0, r1 - r0, k, stride,
+                           padding, wo)
+                else:
+                    np.copyto(cols.reshape(b, r1 - r0, wo, k, k, c),
+                              source[s0 : s0 + b, r0:r1])
+            np.matmul(cols, matrix, out=into)
+            if finish is not None:
+                _finish_blocks(finish, into, s0, r0 * wo)
+
         blocks = -(-n // per) if lines == ho else n * -(-ho // lines)
         threads.run_blocks(blocks, run, width)
     return out.transpose(0, 3, 1, 2)

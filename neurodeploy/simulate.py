@@ -16,6 +16,7 @@ Spike times follow from the neuron dynamics of each model:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,16 +107,14 @@ def _b1_conv_layer(
     dtype = ops.compute_dtype(t_in)
     for shortcut, t_src in zip(layer.shortcuts, shortcut_in, strict=True):
         scale = _identity_scale(shortcut, t_src)
-        if scale is not None:  # the scale tiled per neuron, as a block operand
-            scale = ops.block_operand(shortcut.synapses[0].weight, "identity scale", dtype,
-                                      lambda scale=scale: scale)
+        if scale is not None:
             adders.append((ops.flat_channels_last(t_src), shortcut.t_source, scale))
         else:
             term = values_through(shortcut.synapses, t_src, shortcut.t_source)
             adders.append((ops.flat_channels_last(term), None, None))
-    # t_min + theta per neuron, as a block operand
-    fire_at = ops.block_operand(layer.threshold, f"b1 fire times {layer.t_min!r}", dtype,
-                                lambda: fire_times(layer, dtype))
+    # t_min + theta per neuron: (1, O) per channel or (Ho Wo, O) per position
+    fire_at = ops.neuron_rows(layer.threshold, f"b1 fire times {layer.t_min!r}", dtype,
+                              lambda: fire_times(layer, dtype))
     # Per thread (the conv's blocks run on several): (N,) spike counts and saturated count.
     tallies: dict[int, list] = {}
     # The last shortcut joins the compiled fire pass (the same sums: the others are added
@@ -132,32 +131,28 @@ def _b1_conv_layer(
                 block += source[samples, rows]
                 continue
             term = spike_values(source[samples, rows], t_source)
-            np.multiply(term, ops.block_part(scale, block, rows), out=term)
+            np.multiply(term, scale, out=term)
             block += term
-        fire = ops.block_part(fire_at, block, rows).reshape(-1)
-        flat = block.view()
-        flat.shape = (block.shape[0], -1)  # a view (blocks are C-contiguous), never a copy
+        fire = ops.rows_part(fire_at, rows)
         tally = tallies.get(threading.get_ident())
         if tally is None:
             tally = tallies[threading.get_ident()] = [np.zeros(n, np.int64), 0]
         counts = tally[0][samples]
         if last is None:
-            below = kernels.b1_fire(flat, fire, t_min_as, t_max_as, counts)
+            below = kernels.b1_fire(block, fire, t_min_as, t_max_as, counts)
         elif last[1] is None:
-            below = kernels.b1_fire_plus(flat, last[0], samples.start, rows.start * channels,
+            below = kernels.b1_fire_plus(block, last[0], samples.start, rows.start * channels,
                                          fire, t_min_as, t_max_as, counts)
         else:
             source, t_source, scale = last
             below = kernels.b1_fire_identity(
-                flat, source, samples.start, rows.start * channels, dtype.type(t_source),
-                ops.block_part(scale, block, rows).reshape(-1), fire, t_min_as, t_max_as,
-                counts,
+                block, source, samples.start, rows.start * channels, dtype.type(t_source),
+                scale, fire, t_min_as, t_max_as, counts,
             )
         tally[1] += below
 
-    with np.errstate(divide="ignore"):
-        t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,
-                           prepare=_ValuesMap(t_min), finish=finish)
+    t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,
+                       prepare=_ValuesMap(t_min), finish=finish)
     counts = sum((tally[0] for tally in tallies.values()), np.zeros(n, np.int64))
     saturated = 0 if layer.clipped else sum(tally[1] for tally in tallies.values())
     return t_out, saturated, 0, counts
@@ -491,7 +486,7 @@ def working_bytes(snn: TTFSNetwork, dtype="float64") -> int:
     """Estimated working memory (bytes) of one sample's b1 simulation besides the spike
     times the trace keeps: a layer's values, padded channels-last copy and membrane
     (3x the widest stage), once more for the shortcuts of a residual network."""
-    sizes = [int(np.prod(snn.input_shape))] + [int(np.prod(s.output_shape)) for s in snn.stages]
+    sizes = [math.prod(snn.input_shape)] + [math.prod(s.output_shape) for s in snn.stages]
     branches = 1 if any(getattr(s, "shortcuts", ()) for s in snn.stages) else 0
     return (3 + branches) * max(sizes) * compute_dtype_of(dtype).itemsize
 
@@ -558,8 +553,8 @@ def simulate(
 
 def stage_neurons(snn: TTFSNetwork, names) -> dict[str, int]:
     """Neurons per sample of each of ``names`` (stages of snn, or "input")."""
-    sizes = {"input": int(np.prod(snn.input_shape))}
-    sizes.update((s.name, int(np.prod(s.output_shape))) for s in snn.stages)
+    sizes = {"input": math.prod(snn.input_shape)}
+    sizes.update((s.name, math.prod(s.output_shape)) for s in snn.stages)
     return {name: sizes[name] for name in names}
 
 

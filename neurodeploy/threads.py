@@ -9,20 +9,23 @@ task (neurodeploy.sweep), fine-tuning (neurodeploy.finetune) - computes inside
 :func:`one_blas_thread`, so its bits do not depend on the machine's thread count
 (``OPENBLAS_NUM_THREADS``), the executor or the number of workers.
 
-The limit is ``threadpoolctl.threadpool_limits(1)`` on every BLAS and OpenMP
-library loaded when the first holder enters; it is process-wide, so holders in
-several threads of one process (a dask worker with nthreads > 1) share one
-limiter, reference counted: the first sets it, the last one out restores the
-original limits. Nothing global is left changed afterwards.
-
 Block workers (:func:`block_workers`, :func:`run_blocks`): ``ops.conv2d`` computes its
 blocks (gather, product, elementwise finish) on as many threads as BLAS would use, each
 block's product on one BLAS thread. Each core then works on the blocks in its own cache
 (a two-thread product leaves half of its output in the other core's cache, where the
 elementwise passes after it read it at memory speed), and a block's bits do not depend
-on the thread count. While a holder runs, OpenBLAS computes in one thread (the same
-reference-counted limit); inside :func:`one_blas_thread` the blocks run in the calling
-thread alone.
+on the thread count. Inside :func:`one_blas_thread` the blocks run in the calling thread
+alone.
+
+The limit: while any holder (of either kind) runs, every OpenBLAS library that was
+loaded when this process first held it (numpy's, and scipy's own) computes in one thread (and, in the
+thread of a :func:`one_blas_thread` holder, every OpenMP library). It is
+process-wide, so holders in several threads of one process (a dask worker with
+nthreads > 1, a simulation beside a sweep task) share it, reference counted: the first
+sets it, the last one out restores each library's thread count. Nothing global is left
+changed afterwards. The libraries are set through their own ``openblas_set_num_threads``:
+threadpoolctl (3.8) lets only one thread at a time change OpenBLAS and silently ignores
+the others, and the last holder out may be any thread.
 
 A thread limit does not make different BLAS kernels agree (OpenBLAS picks them
 by CPU model): where a result must match across machines, the arithmetic itself
@@ -32,6 +35,7 @@ neurodeploy.fileclass.model).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import os
@@ -43,40 +47,56 @@ import numpy as np
 _limit_lock = threading.Lock()
 _limit_holders = 0  # every holder: one_blas_thread and block_workers
 _serial_holders = 0  # one_blas_thread holders: block_workers give width 1 meanwhile
-_restores: list = []  # undo steps of the holders that changed limits, run by the last out
-_width = 1  # block workers: OpenBLAS's thread count before the first holder entered
-_openblas = None  # threadpoolctl's OpenBLAS controllers, numpy's first (): none
+_originals: list = []  # (library, thread count) before the first holder, to restore
+_width = 1  # block workers: numpy's OpenBLAS thread count before the first holder
+_libraries = None  # the loaded OpenBLAS libraries (numpy's first); () where none
 
 
-def _openblas_controllers() -> tuple:
-    """threadpoolctl's controllers of the OpenBLAS libraries loaded, numpy's first (scipy
-    loads one of its own), or () where no OpenBLAS inside numpy's wheel is found."""
-    global _openblas
-    if _openblas is None:
-        from threadpoolctl import ThreadpoolController
+class _OpenBLAS:
+    """One loaded OpenBLAS library's thread count, through its own C functions."""
 
-        found = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    def __init__(self, path: str):
+        library = ctypes.CDLL(path)  # the copy already loaded: dlopen gives its handle
+        names = [f"{prefix}openblas_%s_num_threads{suffix}"
+                 for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
+        name = next((n for n in names if hasattr(library, n % "get")), None)
+        if name is None:
+            raise OSError(f"{path}: no openblas_get_num_threads")
+        self.get = getattr(library, name % "get")
+        self.get.restype, self.get.argtypes = ctypes.c_int, []
+        self.set = getattr(library, name % "set")
+        self.set.restype, self.set.argtypes = None, [ctypes.c_int]
+
+
+def _openblas_libraries() -> tuple:
+    """The OpenBLAS libraries loaded now, numpy's first, or () where numpy's BLAS is no
+    OpenBLAS of its wheel (the limit and the block workers then stay off)."""
+    global _libraries
+    if _libraries is None:
+        from threadpoolctl import threadpool_info
+
+        paths = [lib["filepath"] for lib in threadpool_info()
+                 if lib["internal_api"] == "openblas"]
         numpy_dir = os.path.dirname(np.__file__)  # its wheel's libraries: numpy.libs
-        ours = [c for c in found
-                if os.path.dirname(c.filepath) in (numpy_dir, numpy_dir + ".libs")]
-        _openblas = (ours[0], *(c for c in found if c is not ours[0])) if ours else ()
-    return _openblas
+        ours = [p for p in paths if os.path.dirname(p) in (numpy_dir, numpy_dir + ".libs")]
+        try:
+            _libraries = tuple(_OpenBLAS(p) for p in ours[:1] + sorted(set(paths) - set(ours[:1])))
+        except OSError:  # an OpenBLAS without the usual entry points: leave BLAS alone
+            _libraries = ()
+        if not ours:
+            _libraries = ()
+    return _libraries
 
 
 def _enter(serial: bool) -> int:
     """Register a holder (under the lock); returns the width block workers may use."""
     global _limit_holders, _serial_holders, _width
     if _limit_holders == 0:
-        blas = _openblas_controllers()
-        _width = blas[0].get_num_threads() if blas else 1
-        if not serial and _width > 1:
-            for lib in blas:
-                _restores.append(functools.partial(lib.set_num_threads, lib.get_num_threads()))
-                lib.set_num_threads(1)
-    if serial and _serial_holders == 0:
-        from threadpoolctl import threadpool_limits
-
-        _restores.append(threadpool_limits(limits=1).restore_original_limits)
+        libraries = _openblas_libraries()
+        _originals[:] = [(library, library.get()) for library in libraries]
+        _width = _originals[0][1] if _originals else 1
+        for library, _ in _originals:
+            library.set(1)
     _limit_holders += 1
     _serial_holders += serial
     return 1 if _serial_holders else _width
@@ -87,17 +107,23 @@ def _leave(serial: bool) -> None:
     _limit_holders -= 1
     _serial_holders -= serial
     if _limit_holders == 0:
-        while _restores:
-            _restores.pop()()
+        for library, threads in reversed(_originals):
+            library.set(threads)
+        _originals.clear()
 
 
 @contextmanager
 def one_blas_thread():
-    """Hold ``threadpool_limits(1)`` for as long as any holder in this process runs."""
+    """OpenBLAS in one thread, and no block workers, for as long as any holder in this
+    process runs; OpenMP libraries (whose limits are per thread) in one thread for this
+    holder's thread (``threadpool_limits(1, user_api="openmp")``, undone by it)."""
+    from threadpoolctl import threadpool_limits
+
     with _limit_lock:
         _enter(serial=True)
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="openmp"):
+            yield
     finally:
         with _limit_lock:
             _leave(serial=True)
@@ -116,10 +142,10 @@ def with_one_blas_thread(function):
 
 @contextmanager
 def block_workers():
-    """Yields how many threads may compute blocks (:func:`run_blocks`): OpenBLAS's thread
-    count before the first holder entered (``OPENBLAS_NUM_THREADS``; 1 inside
-    :func:`one_blas_thread` or where numpy's BLAS is not an OpenBLAS threadpoolctl
-    controls); meanwhile OpenBLAS computes in one thread."""
+    """Yields how many threads may compute blocks (:func:`run_blocks`): numpy's OpenBLAS
+    thread count before the first holder entered (``OPENBLAS_NUM_THREADS``; 1 inside
+    :func:`one_blas_thread` or where numpy's BLAS is not an OpenBLAS); meanwhile OpenBLAS
+    computes in one thread."""
     with _limit_lock:
         width = _enter(serial=False)
     try:

@@ -54,14 +54,17 @@ def _case(seed: int, dtype, samples: int, rows: int, channels: int, specials: bo
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31), samples=st.integers(1, 4), rows=st.integers(1, 40),
        channels=st.integers(1, 70), dtype=st.sampled_from(["float64", "float32"]),
-       specials=st.booleans(), shortcut=st.sampled_from(["none", "term", "identity"]))
+       specials=st.booleans(), shortcut=st.sampled_from(["none", "term", "identity"]),
+       per_channel=st.booleans())
 def test_fire_kernels_give_the_numpy_passes_bits(seed, samples, rows, channels, dtype,
-                                                  specials, shortcut):
+                                                  specials, shortcut, per_channel):
     """Each fire kernel on a block (samples 1.. of sources of 2 + samples rows, offset by
     one row of positions: as a block of a larger map) equals the numpy passes bit for bit,
     saturated count and per-sample spike counts included."""
     (block, fire_at, source, scale), t_min, t_max, t_source = _case(
         seed, dtype, samples, rows, channels, specials)
+    if per_channel:  # one row of thresholds for every position
+        fire_at = np.broadcast_to(fire_at[:1], fire_at.shape).copy()
     wide = np.full((samples + 2, (rows + 2) * channels), np.nan, dtype)  # the larger map
     wide[1 : samples + 1, channels : (rows + 1) * channels] = source.reshape(samples, -1)
     if shortcut == "identity":
@@ -71,19 +74,20 @@ def test_fire_kernels_give_the_numpy_passes_bits(seed, samples, rows, channels, 
         want, want_below, want_counts = _numpy_passes(block + source, fire_at, t_min, t_max)
     else:
         want, want_below, want_counts = _numpy_passes(block, fire_at, t_min, t_max)
-    got = block.reshape(samples, -1).copy()
-    fire = fire_at.reshape(-1)
+    got = block.copy()
+    # thresholds per position (rows, O), or per channel (1, O) when they are the same
+    fire = fire_at if not per_channel else np.ascontiguousarray(fire_at[:1])
     counts = np.full(samples, 7, np.int64)  # the kernels add to what is there
     if shortcut == "identity":
-        below = kernels.b1_fire_identity(got, wide, 1, channels, t_source,
-                                         np.tile(scale, rows), fire, t_min, t_max, counts)
+        below = kernels.b1_fire_identity(got, wide, 1, channels, t_source, scale, fire,
+                                         t_min, t_max, counts)
     elif shortcut == "term":
         below = kernels.b1_fire_plus(got, wide, 1, channels, fire, t_min, t_max, counts)
     else:
         below = kernels.b1_fire(got, fire, t_min, t_max, counts)
     assert got.dtype == want.dtype
     # bits, NaN too
-    np.testing.assert_array_equal(got.view(np.uint8), want.reshape(samples, -1).view(np.uint8))
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
     assert below == want_below
     np.testing.assert_array_equal(counts, want_counts + 7)
 
