@@ -31,12 +31,16 @@ def quiesce(limit: float = 0.5) -> None:
             return
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict:
+def interleaved_medians(fns: dict, repeats: int, settle: bool = False) -> dict:
     """Median wall time (s) of each function, the calls interleaved round by round (after
-    one warm-up round), so slow phases of a shared machine hit all of them alike. Each
-    call starts once the process is idle (:func:`quiesce`: no BLAS thread still spinning
-    from the call before). A function that returns a float reports its own time (e.g. a
-    runner of GEMMs alone)."""
+    one warm-up round), so slow phases of a shared machine hit all of them alike. A
+    function that returns a float reports its own time (e.g. a runner of GEMMs alone).
+
+    settle: start each call once the process is idle (:func:`quiesce`: no BLAS thread
+    still spinning from the call before), for calls of tens of milliseconds and more.
+    Not for sub-millisecond calls: after an idle pause this VM runs the next millisecond
+    slowly (measured: a 0.41 ms numpy forward of digits_mlp took 0.50 ms after 20 ms
+    asleep and 0.81 ms after 200 ms), which would swamp what they measure."""
     import statistics
 
     for fn in fns.values():
@@ -44,7 +48,8 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            quiesce()
+            if settle:
+                quiesce()
             start = time.perf_counter()
             own = fn()
             times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
