@@ -149,6 +149,53 @@ def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at
     return saturated
 
 
+# Steps of :func:`elementwise_chain`, each a numpy pass of the ReLU forward it stands for.
+ADD_ROWS = 0  # np.add(block, operand): a bias or batch-norm shift
+MULTIPLY_ROWS = 1  # np.multiply(block, operand): a batch-norm scale
+MAXIMUM = 2  # np.maximum(block, scalar): a ReLU
+MINIMUM = 3  # np.minimum(block, scalar): a clipped ReLU's clip
+ADD_OTHER = 4  # block += other: a two-input Add's other input
+
+
+@_jit
+def elementwise_chain(block, kinds, operands, scalars):
+    """The steps ``kinds`` (:data:`ADD_ROWS` ...) applied in order, in place, to ``block``
+    (b, r, O: b samples' r positions of O channels). operands[i]: step i's (1, R, O)
+    rows, R = 1 or r (:func:`_fire_at_row`), or an Add's (b, r, O) other input (a 3-D
+    array either way; scalar steps ignore theirs); scalars[i]: its scalar (the block's
+    dtype). Position by position, each step a pass over the position's channels
+    (vectorised, in L1), with numpy's rounding and NaN rules: the bits of the numpy passes
+    one after the other."""
+    b, r, o = block.shape
+    for s in range(b):
+        for p in range(r):
+            row = block[s, p]
+            for i in range(kinds.shape[0]):
+                kind = kinds[i]
+                if kind == ADD_ROWS:
+                    operand = _fire_at_row(operands[i][0], p)
+                    for j in range(o):
+                        row[j] = row[j] + operand[j]
+                elif kind == MULTIPLY_ROWS:
+                    operand = _fire_at_row(operands[i][0], p)
+                    for j in range(o):
+                        row[j] = row[j] * operand[j]
+                elif kind == MAXIMUM:  # np.maximum: NaN stays, a tie gives the bound
+                    bound = scalars[i]  # (+0.0 for -0.0, as numpy's loops give)
+                    for j in range(o):
+                        v = row[j]
+                        row[j] = v if v > bound or v != v else bound
+                elif kind == MINIMUM:
+                    bound = scalars[i]
+                    for j in range(o):
+                        v = row[j]
+                        row[j] = v if v < bound or v != v else bound
+                else:
+                    add = operands[i][s, p]
+                    for j in range(o):
+                        row[j] = row[j] + add[j]
+
+
 @_jit
 def gather_windows(src, cols, sample0, line0, lines, k, stride, padding, wo, t_end, values):
     """im2col rows of src (N, H, W, C), channels-last, written into cols (rows, k * k * C),

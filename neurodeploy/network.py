@@ -711,33 +711,38 @@ def _conv_forward_fused(conv: Conv2d, x: np.ndarray, tail: list, values: dict) -
     forwards (bias add; x * scale + shift; max(x, 0), min(., clip); + the Add's other
     input, taken from ``values``), so the same bits, without a pass of their own over
     the map. x: (N, C, H, W); returns the last layer's output."""
+    from . import kernels  # numba: imported where a fused forward runs
+
     dtype = ops.compute_dtype(x)
-    bias = ops.block_operand(conv.bias, "bias", dtype, lambda: ops.param_as(conv.bias, dtype))
-    steps = []
+    # (kind, operand): (1, O) or (Ho Wo, O) rows (ops.neuron_rows), a scalar, or an Add's
+    # other input as (N, Ho Wo, O)
+    steps = [(kernels.ADD_ROWS, ops.neuron_rows(conv.bias, "bias", dtype,
+                                                lambda: ops.param_as(conv.bias, dtype)))]
     chain = conv.name  # the layer whose value the blocks hold
     for layer in tail:
         if isinstance(layer, BatchNorm):
-            scale = ops.block_operand(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
-            shift = ops.block_operand(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
-            steps += [(np.multiply, scale), (np.add, shift)]
+            scale = ops.neuron_rows(layer.gamma, "scale", dtype, lambda bn=layer: bn.scale)
+            shift = ops.neuron_rows(layer.gamma, "shift", dtype, lambda bn=layer: bn.shift)
+            steps += [(kernels.MULTIPLY_ROWS, scale), (kernels.ADD_ROWS, shift)]
         elif isinstance(layer, Add):  # a + b == b + a in IEEE arithmetic: either order
             other = values[next(s for s in layer.inputs if s != chain)]
-            steps.append((None, ops.flat_channels_last(other)))  # (N, HW, O)
+            steps.append((kernels.ADD_OTHER, ops.flat_channels_last(other)))
         else:
-            steps.append((np.maximum, 0.0))
+            steps.append((kernels.MAXIMUM, 0.0))
             if layer.clip is not None:
-                steps.append((np.minimum, layer.clip))
+                steps.append((kernels.MINIMUM, layer.clip))
         chain = layer.name
+    kinds = np.array([kind for kind, _ in steps], np.int64)
+    scalars = np.array([op if np.ndim(op) == 0 else 0.0 for _, op in steps], dtype)
+    none = np.zeros((1, 1, 1), dtype)
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
-        np.add(block, ops.block_part(bias, block, rows), out=block)
-        for ufunc, operand in steps:
-            if ufunc is None:  # an Add's other input, at the block's samples and positions
-                block += operand[samples, rows]
-            elif isinstance(operand, tuple):  # a per-neuron operand (ops.block_operand)
-                ufunc(block, ops.block_part(operand, block, rows), out=block)
-            else:
-                ufunc(block, operand, out=block)
+        operands = tuple(  # C-contiguous 3-D arrays, one numba type (copies: rare)
+            np.ascontiguousarray(op[samples, rows]) if kind == kernels.ADD_OTHER
+            else ops.rows_part(op, rows)[None] if np.ndim(op) else none
+            for kind, op in steps
+        )
+        kernels.elementwise_chain(block, kinds, operands, scalars)
 
     return ops.conv2d(x, conv.weight, conv.stride, conv.padding, finish=finish)
 

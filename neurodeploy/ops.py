@@ -182,15 +182,6 @@ _GATHER_MIN_CHANNELS = 16
 FINISH_ELEMENTS = 1 << 17
 
 
-def channel_tile(values: np.ndarray, dtype) -> np.ndarray:
-    """Per-channel values (O,) tiled over as many rows as a ``finish`` block of
-    :func:`conv2d` holds: a C-contiguous (rows, O) array of ``dtype``, whose first r rows
-    meet an (n, r, O) block elementwise (faster than broadcasting (O,) over it, and in
-    cache with the block)."""
-    rows = -(-FINISH_ELEMENTS // max(1, values.shape[0]))
-    return np.tile(np.asarray(values, dtype=dtype), (rows, 1))
-
-
 def neuron_rows(key: np.ndarray, what: str, dtype, values) -> np.ndarray:
     """A per-neuron operand of a conv's output (values() broadcastable to (O, Ho, Wo)),
     computed once per live ``key`` (see :func:`derived`): a C-contiguous (1, O) row when
@@ -202,9 +193,9 @@ def neuron_rows(key: np.ndarray, what: str, dtype, values) -> np.ndarray:
         v = np.asarray(values(), dtype=dtype)
         v = v.reshape(v.shape[0], 1, 1) if v.ndim == 1 else v
         per_channel = v.reshape(v.shape[0], -1)
-        if np.all(per_channel == per_channel[:, :1]):
-            return np.ascontiguousarray(per_channel[:, :1].T)
-        return np.ascontiguousarray(v.transpose(1, 2, 0)).reshape(-1, v.shape[0])
+        rows = per_channel[:, :1].T if np.all(per_channel == per_channel[:, :1]) else (
+            v.transpose(1, 2, 0).reshape(-1, v.shape[0]))
+        return np.array(rows, order="C")  # a writeable copy (a model's arrays may be read-only)
 
     return derived(key, f"{what} neuron rows", dtype, make)
 
@@ -212,27 +203,6 @@ def neuron_rows(key: np.ndarray, what: str, dtype, values) -> np.ndarray:
 def rows_part(operand: np.ndarray, rows: slice) -> np.ndarray:
     """The rows of a :func:`neuron_rows` operand that meet output positions ``rows``."""
     return operand if operand.shape[0] == 1 else operand[rows]
-
-
-def block_operand(key: np.ndarray, what: str, dtype, values) -> tuple[np.ndarray, bool]:
-    """:func:`neuron_rows` as an operand of numpy passes over a conv's ``finish`` blocks:
-    (tile, True), :func:`channel_tile` of the per-channel values when they are the same
-    at every position, else ((Ho Wo, O) channels-last rows, False). :func:`block_part`
-    takes a block's part of it."""
-    dtype = np.dtype(dtype)
-    rows = neuron_rows(key, what, dtype, values)
-    if rows.shape[0] > 1:
-        return rows, False
-    tile = derived(key, f"{what} block operand {FINISH_ELEMENTS}", dtype,
-                   lambda: channel_tile(rows[0], dtype))
-    return tile, True
-
-
-def block_part(operand: tuple[np.ndarray, bool], block: np.ndarray, rows: slice) -> np.ndarray:
-    """The part of a :func:`block_operand` that meets an (n, r, O) finish block at
-    flattened output positions ``rows``."""
-    array, tiled = operand
-    return array[: block.shape[1]] if tiled else array[rows]
 
 
 def flat_channels_last(x: np.ndarray) -> np.ndarray:

@@ -18,9 +18,9 @@ on the thread count. Inside :func:`one_blas_thread` the blocks run in the callin
 alone.
 
 The limit: while any holder (of either kind) runs, every OpenBLAS library that was
-loaded when this process first held it (numpy's, and scipy's own) computes in one thread (and, in the
-thread of a :func:`one_blas_thread` holder, every OpenMP library). It is
-process-wide, so holders in several threads of one process (a dask worker with
+loaded when this process first held it (numpy's, and scipy's own) computes in one
+thread (and, in the thread of a :func:`one_blas_thread` holder, every OpenMP library).
+It is process-wide, so holders in several threads of one process (a dask worker with
 nthreads > 1, a simulation beside a sweep task) share it, reference counted: the first
 sets it, the last one out restores each library's thread count. Nothing global is left
 changed afterwards. The libraries are set through their own ``openblas_set_num_threads``:

@@ -137,3 +137,49 @@ def test_min_pool_kernel_gives_minpool2d_bits(seed, n, c, size, kernel, stride, 
     got = kernels.min_pool_channels_last(t, kernel, stride, padding)
     assert got.dtype == want.dtype and ops.channels_last(got)
     np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), samples=st.integers(1, 3), rows=st.integers(1, 12),
+       channels=st.integers(1, 40), dtype=st.sampled_from(["float64", "float32"]),
+       kinds=st.lists(st.sampled_from([0, 1, 2, 3, 4]), min_size=1, max_size=7),
+       per_position=st.booleans())
+def test_elementwise_chain_gives_the_numpy_passes_bits(seed, samples, rows, channels, dtype,
+                                                      kinds, per_position):
+    """The forward's fused steps (bias or shift add, scale, ReLU, clip, an Add's other
+    input) in any order equal numpy's passes bit for bit: NaN, signed zeros (numpy's
+    maximum gives the bound on a tie: +0.0 for -0.0), per-channel and per-position rows."""
+    rng = np.random.default_rng(seed)
+    block = rng.normal(0.0, 1.0, (samples, rows, channels)).astype(dtype)
+    flat = block.reshape(-1)
+    specials = np.array([-0.0, 0.0, np.nan, 6.0, -6.0], dtype)
+    flat[rng.choice(flat.size, size=min(flat.size, 8))] = rng.choice(specials, min(flat.size, 8))
+    steps = []
+    for kind in kinds:
+        if kind in (kernels.ADD_ROWS, kernels.MULTIPLY_ROWS):
+            operand = rng.normal(0.0, 1.0, (rows if per_position else 1, channels)).astype(dtype)
+            operand.reshape(-1)[:1] = -0.0
+            steps.append((kind, operand[None]))
+        elif kind == kernels.ADD_OTHER:
+            other = rng.normal(0.0, 1.0, block.shape).astype(dtype)
+            other.reshape(-1)[:2] = np.array([0.0, -0.0])[: other.size]
+            steps.append((kind, other))
+        else:
+            steps.append((kind, np.zeros((1, 1, 1), dtype)))
+    scalars = np.array([0.0 if k == kernels.MAXIMUM else 0.7 for k in kinds], dtype)
+    want = block.copy()
+    for (kind, operand), bound in zip(steps, scalars, strict=True):
+        if kind == kernels.ADD_ROWS:
+            np.add(want, operand[0], out=want)
+        elif kind == kernels.MULTIPLY_ROWS:
+            np.multiply(want, operand[0], out=want)
+        elif kind == kernels.MAXIMUM:
+            np.maximum(want, float(bound), out=want)
+        elif kind == kernels.MINIMUM:
+            np.minimum(want, float(bound), out=want)
+        else:
+            want += operand
+    got = block.copy()
+    kernels.elementwise_chain(got, np.array(kinds, np.int64), tuple(op for _, op in steps),
+                              scalars)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
