@@ -24,6 +24,7 @@ import numba
 import numpy as np
 
 from . import ops
+from .memory import reusable_empty
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -273,7 +274,7 @@ def min_pool_channels_last(t: np.ndarray, kernel: int, stride: int, padding: int
     n, c, h, w = t.shape
     ho = ops.conv_output_size(h, kernel, stride, padding)
     wo = ops.conv_output_size(w, kernel, stride, padding)
-    out = np.empty((n, ho, wo, c), t.dtype)
+    out = reusable_empty((n, ho, wo, c), t.dtype)
     src = t.transpose(0, 2, 3, 1)
     lines = max(1, _POOL_BLOCK_ELEMENTS // max(1, wo * c))
     parts = -(-ho // lines)

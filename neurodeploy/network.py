@@ -14,7 +14,7 @@ import numpy as np
 
 from . import ops, threads
 from .errors import DataError, ModelError, UsageError
-from .memory import chunk_samples, chunks
+from .memory import chunk_samples, chunks, reusable_empty
 
 Shape = tuple[int, ...]
 
@@ -620,7 +620,7 @@ class Network:
             for lo, hi in chunks(n, per):
                 part = self._run(arr[lo:hi], keep=False)[last]
                 if out is None:
-                    out = np.empty((n, *part.shape[1:]), part.dtype)
+                    out = reusable_empty((n, *part.shape[1:]), part.dtype)
                 out[lo:hi] = part
             return out
 

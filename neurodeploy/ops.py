@@ -34,6 +34,8 @@ import weakref
 import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
+from .memory import reusable_empty
+
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial output length of a convolution or pooling along one axis."""
@@ -145,7 +147,7 @@ def _padded_channels_last_on(x: np.ndarray, padding: int, dtype, prepare, width:
     from . import threads
 
     n, c, h, w = x.shape
-    out = np.empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
+    out = reusable_empty((n, h + 2 * padding, w + 2 * padding, c), dtype)
     per = max(1, _BLOCK_BYTES // max(1, out[0].nbytes))
 
     def block(index: int) -> None:
@@ -253,7 +255,7 @@ def _conv2d_gemm(
     ho = conv_output_size(h, k, stride, padding)
     wo = conv_output_size(w, k, stride, padding)
     matrix = _gemm_matrix(weight, dtype)
-    out = np.empty((n, ho, wo, out_ch), dtype)
+    out = reusable_empty((n, ho, wo, out_ch), dtype)
     flat_out = out.reshape(n, ho * wo, out_ch)
     columns = k * k * c
     block_rows = max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // ((columns + out_ch) * dtype.itemsize))
@@ -586,7 +588,7 @@ def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     o = weight.shape[0]
     if weight.size < _DENSE_BLOCKED_MIN:
         return rows_matmul(x, matrix)
-    out = np.empty((x.shape[0], o), np.result_type(x.dtype, weight.dtype))
+    out = reusable_empty((x.shape[0], o), np.result_type(x.dtype, weight.dtype))
 
     def run(index: int) -> None:
         cols = slice(index * _DENSE_COLUMNS, (index + 1) * _DENSE_COLUMNS)

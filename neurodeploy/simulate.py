@@ -25,7 +25,7 @@ import numpy as np
 
 from . import ops, threads
 from .errors import UsageError
-from .memory import chunk_samples, chunks
+from .memory import chunk_samples, chunks, reusable_empty
 from .network import Conv2d, compute_dtype_of
 from .trace import Trace
 from .ttfs import INPUT_WINDOW, OutputLayer, SpikingLayer, TimePool, TTFSNetwork, apply_synapses
@@ -642,5 +642,5 @@ def like_batch(part: np.ndarray, n: int) -> np.ndarray:
     (channels-last stays channels-last)."""
     if ops.channels_last(part):
         c, h, w = part.shape[1:]
-        return np.empty((n, h, w, c), part.dtype).transpose(0, 3, 1, 2)
-    return np.empty((n, *part.shape[1:]), part.dtype)
+        return reusable_empty((n, h, w, c), part.dtype).transpose(0, 3, 1, 2)
+    return reusable_empty((n, *part.shape[1:]), part.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import zipfile
 
 import numpy as np
@@ -278,3 +279,60 @@ def test_chunked_simulate_with_keep_never_holds_the_dropped_stages_of_the_whole_
 
     assert peak(None) > dropped  # the measure sees the kept spike times
     assert peak(()) < x.nbytes + dropped / 4  # the encoded times, then one chunk at a time
+
+
+def test_pooled_arrays_are_reused_only_once_every_view_is_gone(monkeypatch):
+    """memory.reusable_empty hands a dropped array's block to the next array of its size,
+    never while a view of it lives (a transposed or sliced result the caller kept), and
+    keeps at most its cap; tracemalloc sees a block while it is in use."""
+    import gc
+    import tracemalloc
+
+    from neurodeploy import memory
+
+    memory.release_pool()
+    shape = (2, 300, 700)
+    first = memory.reusable_empty(shape, np.float64)
+    first[:] = 1.0
+    kept = first.transpose(0, 2, 1)[:, ::2]  # a strided view, its base collapsed by numpy
+    del first
+    gc.collect()
+    second = memory.reusable_empty(shape, np.float64)
+    second[:] = 2.0
+    assert not np.shares_memory(second, kept) and np.all(kept == 1.0)
+    del kept
+    gc.collect()
+    third = memory.reusable_empty(shape, np.float64)
+    assert third.flags.writeable and third.flags.c_contiguous and third.shape == shape
+    assert not np.shares_memory(third, second)
+    del second, third
+    gc.collect()
+    assert memory.release_pool() == 2 * 2 * 300 * 700 * 8  # both blocks came back
+    monkeypatch.setattr(memory, "POOL_FRACTION", 0.0)  # a pool of no bytes keeps none
+    tracemalloc.start()
+    try:
+        small = memory.reusable_empty(shape, np.float32)
+        assert tracemalloc.get_traced_memory()[0] >= small.nbytes
+        del small
+        gc.collect()
+        assert tracemalloc.get_traced_memory()[0] < 2 * 300 * 700 * 4
+    finally:
+        tracemalloc.stop()
+    assert memory.release_pool() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_writes_into_the_parents_pooled_arrays():
+    """A sweep's worker processes are forked: a pooled array's pages must be the parent's
+    own (an anonymous mmap is shared with the children unless it is private)."""
+    from neurodeploy import memory
+
+    array = memory.reusable_empty((1000, 500), np.float64)
+    array[:] = 1.0
+    pid = os.fork()
+    if pid == 0:  # the child writes into its copy and leaves at once
+        array[:] = 2.0
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.all(array == 1.0)
