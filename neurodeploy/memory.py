@@ -106,7 +106,7 @@ def chunks(n: int, per_chunk: int):
 # reused for an array of exactly its size (a network's layers ask for the same sizes
 # each call); the pool keeps at most POOL_FRACTION of the memory budget, as measured
 # when the pool first fills (release_pool() empties it).
-POOL_FRACTION = 0.25
+POOL_FRACTION = 0.1
 POOL_MIN_BYTES = 1 << 20  # smaller arrays come from the allocator as usual
 _pool: dict[int, list] = {}
 _pool_bytes = 0
