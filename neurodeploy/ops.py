@@ -25,6 +25,13 @@ after its GEMM, while the block is in cache). The forward pass fuses a conv's bi
 batch norms and ReLUs after it this way, the b1 simulation a layer's spike values, shortcuts
 and firing: on 224x224 networks the separate passes over whole maps cost as much as a
 third of the GEMMs (benchmarks/bench_limit.py).
+
+Threads: a convolution's blocks (gather, product, finish) and a large dense layer's
+column blocks run on the block workers (:mod:`neurodeploy.threads`: as many threads as
+BLAS would use), each product on one BLAS thread, so each core finishes what its own
+product left in its cache, and the forward's and simulation's bits do not depend on the
+BLAS thread count either (tests/test_threads.py). Large outputs come from
+:func:`neurodeploy.memory.reusable_empty`.
 """
 
 from __future__ import annotations

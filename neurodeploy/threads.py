@@ -19,7 +19,8 @@ alone.
 
 The limit: while any holder (of either kind) runs, every OpenBLAS library that was
 loaded when this process first held it (numpy's, and scipy's own) computes in one
-thread (and, in the thread of a :func:`one_blas_thread` holder, every OpenMP library).
+thread (and, in the thread of a :func:`one_blas_thread` holder, every OpenMP library
+and other BLAS).
 It is process-wide, so holders in several threads of one process (a dask worker with
 nthreads > 1, a simulation beside a sweep task) share it, reference counted: the first
 sets it, the last one out restores each library's thread count. Nothing global is left
@@ -69,8 +70,9 @@ class _OpenBLAS:
 
 
 def _openblas_libraries() -> tuple:
-    """The OpenBLAS libraries loaded now, numpy's first, or () where numpy's BLAS is no
-    OpenBLAS of its wheel (the limit and the block workers then stay off)."""
+    """The OpenBLAS libraries loaded when first asked, numpy's first, or () where numpy's
+    BLAS is no OpenBLAS of its wheel (the limit then leaves them alone and there are no
+    block workers)."""
     global _libraries
     if _libraries is None:
         from threadpoolctl import threadpool_info
@@ -79,12 +81,12 @@ def _openblas_libraries() -> tuple:
                  if lib["internal_api"] == "openblas"]
         numpy_dir = os.path.dirname(np.__file__)  # its wheel's libraries: numpy.libs
         ours = [p for p in paths if os.path.dirname(p) in (numpy_dir, numpy_dir + ".libs")]
-        try:
-            _libraries = tuple(_OpenBLAS(p) for p in ours[:1] + sorted(set(paths) - set(ours[:1])))
-        except OSError:  # an OpenBLAS without the usual entry points: leave BLAS alone
-            _libraries = ()
-        if not ours:
-            _libraries = ()
+        _libraries = ()
+        if ours:
+            try:
+                _libraries = tuple(_OpenBLAS(p) for p in ours[:1] + sorted(set(paths) - {ours[0]}))
+            except OSError:  # an OpenBLAS without the usual entry points
+                pass
     return _libraries
 
 
@@ -112,17 +114,22 @@ def _leave(serial: bool) -> None:
         _originals.clear()
 
 
+# Thread pools one_blas_thread limits through threadpoolctl, for the holder's thread:
+# OpenMP (whose limits are per thread) and BLAS libraries other than OpenBLAS.
+_OTHER_POOLS = {"openmp": 1, "mkl": 1, "blis": 1, "flexiblas": 1}
+
+
 @contextmanager
 def one_blas_thread():
     """OpenBLAS in one thread, and no block workers, for as long as any holder in this
-    process runs; OpenMP libraries (whose limits are per thread) in one thread for this
-    holder's thread (``threadpool_limits(1, user_api="openmp")``, undone by it)."""
+    process runs; OpenMP and any other BLAS in one thread for this holder
+    (``threadpool_limits``, undone by it)."""
     from threadpoolctl import threadpool_limits
 
     with _limit_lock:
         _enter(serial=True)
     try:
-        with threadpool_limits(limits=1, user_api="openmp"):
+        with threadpool_limits(limits=_OTHER_POOLS):
             yield
     finally:
         with _limit_lock:
