@@ -74,75 +74,45 @@ def _fire_at_row(fire_at, position):
     return fire_at[position if fire_at.shape[0] > 1 else 0]
 
 
+# What joins the membranes in :func:`b1_fire`: nothing, a whole shortcut term, or an
+# identity shortcut's values times a per-channel scale.
+NO_SHORTCUT = 0
+TERM = 1
+IDENTITY = 2
+
+
 @_jit
-def b1_fire(block, fire_at, t_min, t_max, counts):
+def b1_fire(block, fire_at, t_min, t_max, counts, kind, source, source_row, offset, t_source,
+            scale):
     """Spike times, in place, of b1 neurons whose membranes at t_min are ``block``
-    (b, r, O: b samples' r positions of O channels, channels-last); fire_at (r, O) or
-    (1, O) t_min + theta per neuron (:func:`_fire_at_row`); t_min, t_max scalars of the
-    block's dtype. counts (b,) += each sample's spikes. Returns the number of neurons
-    whose fire time was below t_min (saturated)."""
-    inf = block.dtype.type(np.inf)
-    saturated = 0
-    for s in range(block.shape[0]):
-        fired = 0
-        for p in range(block.shape[1]):
-            row = block[s, p]
-            fire = _fire_at_row(fire_at, p)
-            for j in range(row.shape[0]):
-                t, below, fires = _fire(fire[j] - row[j], t_min, t_max, inf)
-                row[j] = t
-                saturated += below
-                fired += fires
-        counts[s] += fired
-    return saturated
-
-
-@_jit
-def b1_fire_plus(block, term, term_row, offset, fire_at, t_min, t_max, counts):
-    """:func:`b1_fire` of block + term: term (N, L) a whole shortcut term, channels-last,
-    of which sample s of the block meets row term_row + s from element ``offset`` (added
-    first: the same sum, rounded once)."""
-    b, r, o = block.shape
-    inf = block.dtype.type(np.inf)
-    saturated = 0
-    for s in range(b):
-        src = term[term_row + s, offset : offset + r * o]
-        fired = 0
-        for p in range(r):
-            row = block[s, p]
-            fire = _fire_at_row(fire_at, p)
-            base = p * o
-            for j in range(o):
-                t, below, fires = _fire(fire[j] - (row[j] + src[base + j]), t_min, t_max, inf)
-                row[j] = t
-                saturated += below
-                fired += fires
-        counts[s] += fired
-    return saturated
-
-
-@_jit
-def b1_fire_identity(block, source, source_row, offset, t_source, scale, fire_at, t_min, t_max,
-                     counts):
-    """:func:`b1_fire` of block + max(t_source - source, 0) * scale: an identity shortcut
-    from the spike times ``source`` (N, L) of its source layer (channels-last; sample s of
-    the block meets row source_row + s from element ``offset``), scale (O,) per channel.
-    Rounded as numpy's passes round: the value, its product, the sum."""
+    (b, r, O: b samples' r positions of O channels, channels-last), plus a shortcut of
+    ``kind`` first: TERM adds source (N, L), a whole shortcut term, channels-last, of
+    which sample s of the block meets row source_row + s from element ``offset``;
+    IDENTITY adds max(t_source - source, 0) * scale, the values of an identity shortcut
+    from its source layer's spike times, scale (O,) per channel (rounded as numpy's
+    passes round: the value, its product, the sum); NO_SHORTCUT ignores source, t_source
+    and scale. fire_at (r, O) or (1, O): t_min + theta per neuron (:func:`_fire_at_row`);
+    t_min, t_max, t_source scalars of the block's dtype. counts (b,) += each sample's
+    spikes. Returns the number of neurons whose fire time was below t_min (saturated)."""
     b, r, o = block.shape
     inf = block.dtype.type(np.inf)
     zero = block.dtype.type(0.0)
     saturated = 0
     for s in range(b):
-        src = source[source_row + s, offset : offset + r * o]
+        src = source[source_row + s, offset : offset + r * o] if kind != NO_SHORTCUT else \
+            source[0, :0]
         fired = 0
         for p in range(r):
             row = block[s, p]
             fire = _fire_at_row(fire_at, p)
             base = p * o
             for j in range(o):
-                value = _spike_value(t_source, src[base + j], zero)
-                t, below, fires = _fire(fire[j] - (row[j] + value * scale[j]), t_min, t_max,
-                                        inf)
+                v = row[j]
+                if kind == TERM:
+                    v = v + src[base + j]
+                elif kind == IDENTITY:
+                    v = v + _spike_value(t_source, src[base + j], zero) * scale[j]
+                t, below, fires = _fire(fire[j] - v, t_min, t_max, inf)
                 row[j] = t
                 saturated += below
                 fired += fires

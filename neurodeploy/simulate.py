@@ -124,6 +124,7 @@ def _b1_conv_layer(
         last = (last[0].reshape(n, -1), *last[1:])  # (N, L) rows: a view
     t_min_as, t_max_as = dtype.type(t_min), dtype.type(t_max)
     channels = conv.weight.shape[0]
+    none, zero, no_scale = np.zeros((1, 1), dtype), dtype.type(0), np.zeros(1, dtype)
 
     def finish(block: np.ndarray, samples: slice, rows: slice) -> None:
         for source, t_source, scale in added_first:
@@ -139,16 +140,17 @@ def _b1_conv_layer(
             tally = tallies[threading.get_ident()] = [np.zeros(n, np.int64), 0]
         counts = tally[0][samples]
         if last is None:
-            below = kernels.b1_fire(block, fire, t_min_as, t_max_as, counts)
+            below = kernels.b1_fire(block, fire, t_min_as, t_max_as, counts,
+                                    kernels.NO_SHORTCUT, none, 0, 0, zero, no_scale)
         elif last[1] is None:
-            below = kernels.b1_fire_plus(block, last[0], samples.start, rows.start * channels,
-                                         fire, t_min_as, t_max_as, counts)
+            below = kernels.b1_fire(block, fire, t_min_as, t_max_as, counts, kernels.TERM,
+                                    last[0], samples.start, rows.start * channels, zero,
+                                    no_scale)
         else:
             source, t_source, scale = last
-            below = kernels.b1_fire_identity(
-                block, source, samples.start, rows.start * channels, dtype.type(t_source),
-                scale, fire, t_min_as, t_max_as, counts,
-            )
+            below = kernels.b1_fire(block, fire, t_min_as, t_max_as, counts,
+                                    kernels.IDENTITY, source, samples.start,
+                                    rows.start * channels, dtype.type(t_source), scale)
         tally[1] += below
 
     t_out = ops.conv2d(t_in, conv.weight, conv.stride, conv.padding,

@@ -78,13 +78,10 @@ def test_fire_kernels_give_the_numpy_passes_bits(seed, samples, rows, channels, 
     # thresholds per position (rows, O), or per channel (1, O) when they are the same
     fire = fire_at if not per_channel else np.ascontiguousarray(fire_at[:1])
     counts = np.full(samples, 7, np.int64)  # the kernels add to what is there
-    if shortcut == "identity":
-        below = kernels.b1_fire_identity(got, wide, 1, channels, t_source, scale, fire,
-                                         t_min, t_max, counts)
-    elif shortcut == "term":
-        below = kernels.b1_fire_plus(got, wide, 1, channels, fire, t_min, t_max, counts)
-    else:
-        below = kernels.b1_fire(got, fire, t_min, t_max, counts)
+    kind = {"identity": kernels.IDENTITY, "term": kernels.TERM,
+            "none": kernels.NO_SHORTCUT}[shortcut]
+    below = kernels.b1_fire(got, fire, t_min, t_max, counts, kind, wide, 1, channels,
+                            t_source, scale)
     assert got.dtype == want.dtype
     # bits, NaN too
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
