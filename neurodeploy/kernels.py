@@ -67,11 +67,11 @@ def _fire(t, t_min, t_max, inf):
 
 
 @_jit
-def _fire_at_row(fire_at, position):
-    """Row of the fire times (R, O) that meets block row ``position``: fire_at holds one
-    row per position of the block (R = r) or one for all (R = 1: thresholds per channel,
-    a few hundred bytes that stay in L1 instead of a tile as large as the block in L2)."""
-    return fire_at[position if fire_at.shape[0] > 1 else 0]
+def _operand_row(operand, position):
+    """Row of a per-neuron operand (R, O) that meets block row ``position``: it holds one
+    row per position of the block (R = r) or one for all (R = 1: per channel, a few
+    hundred bytes that stay in L1 instead of a tile as large as the block in L2)."""
+    return operand[position if operand.shape[0] > 1 else 0]
 
 
 # What joins the membranes in :func:`b1_fire`: nothing, a whole shortcut term, or an
@@ -91,7 +91,7 @@ def b1_fire(block, fire_at, t_min, t_max, counts, kind, source, source_row, offs
     IDENTITY adds max(t_source - source, 0) * scale, the values of an identity shortcut
     from its source layer's spike times, scale (O,) per channel (rounded as numpy's
     passes round: the value, its product, the sum); NO_SHORTCUT ignores source, t_source
-    and scale. fire_at (r, O) or (1, O): t_min + theta per neuron (:func:`_fire_at_row`);
+    and scale. fire_at (r, O) or (1, O): t_min + theta per neuron (:func:`_operand_row`);
     t_min, t_max, t_source scalars of the block's dtype. counts (b,) += each sample's
     spikes. Returns the number of neurons whose fire time was below t_min (saturated)."""
     b, r, o = block.shape
@@ -104,7 +104,7 @@ def b1_fire(block, fire_at, t_min, t_max, counts, kind, source, source_row, offs
         fired = 0
         for p in range(r):
             row = block[s, p]
-            fire = _fire_at_row(fire_at, p)
+            fire = _operand_row(fire_at, p)
             base = p * o
             for j in range(o):
                 v = row[j]
@@ -132,7 +132,7 @@ ADD_OTHER = 4  # block += other: a two-input Add's other input
 def elementwise_chain(block, kinds, operands, scalars):
     """The steps ``kinds`` (:data:`ADD_ROWS` ...) applied in order, in place, to ``block``
     (b, r, O: b samples' r positions of O channels). operands[i]: step i's (1, R, O)
-    rows, R = 1 or r (:func:`_fire_at_row`), or an Add's (b, r, O) other input (a 3-D
+    rows, R = 1 or r (:func:`_operand_row`), or an Add's (b, r, O) other input (a 3-D
     array either way; scalar steps ignore theirs); scalars[i]: its scalar (the block's
     dtype). Position by position, each step a pass over the position's channels
     (vectorised, in L1), with numpy's rounding and NaN rules: the bits of the numpy passes
@@ -144,11 +144,11 @@ def elementwise_chain(block, kinds, operands, scalars):
             for i in range(kinds.shape[0]):
                 kind = kinds[i]
                 if kind == ADD_ROWS:
-                    operand = _fire_at_row(operands[i][0], p)
+                    operand = _operand_row(operands[i][0], p)
                     for j in range(o):
                         row[j] = row[j] + operand[j]
                 elif kind == MULTIPLY_ROWS:
-                    operand = _fire_at_row(operands[i][0], p)
+                    operand = _operand_row(operands[i][0], p)
                     for j in range(o):
                         row[j] = row[j] * operand[j]
                 elif kind == MAXIMUM:  # np.maximum: NaN stays, a tie gives the bound

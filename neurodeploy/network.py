@@ -616,9 +616,9 @@ class Network:
         last = self.layers[-1].name
         # The block workers held once for the pass, not per layer, where a layer uses them
         # (a small dense net does not; holding costs ~10 us, 2-5 % of digits_mlp's forward)
-        blocked = any(isinstance(layer, Conv2d) or (
-            isinstance(layer, Dense) and layer.weight.size >= ops._DENSE_BLOCKED_MIN)
-            for layer in self.layers)
+        blocked = any(isinstance(layer, Conv2d)
+                      or (isinstance(layer, Dense) and ops.dense_in_blocks(layer.weight))
+                      for layer in self.layers)
         with threads.block_workers() if blocked else contextlib.nullcontext():
             if n <= per:
                 return self._run(arr, keep=False)[last]

@@ -584,6 +584,12 @@ _DENSE_COLUMNS = 256
 _DENSE_BLOCKED_MIN = 65536 * 4 // ROW_BLOCK
 
 
+def dense_in_blocks(weight: np.ndarray) -> bool:
+    """Whether :func:`dense` multiplies by ``weight`` (F_out, F_in) in column blocks on
+    the block workers."""
+    return weight.size >= _DENSE_BLOCKED_MIN
+
+
 def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (N, F_in) @ weight.T, weight (F_out, F_in). Returns (N, F_out), in products of
     exactly ROW_BLOCK samples (:func:`rows_matmul`; see the module docstring), and of
@@ -593,7 +599,7 @@ def dense(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
     matrix = weight.T
     o = weight.shape[0]
-    if weight.size < _DENSE_BLOCKED_MIN:
+    if not dense_in_blocks(weight):
         return rows_matmul(x, matrix)
     out = reusable_empty((x.shape[0], o), np.result_type(x.dtype, weight.dtype))
 

@@ -20,13 +20,12 @@ alone.
 The limit: while any holder (of either kind) runs, every OpenBLAS library that was
 loaded when this process first held it (numpy's, and scipy's own) computes in one
 thread (and, in the thread of a :func:`one_blas_thread` holder, every OpenMP library
-and other BLAS).
-It is process-wide, so holders in several threads of one process (a dask worker with
-nthreads > 1, a simulation beside a sweep task) share it, reference counted: the first
-sets it, the last one out restores each library's thread count. Nothing global is left
-changed afterwards. The libraries are set through their own ``openblas_set_num_threads``:
-threadpoolctl (3.8) lets only one thread at a time change OpenBLAS and silently ignores
-the others, and the last holder out may be any thread.
+and other BLAS). It is process-wide, so holders in several threads of one process (a
+dask worker with nthreads > 1, a simulation beside a sweep task) share it, reference
+counted: the first sets it, the last one out restores each library's thread count.
+Nothing global is left changed afterwards. The libraries are set through their own
+``openblas_set_num_threads``: threadpoolctl (3.8) lets only one thread at a time change
+OpenBLAS and silently ignores the others, and the last holder out may be any thread.
 
 A thread limit does not make different BLAS kernels agree (OpenBLAS picks them
 by CPU model): where a result must match across machines, the arithmetic itself
@@ -109,8 +108,8 @@ def _leave(serial: bool) -> None:
     _limit_holders -= 1
     _serial_holders -= serial
     if _limit_holders == 0:
-        for library, threads in reversed(_originals):
-            library.set(threads)
+        for library, count in reversed(_originals):
+            library.set(count)
         _originals.clear()
 
 

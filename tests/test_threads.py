@@ -94,7 +94,7 @@ def test_the_wide_network_takes_every_blocked_path():
     net = _wide_network()
     assert 48 * 48 > ops._MIN_BLOCK_ROWS
     dense = net.layers[6]
-    assert dense.weight.size >= ops._DENSE_BLOCKED_MIN
+    assert ops.dense_in_blocks(dense.weight)
     assert dense.weight.shape[0] > ops._DENSE_COLUMNS
 
 
